@@ -1,0 +1,37 @@
+"""Options shared by several commands, and small output helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hatcli.progress import stdout
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", metavar="RECIPE")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set float.epochs=3 (repeatable).",
+                 metavar="KEY=VALUE"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+
+
+def load(recipe: Path, overrides: list[str] | None) -> Any:
+    """Load a recipe with its overrides (plugins are loaded on first use)."""
+    from hatcli.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+def print_json(data: Any) -> None:
+    """Print `data` as one line of JSON on stdout (nothing else goes to stdout with --json)."""
+    typer.echo(json.dumps(data, default=str))
+
+
+def print_metrics(title: str, metrics: dict[str, float]) -> None:
+    """Print metrics as `title: top1 93.20  top5 100.00`."""
+    text = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+    stdout.print(f"[bold]{title}[/]: {text}")

@@ -1,0 +1,70 @@
+"""`hat check`: can a march run every op of the model on its accelerator? What falls back?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hatcli.commands._options import JsonOpt, SetOpt, print_json
+from hatcli.commands._targets import march_name, resolve_onnx
+from hatcli.progress import stdout
+
+EXAMPLES = """
+Examples:
+
+  hat check recipes/quickstart.toml --march nash_e
+
+  hat check --model model.onnx --march bayes --json
+
+  hat check --list-marches
+"""
+
+
+def check(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe (checks its exported model).", metavar="[RECIPE]")] = None,
+    model: Annotated[Path | None, typer.Option(help="An ONNX file to check instead of a recipe's export.")] = None,
+    march: Annotated[str | None, typer.Option(help="bayes, nash_e, nash_m, nash_p or host (default: the recipe's).")] = None,
+    list_marches: Annotated[bool, typer.Option("--list-marches", help="Show every march profile and exit.")] = False,
+    overrides: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check every op against the march profile; exit 1 when some fall back to the CPU."""
+    from hatcli.quant.march import list_marches, load_march
+
+    if list_marches:
+        profiles = list_marches()
+        if json_out:
+            print_json([p.model_dump() for p in profiles])
+            return
+        table = Table("march", "chip", "int8 TOPS", "activations", "float output", "latency")
+        for p in profiles:
+            table.add_row(p.name, p.chip, f"{p.int8_tops:g}", "/".join(p.quant.activation_dtypes),
+                          "yes" if p.quant.float_output else "no (int32, dequantized)",
+                          "estimated" if p.estimated else "measured")
+        stdout.print(table)
+        return
+    from hatcli.deploy.check import check_model
+
+    onnx_path, lr = resolve_onnx(recipe, model, overrides)
+    profile = load_march(march_name(march, lr))
+    report = check_model(onnx_path, profile)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        table = Table("node", "op", "runs on", "reason")
+        for row in report.rows:
+            colour = "green" if row.status == "BPU" else "yellow"
+            table.add_row(row.node, row.op_type, f"[{colour}]{row.status}[/]", row.reason)
+        stdout.print(table)
+        verdict = "[green]supported[/]" if report.supported else f"[yellow]{report.fallbacks} ops fall back[/]"
+        stdout.print(f"{onnx_path} on {profile.name}: {verdict}")
+    if not report.supported:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `hat check` to the root app."""
+    app.command("check", epilog=EXAMPLES)(check)

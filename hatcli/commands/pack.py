@@ -1,0 +1,74 @@
+"""`hat pack KIND`: raw images + labels -> LMDB; `hat pack verify PATH` checks a database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hatcli.commands._options import JsonOpt, print_json
+from hatcli.errors import UsageError
+from hatcli.progress import stdout
+
+EXAMPLES = """
+Examples:
+
+  hat pack shapes --target-data-dir data/shapes --num-images 1200
+
+  hat pack shapes --target-data-dir data/shapes_det --task detection
+
+  hat pack verify data/shapes/val_lmdb
+"""
+
+
+def pack(
+    kind: Annotated[str, typer.Argument(help="Packer name (see `hat plugins`), or `verify`.")],
+    path: Annotated[Path | None, typer.Argument(help="With `verify`: the database to check.")] = None,
+    target_data_dir: Annotated[Path | None, typer.Option(help="Folder that receives <split>_lmdb.")] = None,
+    src_data_dir: Annotated[Path | None, typer.Option(help="Folder of the raw dataset.")] = None,
+    split: Annotated[str, typer.Option(help="Split to pack: train, val or all.")] = "all",
+    task: Annotated[str, typer.Option(help="classification or detection (generated datasets).")] = "classification",
+    num_images: Annotated[int | None, typer.Option(help="Images to generate (generated datasets).")] = None,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels (generated datasets).")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (generated datasets).")] = 0,
+    workers: Annotated[int, typer.Option(help="Parallel readers.")] = 0,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad record instead of skipping it.")] = False,
+    ann_file: Annotated[Path | None, typer.Option(help="COCO annotation file, if not the default.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pack a dataset into LMDB records (msgpack), or verify a packed database."""
+    if kind == "verify":
+        from hatcli.data.lmdb_format import verify_packed
+
+        if path is None:
+            raise UsageError("`hat pack verify` needs the database path, e.g. hat pack verify data/shapes/val_lmdb")
+        report = verify_packed(path)
+        print_json(report) if json_out else stdout.print(f"[green]ok[/]: {path}: {report}")
+        return
+    from hatcli.family import PackRequest
+    from hatcli.plugins import packers
+
+    packer = packers().get(kind)
+    if target_data_dir is None:
+        raise UsageError(f"`hat pack {kind}` needs --target-data-dir DIR")
+    if task not in ("classification", "detection"):
+        raise UsageError(f"--task must be classification or detection, not `{task}`")
+    request = PackRequest(kind=kind, target_data_dir=target_data_dir, src_data_dir=src_data_dir, split=split,
+                          task=task, num_images=num_images, image_size=image_size, seed=seed, workers=workers,
+                          strict=strict, ann_file=ann_file)  # type: ignore[arg-type]
+    result = packer.run(request)
+    if json_out:
+        print_json({"databases": result.databases, "rejected": result.rejected, "notes": result.notes})
+        return
+    for db, count in result.databases.items():
+        stdout.print(f"[green]packed[/] {count} records -> {db}")
+    if result.rejected:
+        stdout.print(f"[yellow]{result.rejected} records rejected[/]")
+    for note in result.notes:
+        stdout.print(note)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `hat pack` to the root app."""
+    app.command("pack", epilog=EXAMPLES)(pack)

@@ -1,0 +1,46 @@
+"""`hat run RECIPE`: the whole chain from data to a measured, deployable artifact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json
+from hatcli.progress import stdout
+
+EXAMPLES = """
+Examples:
+
+  hat run recipes/quickstart.toml
+
+  hat run recipes/quickstart.toml --set float.epochs=2 --force
+"""
+
+
+def run(
+    recipe: RecipeArg,
+    force: Annotated[bool, typer.Option(help="Re-run every stage even when its outputs are up to date.")] = False,
+    overrides: SetOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Pack, train float, calibrate, QAT, evaluate the integer model, export, check, compile, perf."""
+    from hatcli.pipeline import run_pipeline
+
+    lr = load(recipe, overrides)
+    rows = run_pipeline(lr, force=force)
+    if json_out:
+        print_json([asdict(r) for r in rows])
+        return
+    table = Table("stage", "result", "time", "artifacts", title=f"hat run {recipe}")
+    for row in rows:
+        seconds = "reused" if row.reused else f"{row.seconds:.1f}s"
+        table.add_row(row.stage, row.metric, seconds, "\n".join(row.artifacts))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `hat run` to the root app."""
+    app.command("run", epilog=EXAMPLES)(run)

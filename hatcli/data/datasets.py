@@ -1,0 +1,166 @@
+"""torch Datasets over packed (LMDB) data, and the detection collate function.
+
+Each dataset holds a `PackedReader`, which opens the LMDB environment lazily in whichever
+process first reads a record, so datasets can be handed to DataLoader workers (fork or spawn).
+Images are decoded with `torchvision.io.decode_image` into uint8 CHW RGB tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from hatcli.data.lmdb_format import PackedReader, open_packed
+from hatcli.errors import DataError
+
+Transform = Any  # a callable: t(image) for classification, t(image, target) for detection
+
+
+def decode(data: bytes, where: str = "image") -> torch.Tensor:
+    """Decode encoded JPEG/PNG bytes into a uint8 CHW RGB tensor; DataError names `where`."""
+    try:
+        # bytearray: a writable buffer, so torch.frombuffer does not warn.
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise DataError(f"cannot decode {where}: {exc}") from None
+
+
+class _PackedDataset(Dataset):
+    """Common part: the reader, the kind check, `.meta`, `.classes`, `len`."""
+
+    kind = ""
+
+    def __init__(self, path: str | Path, transform: Transform | None = None) -> None:
+        self.path = Path(path)
+        self.reader: PackedReader = open_packed(self.path)
+        if self.reader.meta["kind"] != self.kind:
+            raise DataError(
+                f"{self.path} holds {self.reader.meta['kind']} data, but a {self.kind} dataset was asked for"
+            )
+        self.transform = transform
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The database's meta record (format, kind, split, count, classes, checksums, ...)."""
+        return self.reader.meta
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order."""
+        return list(self.reader.meta["classes"])
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _image(self, record: dict[str, Any], index: int) -> torch.Tensor:
+        return decode(record["image"], f"record {index} of {self.path}")
+
+
+class ClassificationDataset(_PackedDataset):
+    """Items are ``(image, label)``: the transformed image (uint8 CHW before transforms) and an int."""
+
+    kind = "classification"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        record = self.reader[index]
+        image = self._image(record, index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(record["label"])
+
+
+class DetectionDataset(_PackedDataset):
+    """Items are ``(image, target)`` with target ``{"boxes": float32 [N, 4] xyxy pixels,
+    "labels": int64 [N], "image_id": int, "orig_size": (h, w)}``.
+
+    Crowd annotations and boxes with no width or height are left out of the target. A transform
+    is called as ``transform(image, target)`` with the boxes as `tv_tensors.BoundingBoxes`, so the
+    geometric v2 transforms move them; boxes that end up empty are dropped afterwards.
+    """
+
+    kind = "detection"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        record = self.reader[index]
+        image = self._image(record, index)
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        keep = [
+            i for i, (box, crowd) in enumerate(zip(record["boxes"], record["iscrowd"]))
+            if not crowd and box[2] > 0 and box[3] > 0
+        ]
+        boxes = torch.tensor([record["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        labels = torch.tensor([record["labels"][i] for i in keep], dtype=torch.int64)
+        target: dict[str, Any] = {
+            "boxes": boxes,
+            "labels": labels,
+            "image_id": int(record["image_id"]),
+            "orig_size": (h, w),
+        }
+        if self.transform is None:
+            return image, target
+        target["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+        image, target = self.transform(tv_tensors.Image(image), target)
+        image = image.as_subclass(torch.Tensor)
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target["boxes"], target["labels"] = boxes[valid], target["labels"][valid]
+        return image, target
+
+
+def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack same-sized images into one NCHW tensor and keep the targets as a list of dicts."""
+    images = [item[0] for item in batch]
+    shapes = {tuple(img.shape) for img in images}
+    if len(shapes) > 1:
+        raise DataError(
+            f"images in a detection batch differ in size ({sorted(shapes)}): "
+            "add a `Resize` with size = [height, width] to the transforms"
+        )
+    return torch.stack(images), [item[1] for item in batch]
+
+
+def open_dataset(path: str | Path, transform: Transform | None = None) -> ClassificationDataset | DetectionDataset:
+    """Open the packed data at `path` as the dataset its meta `kind` calls for."""
+    kind = open_packed(path).meta["kind"]
+    if kind == "classification":
+        return ClassificationDataset(path, transform)
+    return DetectionDataset(path, transform)
+
+
+def coco_ground_truth(path_or_reader: str | Path | PackedReader) -> dict[str, Any]:
+    """Return a COCO-format ground-truth dict (images, annotations, categories) of packed detection data.
+
+    Feed it to `pycocotools.coco.COCO` (set ``coco.dataset = gt; coco.createIndex()``) to score
+    predictions with COCOeval; predicted labels map back to `category_id` via
+    ``meta["category_ids"][label]``.
+    """
+    reader = path_or_reader if isinstance(path_or_reader, PackedReader) else open_packed(path_or_reader)
+    meta = reader.meta
+    if meta["kind"] != "detection":
+        raise DataError(f"{reader.path} holds {meta['kind']} data: COCO ground truth needs detection data")
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for index in range(len(reader)):
+        record = reader[index]
+        images.append({
+            "id": record["image_id"], "file_name": record["file_name"],
+            "height": record["height"], "width": record["width"],
+        })
+        areas = record.get("area") or [b[2] * b[3] for b in record["boxes"]]
+        for box, category, crowd, area in zip(record["boxes"], record["category_ids"], record["iscrowd"], areas):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": record["image_id"], "category_id": category,
+                "bbox": list(box), "area": float(area), "iscrowd": int(crowd),
+            })
+    categories = meta.get("coco_categories") or [
+        {"id": cid, "name": name} for cid, name in zip(meta["category_ids"], meta["classes"])
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}

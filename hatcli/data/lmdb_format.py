@@ -1,0 +1,413 @@
+"""The packed dataset format: one LMDB database of msgpack records per split.
+
+Layout (also documented in docs/, keep the two in step):
+
+- records under the keys ``b"%08d" % index`` for ``index`` in ``0 .. count-1``;
+- metadata under ``b"__meta__"``: a msgpack dict ``{"format": "hat-lmdb", "version": 1,
+  "kind": "classification"|"detection", "split": str, "count": int, "classes": [names in label
+  order], "checksums": {"records_sha256": hex}, ...}`` where the checksum is SHA-256 over the
+  record bytes in key order. Packers may add more keys (detection adds ``category_ids`` and
+  ``coco_categories``).
+
+A classification record is ``{"image": bytes, "label": int, "name": str}``; a detection record
+is ``{"image": bytes, "image_id": int, "file_name": str, "height": int, "width": int, "boxes":
+[[x, y, w, h], ...], "labels": [int], "category_ids": [int], "iscrowd": [0|1], "area": [float]}``
+with COCO ``xywh`` boxes in pixels. Image bytes are the encoded JPEG/PNG file, as it was.
+
+`LmdbWriter` writes into ``<path>.partial`` and renames it to ``path`` only once the meta record
+is in, so an interrupted pack never leaves a database that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import lmdb
+import msgpack
+
+from hatcli.errors import DataError
+
+FORMAT = "hat-lmdb"
+VERSION = 1
+META_KEY = b"__meta__"
+KINDS = ("classification", "detection")
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "classification": ("image", "label", "name"),
+    "detection": (
+        "image", "image_id", "file_name", "height", "width",
+        "boxes", "labels", "category_ids", "iscrowd",
+    ),
+}
+MAX_RECORDS = 10**8  # keys are "%08d": beyond this they would no longer sort in index order
+DEFAULT_MAP_SIZE = 256 << 20
+REPACK_HINT = "re-pack it with `hat pack`"
+
+
+def record_key(index: int) -> bytes:
+    """Return the LMDB key of record `index` (``b"%08d" % index``)."""
+    return b"%08d" % index
+
+
+def _is_record_key(key: bytes) -> bool:
+    return len(key) == 8 and key.isdigit()
+
+
+def _is_lmdb_dir(path: Path) -> bool:
+    names = {p.name for p in path.iterdir()}
+    return "data.mdb" in names and names <= {"data.mdb", "lock.mdb"}
+
+
+class LmdbWriter:
+    """Write one packed split; use as a context manager and call `put` once per record.
+
+    Records are buffered and committed in batches; when the map is full the map size is doubled
+    and the batch retried. On a clean exit the meta record is written last and the database is
+    moved into place; on an exception the partial database is removed.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str,
+        split: str,
+        classes: list[str],
+        extra_meta: dict[str, Any] | None = None,
+        map_size: int = DEFAULT_MAP_SIZE,
+        batch_records: int = 512,
+        batch_bytes: int = 64 << 20,
+    ) -> None:
+        if kind not in KINDS:
+            raise DataError(f"cannot pack kind `{kind}`: the packed format knows {', '.join(KINDS)}")
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.kind = kind
+        self.split = split
+        self.classes = [str(c) for c in classes]
+        self.extra_meta = dict(extra_meta or {})
+        reserved = {"format", "version", "kind", "split", "count", "classes", "checksums"}
+        clash = sorted(reserved & set(self.extra_meta))
+        if clash:
+            raise DataError(f"extra_meta may not set the reserved meta keys {clash}")
+        self.map_size = max(int(map_size), 1 << 16)
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self._env: lmdb.Environment | None = None
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
+        self._next = 0  # index expected next while records arrive in order
+        self._in_order = True
+        self._sha = hashlib.sha256()
+        self.count = 0
+
+    def __enter__(self) -> LmdbWriter:
+        if self.path.exists():
+            if not self.path.is_dir() or (any(self.path.iterdir()) and not _is_lmdb_dir(self.path)):
+                raise DataError(
+                    f"{self.path} exists and is not a packed database; refusing to overwrite it"
+                )
+        if self.partial.exists():  # left by an interrupted earlier pack
+            shutil.rmtree(self.partial)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(self.partial), map_size=self.map_size, subdir=True, lock=False,
+            readahead=False, meminit=True, max_dbs=0,
+        )
+        return self
+
+    def put(self, index: int, record: dict[str, Any]) -> None:
+        """Add `record` (a dict of the kind's fields) under key `index`."""
+        if self._env is None:
+            raise DataError("LmdbWriter.put called outside its `with` block")
+        if not 0 <= index < MAX_RECORDS:
+            raise DataError(f"record index {index} is outside 0..{MAX_RECORDS - 1}")
+        missing = [f for f in REQUIRED_FIELDS[self.kind] if f not in record]
+        if missing:
+            raise DataError(f"{self.kind} record {index} lacks the fields {missing}")
+        value = msgpack.packb(record, use_bin_type=True)
+        if self._in_order and index == self._next:
+            self._sha.update(value)
+            self._next += 1
+        else:
+            self._in_order = False
+        self._pending.append((record_key(index), value))
+        self._pending_bytes += len(value)
+        if len(self._pending) >= self.batch_records or self._pending_bytes >= self.batch_bytes:
+            self._flush()
+
+    def _write(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Write `items` in one transaction, doubling the map size until they fit."""
+        assert self._env is not None
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key, value in items:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                self.map_size *= 2
+                self._env.set_mapsize(self.map_size)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._write(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+
+    def _scan(self) -> tuple[int, str]:
+        """Count the records and hash them in key order (used when puts came out of order)."""
+        assert self._env is not None
+        sha = hashlib.sha256()
+        count = 0
+        with self._env.begin() as txn:
+            for key, value in txn.cursor():
+                if not _is_record_key(key):
+                    continue
+                if key != record_key(count):
+                    raise DataError(
+                        f"packed records of {self.path} are not contiguous: "
+                        f"expected index {count}, found key {key.decode()}"
+                    )
+                sha.update(value)
+                count += 1
+        return count, sha.hexdigest()
+
+    def _finish(self) -> None:
+        self._flush()
+        if self._in_order:
+            count, digest = self._next, self._sha.hexdigest()
+        else:
+            count, digest = self._scan()
+        self.count = count
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": self.kind,
+            "split": self.split,
+            "count": count,
+            "classes": self.classes,
+            "checksums": {"records_sha256": digest},
+            **self.extra_meta,
+        }
+        self._write([(META_KEY, msgpack.packb(meta, use_bin_type=True))])
+        assert self._env is not None
+        self._env.sync(True)
+        self._env.close()
+        self._env = None
+        old = self.path.with_name(self.path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.path.exists():
+            os.replace(self.path, old)
+        os.replace(self.partial, self.path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+                return
+            except BaseException:
+                self._abort()
+                raise
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    try:
+        return lmdb.open(
+            str(path), readonly=True, lock=False, readahead=False, meminit=False,
+            subdir=path.is_dir(), max_readers=512,
+        )
+    except lmdb.Error as exc:
+        raise DataError(f"cannot open packed data at {path}: {exc}; {REPACK_HINT}") from None
+
+
+Identity = tuple[str, int, int]
+
+_ENVS: dict[Identity, tuple[int, lmdb.Environment]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _identity(path: Path) -> Identity:
+    """The resolved path plus device and inode of its data file: which database this is."""
+    data = path / "data.mdb" if path.is_dir() else path
+    try:
+        st = os.stat(data)
+    except OSError as exc:
+        raise DataError(f"cannot open packed data at {path}: {exc}") from None
+    return (str(path.resolve()), st.st_dev, st.st_ino)
+
+
+def _shared_env(path: Path, identity: Identity) -> lmdb.Environment:
+    """Return this process's read-only environment for the database `identity`, opening it once.
+
+    LMDB (and py-lmdb, which refuses a second open) allows one environment per file per process,
+    so every reader of a database shares one. An environment inherited through fork is closed
+    (in the child only) and opened anew.
+    """
+    pid = os.getpid()
+    with _ENVS_LOCK:
+        entry = _ENVS.get(identity)
+        if entry is not None and entry[0] == pid:
+            return entry[1]
+        if entry is not None:
+            del _ENVS[identity]
+            entry[1].close()  # in a forked child this only drops the child's copy
+        if _identity(path) != identity:
+            raise DataError(f"packed data at {path} was replaced after it was opened; open it again")
+        env = _open_env(path)
+        _ENVS[identity] = (pid, env)
+        return env
+
+
+def _close_shared(identity: Identity) -> None:
+    with _ENVS_LOCK:
+        entry = _ENVS.pop(identity, None)
+    if entry is not None:
+        entry[1].close()
+
+
+def _read_meta(path: Path) -> tuple[dict[str, Any], Identity]:
+    """Read and check the meta record of the database at `path`; return it and the database's identity."""
+    if not path.exists():
+        raise DataError(f"no packed data at {path}; create it with `hat pack`")
+    if path.is_dir() and not (path / "data.mdb").exists():
+        partial = "; an interrupted pack leaves a `.partial` folder" if path.name.endswith(".partial") else ""
+        raise DataError(f"{path} holds no LMDB database (no data.mdb){partial}; create it with `hat pack`")
+    identity = _identity(path)
+    with _shared_env(path, identity).begin() as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        raise DataError(
+            f"{path} has no `__meta__` record: it was not written by hat, or its pack was "
+            f"interrupted; {REPACK_HINT}"
+        )
+    try:
+        meta = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DataError(f"{path}: the meta record is unreadable ({exc}); {REPACK_HINT}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{path} is not a `{FORMAT}` database (format: {found!r}); {REPACK_HINT}")
+    if meta.get("version") != VERSION:
+        raise DataError(
+            f"{path} is `{FORMAT}` version {meta.get('version')!r} but this hat reads version "
+            f"{VERSION}; {REPACK_HINT} with this version of hat"
+        )
+    if meta.get("kind") not in KINDS or not isinstance(meta.get("count"), int):
+        raise DataError(f"{path}: meta has a bad `kind` or `count`; {REPACK_HINT}")
+    return meta, identity
+
+
+class PackedReader:
+    """Read-only, fork-safe random access to one packed database.
+
+    The LMDB environment is looked up on every access in a per-process table (see
+    `_shared_env`): it is opened once per process, reopened after a fork, and shared by all
+    readers of the same database. Readers pickle (for spawned DataLoader workers) as their path,
+    meta and the database's identity.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], identity: Identity) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self._identity = identity
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def get_bytes(self, index: int) -> bytes:
+        """Return the raw msgpack bytes of record `index` (negative indices count from the end)."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"record {index} out of range for {n} records in {self.path}")
+        with _shared_env(self.path, self._identity).begin(buffers=False) as txn:
+            raw = txn.get(record_key(index))
+        if raw is None:
+            raise DataError(f"{self.path}: record {index} is missing; {REPACK_HINT}")
+        return raw
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        raw = self.get_bytes(index)
+        try:
+            return msgpack.unpackb(raw, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise DataError(f"{self.path}: record {index} is corrupt ({exc}); {REPACK_HINT}") from None
+
+    def close(self) -> None:
+        """Close this process's environment for the database (other readers of it reopen lazily)."""
+        _close_shared(self._identity)
+
+    def __repr__(self) -> str:
+        return f"PackedReader({str(self.path)!r}, kind={self.meta['kind']!r}, count={len(self)})"
+
+
+def open_packed(path: str | Path) -> PackedReader:
+    """Open the packed database at `path` for reading; DataError when it is missing or foreign."""
+    path = Path(path)
+    meta, identity = _read_meta(path)
+    return PackedReader(path, meta, identity)
+
+
+def verify_packed(path: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Recompute the record count and checksum of `path`; DataError when they disagree with meta.
+
+    Returns ``{"path", "kind", "split", "count", "records_sha256", "ok": True}``.
+    """
+    from hatcli.progress import track
+
+    path = Path(path)
+    meta, identity = _read_meta(path)
+    sha = hashlib.sha256()
+    count = 0
+    with _shared_env(path, identity).begin(buffers=False) as txn:
+        items = iter(txn.cursor())
+        if progress:
+            items = track(items, total=meta["count"] + 1, description=f"verify {path.name}")
+        for key, value in items:
+            if not _is_record_key(key):
+                continue
+            if key != record_key(count):
+                raise DataError(
+                    f"{path}: records are not contiguous: expected index {count}, "
+                    f"found key {key.decode(errors='replace')}; {REPACK_HINT}"
+                )
+            sha.update(value)
+            count += 1
+    digest = sha.hexdigest()
+    if count != meta["count"]:
+        raise DataError(f"{path}: meta says {meta['count']} records but {count} are present; {REPACK_HINT}")
+    expected = meta.get("checksums", {}).get("records_sha256")
+    if digest != expected:
+        raise DataError(
+            f"{path}: record checksum mismatch (meta {expected}, computed {digest}): "
+            f"the data is corrupt; {REPACK_HINT}"
+        )
+    return {
+        "path": str(path),
+        "kind": meta["kind"],
+        "split": meta["split"],
+        "count": count,
+        "records_sha256": digest,
+        "ok": True,
+    }

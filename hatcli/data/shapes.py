@@ -1,0 +1,384 @@
+"""The built-in synthetic dataset: coloured shapes on textured backgrounds, as real JPEG files.
+
+`generate_shapes` writes an ImageNet-style folder tree (classification) or a COCO-style image
+folder plus annotation json (detection); `pack_imagefolder` and `pack_coco` pack such raw data
+(synthetic or real) into the LMDB format of `hatcli.data.lmdb_format`; `pack_shapes` does both
+for `hat pack shapes`. Everything is deterministic for a seed: each image draws from its own
+random generator seeded with (seed, split, index).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hatcli.data.lmdb_format import LmdbWriter
+from hatcli.errors import DataError, UsageError
+from hatcli.family import PackRequest, PackResult
+from hatcli.progress import track
+
+CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
+"""Shape classes, in label order (sorted, so the folder packer gives the same labels)."""
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+DEFAULT_NUM_IMAGES = 1200
+VAL_FRACTION = 0.2
+JPEG_QUALITY = 90
+_SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down: anti-aliased edges
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+
+def split_sizes(num_images: int) -> dict[str, int]:
+    """Return how many of `num_images` go to train and val (val is 20%, at least one)."""
+    if num_images < 2:
+        raise UsageError(f"num_images must be at least 2 (one train and one val image), got {num_images}")
+    n_val = max(1, int(num_images * VAL_FRACTION))
+    return {"train": num_images - n_val, "val": n_val}
+
+
+# -- drawing ---------------------------------------------------------------------------------
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a polygonal shape of circumradius `r` centred on (cx, cy), rotated by `angle`."""
+    if kind == "triangle":
+        local = [(math.cos(a), math.sin(a)) for a in (np.arange(3) * 2 * math.pi / 3 - math.pi / 2)]
+    elif kind == "square":
+        s = 1 / math.sqrt(2)
+        local = [(-s, -s), (s, -s), (s, s), (-s, s)]
+    elif kind == "star":
+        local = []
+        for i in range(10):
+            rad = 1.0 if i % 2 == 0 else 0.45
+            a = i * math.pi / 5 - math.pi / 2
+            local.append((rad * math.cos(a), rad * math.sin(a)))
+    elif kind == "cross":
+        t = 0.33  # half width of an arm, as a fraction of r
+        e = 1 / math.sqrt(1 + t * t)  # keeps the arm ends' corners on the circumcircle
+        a, b = t * e, e
+        local = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a),
+                 (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    else:
+        raise ValueError(kind)
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in local]
+
+
+def _shape_outline(kind: str, size: int, cx: float, cy: float, r: float, angle: float) -> tuple[list[tuple[float, float]] | None, list[float]]:
+    """Return the polygon of a shape (None for round ones) and its tight xywh box, clipped to the image."""
+    if kind in ("circle", "ring"):
+        pts = None
+        x0, y0, x1, y1 = cx - r, cy - r, cx + r, cy + r
+    else:
+        pts = _polygon(kind, cx, cy, r, angle)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    x0, y0 = max(0.0, x0), max(0.0, y0)
+    x1, y1 = min(float(size), x1), min(float(size), y1)
+    return pts, [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+
+def _shape_alpha(
+    kind: str, pts: list[tuple[float, float]] | None, box: list[float], cx: float, cy: float, r: float, size: int
+) -> tuple[np.ndarray, int, int]:
+    """Anti-aliased alpha (float32 0..1) of a shape over the pixels its box touches, and that patch's corner."""
+    S = _SUPERSAMPLE
+    px0, py0 = int(box[0]), int(box[1])
+    px1, py1 = min(size, math.ceil(box[0] + box[2])), min(size, math.ceil(box[1] + box[3]))
+    w, h = max(px1 - px0, 1), max(py1 - py0, 1)
+    mask = Image.new("L", (w * S, h * S), 0)
+    draw = ImageDraw.Draw(mask)
+    if pts is None:
+        def ellipse(rad: float, fill: int) -> None:
+            draw.ellipse([(cx - rad - px0) * S, (cy - rad - py0) * S,
+                          (cx + rad - px0) * S - 1, (cy + rad - py0) * S - 1], fill=fill)
+        ellipse(r, 255)
+        if kind == "ring":
+            ellipse(0.55 * r, 0)
+    else:
+        draw.polygon([((x - px0) * S, (y - py0) * S) for x, y in pts], fill=255)
+    alpha = np.asarray(mask.resize((w, h), Image.Resampling.BOX), dtype=np.float32) / np.float32(255.0)
+    return alpha, px0, py0
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised (y, x) pixel coordinates in 0..1, float32 HxW each."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / np.float32(max(size - 1, 1))
+    return yy, xx
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth two-colour gradient with faint stripes, float32 HxWx3 in 0..255."""
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    theta = rng.uniform(0, 2 * math.pi)
+    yy, xx = _grid(size)
+    t = xx * np.float32(math.cos(theta)) + yy * np.float32(math.sin(theta))
+    t -= t.min()
+    t /= max(float(t.max()), 1e-6)
+    img = c0 + (c1 - c0) * t[..., None]
+    if rng.random() < 0.6:  # stripes
+        phi = rng.uniform(0, 2 * math.pi)
+        freq = rng.uniform(3, 10) * 2 * math.pi
+        phase = xx * np.float32(freq * math.cos(phi)) + yy * np.float32(freq * math.sin(phi))
+        stripes = np.sin(phase + np.float32(rng.uniform(0, 2 * math.pi)))
+        img += np.float32(rng.uniform(8, 25)) * stripes[..., None]
+    return img
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A saturated colour whose luma differs clearly from the background's mean luma."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    bg_luma = float(background.reshape(-1, 3).mean(0) @ weights)
+    colour = rng.uniform(0, 255, 3).astype(np.float32)
+    for _ in range(20):
+        if abs(float(colour @ weights) - bg_luma) >= 70:
+            break
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
+    else:  # fall back to the far end of the luma range
+        colour = np.full(3, 245.0 if bg_luma < 128 else 10.0, dtype=np.float32)
+    return colour
+
+
+def _overlap(a: list[float], b: list[float]) -> float:
+    """Intersection area over the smaller box's area, for xywh boxes."""
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    return iw * ih / max(min(a[2] * a[3], b[2] * b[3]), 1e-6)
+
+
+def render_image(
+    seed: int, split: str, index: int, image_size: int, task: str
+) -> tuple[bytes, list[dict[str, Any]]]:
+    """Render one image; return its JPEG bytes and its objects (`label`, `box` xywh, `area`).
+
+    Classification images hold one large shape whose class is ``index % len(CLASSES)``;
+    detection images hold 1-4 smaller shapes that overlap little.
+    """
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+    size = image_size
+    img = _background(rng, size)
+    if task == "classification":
+        wanted = [index % len(CLASSES)]
+        r_range = (0.25 * size, 0.42 * size)
+    else:
+        wanted = list(rng.integers(0, len(CLASSES), int(rng.integers(1, 5))))
+        r_range = (0.09 * size, 0.2 * size)
+    objects: list[dict[str, Any]] = []
+    for label in wanted:
+        kind = CLASSES[label]
+        for _attempt in range(15):
+            r = float(rng.uniform(*r_range))
+            cx = float(rng.uniform(r, size - r))
+            cy = float(rng.uniform(r, size - r))
+            angle = float(rng.uniform(0, 2 * math.pi))
+            pts, box = _shape_outline(kind, size, cx, cy, r, angle)
+            if all(_overlap(box, o["box"]) < 0.15 for o in objects):
+                break
+        else:
+            continue  # no room left: draw fewer shapes
+        alpha, px0, py0 = _shape_alpha(kind, pts, box, cx, cy, r, size)
+        h, w = alpha.shape
+        patch = img[py0:py0 + h, px0:px0 + w]
+        colour = _contrasting_colour(rng, patch)
+        shade = np.float32(1.0) + np.float32(0.25 * rng.uniform(-1, 1)) * np.linspace(-1, 1, h, dtype=np.float32)
+        a = alpha[..., None]
+        patch *= 1 - a
+        patch += (colour[None, None, :] * shade[:, None, None]) * a
+        objects.append({"label": int(label), "box": box, "area": round(float(alpha.sum()), 2)})
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 9))
+    pixels = np.clip(img, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue(), objects
+
+
+def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_size: int) -> dict[str, int]:
+    """Write the raw shapes dataset under `root/raw`; return the image count per split.
+
+    Classification: ``raw/{train,val}/<class>/<00000>.jpg`` (every class folder exists, even an
+    empty one). Detection: ``raw/{train2017,val2017}/<image_id:012d>.jpg`` and
+    ``raw/annotations/instances_{train,val}2017.json``. Earlier output there is replaced.
+    """
+    if task not in ("classification", "detection"):
+        raise UsageError(f"unknown task `{task}` for the shapes dataset: use classification or detection")
+    if image_size < 16:
+        raise UsageError(f"image_size must be at least 16 pixels, got {image_size}")
+    sizes = split_sizes(num_images)
+    raw = Path(root) / "raw"
+    next_image_id = 1
+    for split, n in sizes.items():
+        if task == "classification":
+            split_dir = raw / split
+            shutil.rmtree(split_dir, ignore_errors=True)
+            for name in CLASSES:
+                (split_dir / name).mkdir(parents=True, exist_ok=True)
+        else:
+            split_dir = raw / f"{split}2017"
+            shutil.rmtree(split_dir, ignore_errors=True)
+            split_dir.mkdir(parents=True)
+            images: list[dict[str, Any]] = []
+            annotations: list[dict[str, Any]] = []
+        for index in track(range(n), total=n, description=f"generate shapes {split}"):
+            data, objects = render_image(seed, split, index, image_size, task)
+            if task == "classification":
+                (split_dir / CLASSES[objects[0]["label"]] / f"{index:05d}.jpg").write_bytes(data)
+                continue
+            image_id = next_image_id
+            next_image_id += 1
+            file_name = f"{image_id:012d}.jpg"
+            (split_dir / file_name).write_bytes(data)
+            images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
+            for obj in objects:
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": obj["label"] + 1,
+                    "bbox": obj["box"], "area": obj["area"], "iscrowd": 0,
+                })
+        if task == "detection":
+            coco = {
+                "info": {"description": "hat shapes: synthetic coloured shapes", "version": "1.0"},
+                "licenses": [],
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)],
+            }
+            ann_dir = raw / "annotations"
+            ann_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ann_dir / f"instances_{split}2017.json.tmp"
+            tmp.write_text(json.dumps(coco))
+            tmp.replace(ann_dir / f"instances_{split}2017.json")
+    return sizes
+
+
+# -- packing ---------------------------------------------------------------------------------
+
+
+def _check_image_bytes(data: bytes, source: Path) -> None:
+    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")):
+        raise DataError(f"{source} is not a JPEG or PNG file; remove it or convert it, then pack again")
+
+
+def pack_imagefolder(
+    src_split_dir: Path, dst: Path, split: str, extra_meta: dict[str, Any] | None = None
+) -> int:
+    """Pack a class-per-folder tree (ImageNet layout) into `dst`; return the record count.
+
+    Classes are the sub-folder names, sorted (empty folders count as classes); files are taken in
+    sorted order and stored as they are (no re-encoding). `name` is the path relative to
+    `src_split_dir`.
+    """
+    src = Path(src_split_dir)
+    if not src.is_dir():
+        raise DataError(f"no image folder at {src}")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{src} has no class folders (expected {src}/<class>/<image>.jpg)")
+    files = [
+        (label, path)
+        for label, name in enumerate(classes)
+        for path in sorted((src / name).iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataError(f"{src} has class folders but no .jpg/.jpeg/.png images in them")
+    with LmdbWriter(dst, "classification", split, classes, extra_meta=extra_meta) as writer:
+        for index, (label, path) in enumerate(track(files, total=len(files), description=f"pack {split}")):
+            data = path.read_bytes()
+            _check_image_bytes(data, path)
+            writer.put(index, {"image": data, "label": label, "name": path.relative_to(src).as_posix()})
+    return writer.count
+
+
+def pack_coco(
+    image_dir: Path, ann_file: Path, dst: Path, split: str, extra_meta: dict[str, Any] | None = None
+) -> int:
+    """Pack COCO images and an instances json into `dst`; return the record count.
+
+    Labels are contiguous in sorted category-id order; the original ids are kept per box and in
+    meta (`category_ids`, and `coco_categories` = [{"id", "name"}] for COCOeval). Images are
+    taken in id order, images without annotations included.
+    """
+    image_dir, ann_file = Path(image_dir), Path(ann_file)
+    try:
+        coco = json.loads(ann_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read COCO annotations {ann_file}: {exc}") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise DataError(f"{ann_file} is not a COCO instances file: it has no `{key}`")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i for i, c in enumerate(categories)}
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    by_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in images}
+    for ann in coco["annotations"]:
+        if ann["image_id"] not in by_image:
+            raise DataError(f"{ann_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
+        if ann["category_id"] not in label_of:
+            raise DataError(f"{ann_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
+        by_image[ann["image_id"]].append(ann)
+    meta = {
+        "category_ids": [c["id"] for c in categories],
+        "coco_categories": [{"id": c["id"], "name": c["name"]} for c in categories],
+        **(extra_meta or {}),
+    }
+    classes = [c["name"] for c in categories]
+    with LmdbWriter(dst, "detection", split, classes, extra_meta=meta) as writer:
+        for index, im in enumerate(track(images, total=len(images), description=f"pack {split}")):
+            path = image_dir / im["file_name"]
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DataError(f"image {im['id']} of {ann_file} cannot be read: {exc}") from None
+            _check_image_bytes(data, path)
+            anns = by_image[im["id"]]
+            writer.put(index, {
+                "image": data,
+                "image_id": int(im["id"]),
+                "file_name": str(im["file_name"]),
+                "height": int(im["height"]),
+                "width": int(im["width"]),
+                "boxes": [[float(v) for v in a["bbox"]] for a in anns],
+                "labels": [label_of[a["category_id"]] for a in anns],
+                "category_ids": [int(a["category_id"]) for a in anns],
+                "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
+                "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
+            })
+    return writer.count
+
+
+def pack_shapes(request: PackRequest) -> PackResult:
+    """Generate the shapes dataset into `request.target_data_dir` and pack it (`hat pack shapes`).
+
+    Writes ``raw/`` plus ``train_lmdb`` and ``val_lmdb`` (or only the one named by
+    `request.split` when it is ``train`` or ``val``).
+    """
+    if request.split not in ("all", "train", "val"):
+        raise UsageError(f"unknown split `{request.split}` for shapes: use all, train or val")
+    num_images = DEFAULT_NUM_IMAGES if request.num_images is None else request.num_images
+    root = Path(request.target_data_dir)
+    generate_shapes(root, request.task, num_images, request.seed, request.image_size)
+    extra = {"source": "shapes", "seed": request.seed, "image_size": request.image_size}
+    splits = ["train", "val"] if request.split == "all" else [request.split]
+    result = PackResult(notes=[f"raw images in {root / 'raw'}"])
+    for split in splits:
+        dst = root / f"{split}_lmdb"
+        if request.task == "classification":
+            count = pack_imagefolder(root / "raw" / split, dst, split, extra_meta=extra)
+        else:
+            count = pack_coco(
+                root / "raw" / f"{split}2017",
+                root / "raw" / "annotations" / f"instances_{split}2017.json",
+                dst, split, extra_meta=extra,
+            )
+        result.databases[str(dst)] = count
+    return result

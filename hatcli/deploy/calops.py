@@ -1,0 +1,136 @@
+"""`count_ops`: MACs, FLOPs and parameters of a torch model, in total and per leaf module.
+
+Totals come from `torch.utils.flop_counter.FlopCounterMode`, which counts matmul / conv /
+attention FLOPs (2 per multiply-accumulate), so MACs = FLOPs / 2 as in HAT's calops. The per-layer
+table records, for each leaf module, the FLOPs counted while it ran (forward hooks). The model is
+run on the `meta` device when it can be copied there, so large inputs count without computing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hatcli.errors import UsageError
+
+
+@dataclass
+class LayerOps:
+    """One leaf module's share."""
+
+    name: str
+    type: str
+    macs: int
+    params: int
+    output_shape: list[int] | None
+
+
+@dataclass
+class OpsReport:
+    """MACs / FLOPs / parameters of a model at one input shape."""
+
+    input_shape: list[int]
+    macs: int
+    flops: int
+    params: int
+    device: str
+    """"meta" when counted without computing, else "cpu"."""
+    flops_by_op: dict[str, int] = field(default_factory=dict)
+    layers: list[LayerOps] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (per-layer table included)."""
+        return asdict(self)
+
+
+def _shape(output: Any) -> list[int] | None:
+    if isinstance(output, torch.Tensor):
+        return list(output.shape)
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+        return list(output[0].shape)
+    if isinstance(output, dict):
+        first = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+        return list(first.shape) if first is not None else None
+    return None
+
+
+def _to_meta(model: torch.nn.Module, example_input: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    try:
+        meta_model = copy.deepcopy(model).to("meta")
+    except Exception:  # noqa: BLE001 - some modules cannot be copied or moved: count on CPU
+        return None
+    return meta_model, torch.empty(example_input.shape, dtype=example_input.dtype, device="meta")
+
+
+def _count(model: torch.nn.Module, x: torch.Tensor) -> tuple[FlopCounterMode, list[LayerOps]]:
+    leaves = [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    counter = FlopCounterMode(display=False)
+    rows: dict[str, LayerOps] = {}
+    starts: dict[str, int] = {}
+    handles = []
+
+    def pre(name: str):
+        def hook(_module: torch.nn.Module, _args: Any) -> None:
+            starts[name] = counter.get_total_flops()
+        return hook
+
+    def post(name: str, module: torch.nn.Module):
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            flops = counter.get_total_flops() - starts.pop(name, counter.get_total_flops())
+            row = rows.get(name)
+            if row is None:  # first call; a module called again (shared) adds up
+                params = sum(p.numel() for p in module.parameters(recurse=False))
+                rows[name] = LayerOps(name, type(module).__name__, flops // 2, params, _shape(output))
+            else:
+                row.macs += flops // 2
+        return hook
+
+    for name, module in leaves:
+        handles.append(module.register_forward_pre_hook(pre(name)))
+        handles.append(module.register_forward_hook(post(name, module)))
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    order = [n for n, _ in leaves if n in rows]
+    return counter, [rows[n] for n in order]
+
+
+def count_ops(model: torch.nn.Module, example_input: torch.Tensor) -> OpsReport:
+    """Count MACs (= FLOPs / 2 of matmul/conv), FLOPs and parameters of `model` on `example_input`.
+
+    The model is deep-copied to the `meta` device when possible (no compute, no memory); the
+    original model is never modified. Raises UsageError when the forward pass fails.
+    """
+    if not isinstance(example_input, torch.Tensor):
+        raise UsageError("example_input must be a tensor (batch first)")
+    was_training = model.training
+    params = sum(p.numel() for p in model.parameters())
+    attempts: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
+    meta = _to_meta(model, example_input)
+    if meta is not None:
+        attempts.append(("meta", meta[0].eval(), meta[1]))
+    attempts.append(("cpu", model, example_input))
+    error: Exception | None = None
+    try:
+        for device, net, x in attempts:
+            if device == "cpu":
+                model.eval()
+            try:
+                counter, layers = _count(net, x)
+            except Exception as exc:  # noqa: BLE001 - meta kernels missing: retry on CPU
+                error = exc
+                continue
+            by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+            flops = int(counter.get_total_flops())
+            return OpsReport(input_shape=list(example_input.shape), macs=flops // 2, flops=flops,
+                             params=params, device=device, flops_by_op=by_op, layers=layers)
+    finally:
+        model.train(was_training)
+    raise UsageError(f"cannot run the model on input {list(example_input.shape)}: {error}")

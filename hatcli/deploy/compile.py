@@ -1,0 +1,207 @@
+"""`compile_model`: turn an exported ONNX QDQ model into a deployable artifact directory.
+
+We cannot run Horizon's compiler, so "compiling" here means what we can do for real: ONNX
+Runtime's graph optimizations at the requested level (`--opt 0..3`), the optimized graph saved as
+`model.onnx`, plus a static perf report for the march and a manifest that pins every file by
+sha256. The artifact is built in a temp dir next to `out_dir` and renamed into place at the end,
+so an interrupted compile never leaves a half artifact.
+
+Artifact layout:
+    out_dir/model.onnx     optimized graph (loads with plain onnxruntime)
+    out_dir/perf.json      estimate on the march (+ measured latency when the march is `host`)
+    out_dir/manifest.json  march, opt, input spec, outputs, sha256 of every file, versions,
+                           session options to load it with
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hatcli import __version__
+from hatcli.deploy.check import check_graph
+from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
+from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
+from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
+from hatcli.errors import ArtifactError, HatError, UsageError
+from hatcli.quant.march import MarchProfile
+
+PERF = "perf.json"
+INLINE_LIMIT = 1_800_000_000
+"""Models below this many bytes are written as one self-contained model.onnx."""
+ARTIFACT_FORMAT = "hat-artifact"
+ARTIFACT_VERSION = 1
+OPT_3_NOTE = ("ONNX Runtime's ORT_ENABLE_ALL adds layout optimizations (NCHWc) that are specific to "
+              "the CPU they run on, so the file holds the ORT_ENABLE_EXTENDED graph and "
+              "ORT_ENABLE_ALL is applied when the session is created (session_options)")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON to `path` through a temp file and os.replace."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _batch_and_shape(input_spec: dict[str, Any]) -> tuple[int, list[int] | None]:
+    shape = input_spec.get("shape") if isinstance(input_spec, dict) else None
+    if not isinstance(shape, (list, tuple)) or not shape:
+        return 1, None
+    batch = int(shape[0]) if isinstance(shape[0], int) and shape[0] > 0 else 1
+    if all(isinstance(d, int) for d in shape[1:]):
+        return batch, [batch, *[int(d) for d in shape[1:]]]
+    return batch, None
+
+
+def _io(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def spec(value: Any) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else "N" for d in value.shape]
+        return {"name": value.name, "shape": dims, "dtype": value.type}
+
+    return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise UsageError(f"{out_dir} is not empty and holds no {MANIFEST}: refusing to replace it")
+
+
+def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp_dir, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
+    """Have ONNX Runtime write the graph optimized at `level` as tmp_dir/model.onnx.
+
+    External data (the dynamo exporter writes `model.onnx.data`) is read in and saved inline
+    below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.
+    """
+    model_tmp = tmp_dir / f".{MODEL}.tmp"
+    proto = load_onnx(src)
+    if proto.ByteSize() < INLINE_LIMIT:
+        create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
+    else:
+        create_session(src, level, optimized_path=model_tmp, source=str(src), config={
+            "session.optimized_model_external_initializers_file_name": f"{MODEL}.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})
+    if not model_tmp.is_file():
+        raise ArtifactError(f"{src}: ONNX Runtime wrote no optimized model")
+    os.replace(model_tmp, tmp_dir / MODEL)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {"hatcli": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def _perf_report(onnx_path: Path, model_path: Path, march: MarchProfile, opt: int, batch: int,
+                 input_shape: list[int] | None, measure: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (perf.json content, check summary) for the source model on `march`."""
+    perf: dict[str, Any] = {"march": march.name, "chip": march.chip, "estimated": march.estimated}
+    summary: dict[str, Any] = {}
+    try:
+        graph = read_graph(onnx_path, batch=batch, input_shape=input_shape)
+        perf["estimate"] = estimate_graph(graph, march).to_dict()
+        report = check_graph(graph, march)
+        summary = {"supported": report.supported, "fallbacks": report.fallbacks,
+                   "fallback_ops": report.fallback_ops()}
+    except HatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the artifact is still valid without an estimate
+        perf["estimate"] = None
+        perf["estimate_error"] = f"{type(exc).__name__}: {exc}"
+    perf["measured"] = (measure_latency(model_path, batch=batch, opt_level=opt, warmup=3, runs=20,
+                                        input_shape=input_shape).to_dict() if measure else None)
+    return perf, summary
+
+
+def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir: str | Path,
+                  input_spec: dict[str, Any], extra_manifest: dict[str, Any] | None = None,
+                  measure: bool | None = None) -> Path:
+    """Compile `onnx_path` for `march` at optimization level `opt` (0..3) into `out_dir`.
+
+    opt 0..3 map to ONNX Runtime's DISABLE_ALL / BASIC / EXTENDED / ALL (opt 3 saves the
+    EXTENDED graph and applies ALL at load time, recorded in the manifest). `input_spec` is
+    recorded as given; an int batch in `input_spec["shape"][0]` sets the estimate's batch.
+    `measure` times the compiled model on this host (default: when the march is not estimated,
+    i.e. `host`). `extra_manifest` is stored under the manifest's "extra" key. Returns out_dir.
+    Raises UsageError for a bad `opt`, a missing / non-ONNX input or an out_dir that is not an
+    artifact; ArtifactError when ONNX Runtime cannot load or run the model.
+    """
+    level = opt_level_name(opt)
+    src = resolve_model_path(onnx_path)
+    load_onnx(src, external_data=False)
+    out = Path(out_dir)
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved_level = "ORT_ENABLE_EXTENDED" if level == "ORT_ENABLE_ALL" else level
+    batch, input_shape = _batch_and_shape(input_spec)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_optimized(src, saved_level, tmp_dir)
+        session = create_session(tmp_dir / MODEL, level, source=f"compiled {src}")
+        try:
+            session.run(None, random_feed(session, batch, input_shape))
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+            raise ArtifactError(f"{src}: the compiled model does not run ({exc})") from None
+        inputs, outputs = _io(session)
+        do_measure = (not march.estimated) if measure is None else measure
+        perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure)
+        write_json_atomic(tmp_dir / PERF, perf)
+        notes = [OPT_3_NOTE] if level == "ORT_ENABLE_ALL" else []
+        if march.estimated:
+            notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "
+                         "its perf.json latency for the march is an estimate")
+        manifest = {
+            "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
+            "march": march.name, "chip": march.chip, "estimated": march.estimated, "opt": opt,
+            "model": MODEL,
+            "source": {"path": str(src.resolve()), "sha256": sha256_file(src)},
+            "input_spec": input_spec, "inputs": inputs, "outputs": outputs,
+            "session_options": {"graph_optimization_level": level,
+                                "providers": ["CPUExecutionProvider"]},
+            "session_graph_optimization_level": level,
+            "saved_graph_optimization_level": saved_level,
+            "check": check,
+            "versions": _versions(),
+            "notes": notes,
+            "extra": extra_manifest or {},
+            "files": {p.name: sha256_file(p) for p in sorted(tmp_dir.iterdir()) if p.is_file()},
+        }
+        write_json_atomic(tmp_dir / MANIFEST, manifest)
+        _swap_into_place(tmp_dir, out)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out

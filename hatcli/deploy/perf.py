@@ -1,0 +1,229 @@
+"""Latency: a per-layer estimate on a march (`estimate_latency`) and a measurement on this host
+with ONNX Runtime (`measure_latency`).
+
+The estimate is a roofline per layer (see docs/perf_model.md):
+
+    compute = 2 * MACs / (int8_tops * 1e12 * utilisation)    (depthwise: depthwise_utilisation)
+    memory  = (activation bytes read + written + constant bytes) / (ddr_gbytes_per_s * 1e9)
+    layer   = max(compute, memory) + per_layer_overhead_us      (reshape-like views cost nothing)
+
+On a march we cannot run (`estimated = true`) every figure it gives is an estimate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatcli.deploy.check import FALLBACK, check_graph
+from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph, resolve_model_path
+from hatcli.deploy.runtime import NP_DTYPES, create_session, opt_level_name
+from hatcli.errors import UsageError
+from hatcli.progress import make_progress
+from hatcli.quant.march import MarchProfile
+
+
+@dataclass
+class LayerEstimate:
+    """Estimated cost of one layer."""
+
+    name: str
+    op_type: str
+    fused: list[str]
+    macs: int
+    ddr_bytes: int
+    """Activation bytes read and written plus constant bytes, for the whole batch."""
+    compute_us: float
+    memory_us: float
+    time_us: float
+    bound: str
+    """What limits the layer: "compute", "memory" or "overhead" (view ops: "none")."""
+    percent: float = 0.0
+    """Share of the model's estimated time."""
+    fallback: bool = False
+    """True when `hat check` says this layer falls back to the CPU (its time is not modelled)."""
+
+
+@dataclass
+class PerfEstimate:
+    """Estimated latency of a model on a march."""
+
+    model: str
+    march: str
+    chip: str
+    batch: int
+    estimated: bool
+    latency_ms: float
+    fps: float
+    total_macs: int
+    """MACs for the whole batch."""
+    ops_per_frame: int
+    """2 x MACs per frame (the unit of TOPS)."""
+    ddr_bytes_per_frame: int
+    ddr_mbytes_per_s: float
+    compute_ms: float
+    memory_ms: float
+    overhead_ms: float
+    layers: list[LayerEstimate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (per-layer list included)."""
+        return asdict(self)
+
+
+@dataclass
+class PerfMeasurement:
+    """Latency measured on this host with ONNX Runtime."""
+
+    model: str
+    batch: int
+    threads: int | None
+    """intra-op threads requested (None: ONNX Runtime's default)."""
+    opt_level: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    fps: float
+    runs: int
+    warmup: int
+    device: str = "cpu (onnxruntime CPUExecutionProvider)"
+    estimated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+def layer_cost(layer: Layer, march: MarchProfile, assume: str | None = None) -> LayerEstimate:
+    """Return the estimated cost of one layer on `march` (see the module docstring)."""
+    read, written = layer.activation_bytes(assume)
+    ddr = 0 if layer.is_view else read + written + layer.weight_bytes(assume)
+    cost = march.cost
+    util = cost.depthwise_utilisation if layer.is_depthwise else cost.utilisation
+    compute_us = 2 * layer.macs / (march.int8_tops * 1e12 * util) * 1e6
+    memory_us = ddr / (cost.ddr_gbytes_per_s * 1e9) * 1e6
+    if layer.is_view:
+        return LayerEstimate(layer.name, layer.op_type, list(layer.fused), layer.macs, 0,
+                             0.0, 0.0, 0.0, "none")
+    base = max(compute_us, memory_us)
+    bound = "compute" if compute_us >= memory_us else "memory"
+    if cost.per_layer_overhead_us > base:
+        bound = "overhead"
+    return LayerEstimate(layer.name, layer.op_type, list(layer.fused), layer.macs, ddr,
+                         compute_us, memory_us, base + cost.per_layer_overhead_us, bound)
+
+
+def estimate_graph(graph: Graph, march: MarchProfile) -> PerfEstimate:
+    """Estimate an already-read graph on `march` (see `estimate_latency`)."""
+    notes: list[str] = []
+    assume = None
+    if not graph.quantized:
+        assume = "int8"
+        notes.append("model is not quantized: activations and weights costed as int8")
+    rows = [layer_cost(layer, march, assume) for layer in graph.layers]
+    report = check_graph(graph, march)
+    fallbacks = 0
+    for row, verdict in zip(rows, report.rows):
+        row.fallback = verdict.status == FALLBACK
+        fallbacks += row.fallback
+    if fallbacks:
+        notes.append(f"{fallbacks} layer(s) fall back to the CPU on {march.name}; they are costed as "
+                     "if they ran on the accelerator and CPU transfer time is not modelled")
+    if any(layer.macs == 0 and layer.op_type in ("Conv", "Gemm", "MatMul") for layer in graph.layers):
+        notes.append("some layer shapes are unknown (dynamic dims): their MACs count as 0")
+    total_us = sum(r.time_us for r in rows) or 1e-9
+    for r in rows:
+        r.percent = round(100.0 * r.time_us / total_us, 2)
+    batch = graph.batch
+    latency_ms = total_us / 1e3
+    ddr_frame = sum(r.ddr_bytes for r in rows) // batch
+    fps = batch * 1e3 / latency_ms
+    overhead = sum(march.cost.per_layer_overhead_us for r in rows if r.bound != "none") / 1e3
+    if march.estimated:
+        notes.append(f"estimated: {march.name} cannot run here; figures come from the cost model "
+                     "in docs/perf_model.md")
+    total_macs = sum(r.macs for r in rows)
+    return PerfEstimate(
+        model=graph.path, march=march.name, chip=march.chip, batch=batch,
+        estimated=march.estimated, latency_ms=latency_ms, fps=fps, total_macs=total_macs,
+        ops_per_frame=2 * total_macs // batch, ddr_bytes_per_frame=ddr_frame,
+        ddr_mbytes_per_s=ddr_frame * fps / 1e6,
+        compute_ms=sum(r.compute_us for r in rows) / 1e3,
+        memory_ms=sum(r.memory_us for r in rows) / 1e3, overhead_ms=overhead,
+        layers=rows, notes=notes)
+
+
+def estimate_latency(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
+                     input_shape: list[int] | None = None) -> PerfEstimate:
+    """Estimate the latency of the ONNX model at `onnx_path` on `march` at `batch`.
+
+    `input_shape` fixes dynamic non-batch input dims. The result carries
+    `estimated = march.estimated`. Raises UsageError for a missing or non-ONNX file.
+    """
+    return estimate_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
+
+
+def random_feed(session: Any, batch: int, input_shape: list[int] | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Return random inputs for every input of an ONNX Runtime session at `batch`."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        dims = list(inp.shape)
+        shape = [batch] + [int(d) if isinstance(d, int) else None for d in dims[1:]]
+        if input_shape is not None:
+            shape = [batch] + [int(d) for d in input_shape[1:]]
+        if any(d is None for d in shape):
+            raise UsageError(f"input `{inp.name}` has dynamic dims {dims}: give the input shape")
+        dtype = NP_DTYPES.get(inp.type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feed[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)
+    return feed
+
+
+def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None = None,
+                    warmup: int = 10, runs: int = 50, opt_level: int = 3,
+                    input_shape: list[int] | None = None, progress: bool = False) -> PerfMeasurement:
+    """Measure the latency of the ONNX model at `onnx_path` on this CPU with ONNX Runtime.
+
+    Random inputs at `batch`; `warmup` untimed runs, then `runs` timed runs. `threads` sets
+    intra-op threads (None: ONNX Runtime's default). `progress` draws a progress bar.
+    """
+    if runs < 1 or warmup < 0 or batch < 1:
+        raise UsageError("runs and batch must be >= 1, warmup >= 0")
+    level = opt_level_name(opt_level)
+    onnx_path = resolve_model_path(onnx_path)
+    load_onnx(onnx_path, external_data=False)
+    session = create_session(onnx_path, level, threads=threads)
+    feed = random_feed(session, batch, input_shape)
+    for _ in range(warmup):
+        session.run(None, feed)
+    times: list[float] = []
+    bar = make_progress() if progress else None
+    task = bar.add_task("timing", total=runs) if bar else None
+    if bar:
+        bar.start()
+    try:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if bar and task is not None:
+                bar.advance(task)
+    finally:
+        if bar:
+            bar.stop()
+    median = statistics.median(times)
+    p90 = float(np.percentile(times, 90))
+    return PerfMeasurement(model=str(onnx_path), batch=batch, threads=threads, opt_level=opt_level,
+                           median_ms=median, p90_ms=p90, mean_ms=statistics.fmean(times),
+                           min_ms=min(times), fps=batch * 1e3 / median, runs=runs, warmup=warmup)

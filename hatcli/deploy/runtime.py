@@ -1,0 +1,181 @@
+"""Load a compiled artifact (or a bare .onnx file) and run it with ONNX Runtime.
+
+`load_artifact` verifies the sha256 of every file the artifact's `manifest.json` lists before it
+creates the session, so a tampered or half-copied artifact is refused (ArtifactError, exit 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatcli.errors import ArtifactError, UsageError
+
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+LEVEL_NAMES = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
+       "tensor(int64)": np.int64}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def opt_level_name(opt: int) -> str:
+    """Map `--opt` 0..3 to ONNX Runtime's level name; UsageError for anything else."""
+    if isinstance(opt, bool) or not isinstance(opt, int) or not 0 <= opt <= 3:
+        raise UsageError(f"--opt must be 0..3 (got {opt})")
+    return LEVEL_NAMES[opt]
+
+
+def create_session(model: str | Path | bytes, level: str | int = "ORT_ENABLE_ALL",
+                   threads: int | None = None, optimized_path: Path | None = None,
+                   source: str | None = None, config: dict[str, str] | None = None) -> Any:
+    """Create a CPU `onnxruntime.InferenceSession` at optimization `level` (name or 0..3).
+
+    `optimized_path` makes ONNX Runtime write the optimized graph there; `config` adds session
+    config entries (`SessionOptions.add_session_config_entry`). Raises ArtifactError
+    naming `source` (or the model path) when ONNX Runtime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    name = level if isinstance(level, str) else LEVEL_NAMES[level]
+    if name not in LEVEL_NAMES:
+        raise ArtifactError(f"unknown graph optimization level `{name}` (expected one of "
+                            f"{', '.join(LEVEL_NAMES)})")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, name)
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    target = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(target, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / ... types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{source or model}: ONNX Runtime cannot load it ({first})") from None
+
+
+def verify_files(root: Path, files: Mapping[str, str]) -> None:
+    """Check the sha256 of every `files` entry (relative to `root`); ArtifactError on mismatch."""
+    for rel, expected in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ArtifactError(f"{root / MANIFEST}: file entry `{rel}` points outside the artifact")
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in {root / MANIFEST} but missing")
+        if sha256_file(path) != expected:
+            raise ArtifactError(f"{path}: sha256 does not match {root / MANIFEST} "
+                                "(the artifact was modified or is incomplete)")
+
+
+@dataclass
+class Artifact:
+    """A loaded model ready to run: the ONNX Runtime session plus its manifest (if any)."""
+
+    path: Path
+    """The artifact directory, or the .onnx file when there is no manifest."""
+    model_path: Path
+    manifest: dict[str, Any] | None
+    session: Any
+    input_spec: dict[str, Any] = field(default_factory=dict)
+    """The input spec recorded at compile/export time, or one derived from the model."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the model inputs."""
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the model outputs."""
+        return [o.name for o in self.session.get_outputs()]
+
+    def _prepare(self, name: str, array: np.ndarray) -> np.ndarray:
+        info = next(i for i in self.session.get_inputs() if i.name == name)
+        array = np.asarray(array)
+        if array.ndim != len(info.shape):
+            raise UsageError(f"input `{name}` needs {len(info.shape)} dims {list(info.shape)}, "
+                             f"got shape {list(array.shape)}")
+        for want, got in zip(info.shape, array.shape):
+            if isinstance(want, int) and want != got:
+                raise UsageError(f"input `{name}` needs shape {list(info.shape)}, got {list(array.shape)}")
+        return np.ascontiguousarray(array, dtype=NP_DTYPES.get(info.type, np.float32))
+
+    def run(self, batch: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; `batch` is an array for single-input models, else a name -> array map."""
+        if isinstance(batch, Mapping):
+            feed = {k: self._prepare(k, v) for k, v in batch.items()}
+        else:
+            if len(self.input_names) != 1:
+                raise UsageError(f"model has inputs {self.input_names}: pass a dict of arrays")
+            feed = {self.input_names[0]: self._prepare(self.input_names[0], batch)}
+        return list(self.session.run(None, feed))
+
+
+def _derived_spec(session: Any) -> dict[str, Any]:
+    inp = session.get_inputs()[0]
+    dims = [d if isinstance(d, int) else "N" for d in inp.shape]
+    return {"name": inp.name, "shape": dims, "dtype": str(inp.type).removeprefix("tensor(").rstrip(")")}
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: manifest is not a JSON object")
+    return data
+
+
+def load_artifact(artifact: str | Path, threads: int | None = None) -> Artifact:
+    """Load a compiled artifact directory, an exported model dir, or a bare .onnx file.
+
+    With a `manifest.json` (in the directory, or next to the .onnx file and listing it) every
+    listed file's sha256 is verified first, and the session is created with the manifest's
+    `session_options`. Raises ArtifactError for a missing, corrupt or tampered artifact.
+    """
+    path = Path(artifact)
+    if path.is_dir():
+        root, manifest_path = path, path / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{path}: no {MANIFEST} (not a compiled artifact)")
+    elif path.is_file():
+        root, manifest_path = path.parent, path.parent / MANIFEST
+    else:
+        raise ArtifactError(f"{path}: no such artifact or ONNX file")
+    manifest: dict[str, Any] | None = None
+    if manifest_path.is_file():
+        candidate = _read_manifest(manifest_path)
+        files = candidate.get("files") or {}
+        if path.is_dir() or path.name in files:
+            manifest = candidate
+            if not isinstance(files, dict) or not files:
+                raise ArtifactError(f"{manifest_path}: lists no files to verify")
+            verify_files(root, files)
+    model_path = path if path.is_file() else root / str((manifest or {}).get("model", MODEL))
+    if not model_path.is_file():
+        raise ArtifactError(f"{model_path}: model file missing")
+    level = ((manifest or {}).get("session_options") or {}).get("graph_optimization_level",
+                                                                 "ORT_ENABLE_ALL")
+    session = create_session(model_path, level, threads=threads, source=str(model_path))
+    spec = (manifest or {}).get("input_spec") or (manifest or {}).get("input") or _derived_spec(session)
+    return Artifact(path=path, model_path=model_path, manifest=manifest, session=session, input_spec=spec)

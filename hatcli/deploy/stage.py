@@ -1,0 +1,58 @@
+"""Compile and perf for a recipe: the deploy steps that `hat compile`, `hat perf` and `hat run` share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hatcli.errors import ArtifactError
+from hatcli.quant.march import load_march
+from hatcli.recipe import LoadedRecipe, recipe_hash
+
+
+def compile_fingerprint(lr: LoadedRecipe, march: str, opt: int) -> str:
+    """What a compiled artifact depends on: the export and the march/opt chosen."""
+    from hatcli.engine.stages import fingerprint
+
+    return recipe_hash([fingerprint(lr, "export"), march, opt])
+
+
+def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Path:
+    """Compile the recipe's exported model for `march` at `opt` into `out_dir`."""
+    from hatcli.deploy.compile import compile_model
+    from hatcli.engine.stages import default_export_dir
+
+    export_dir = default_export_dir(lr)
+    onnx_path = export_dir / "model.onnx"
+    if not onnx_path.exists():
+        raise ArtifactError(f"no exported model at {onnx_path}; run `hat export {lr.path}` first")
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    spec = dict(manifest["input"])
+    spec["shape"] = [1, *spec["shape"][1:]]
+    extra = {"task": lr.recipe.task, "family": lr.family.name, "classes": manifest["classes"],
+             "fingerprint": compile_fingerprint(lr, march, opt), "export_fingerprint": manifest["fingerprint"]}
+    return compile_model(onnx_path, load_march(march), opt, out_dir, spec, extra_manifest=extra)
+
+
+def artifact_up_to_date(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> bool:
+    """Whether `out_dir` holds an artifact compiled from the current export with this march/opt."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.exists():
+        return False
+    extra = json.loads(manifest.read_text()).get("extra", {})
+    return extra.get("fingerprint") == compile_fingerprint(lr, march, opt)
+
+
+def perf_report(model_path: Path, march: str, measure: bool, batch: int = 1, threads: int | None = None,
+                runs: int = 50) -> dict[str, Any]:
+    """Estimated latency on `march` and, when `measure`, latency measured on this host."""
+    from hatcli.deploy.perf import estimate_latency, measure_latency
+
+    profile = load_march(march)
+    report: dict[str, Any] = {"model": str(model_path), "march": march,
+                              "estimate": estimate_latency(model_path, profile, batch=batch).to_dict()}
+    if measure:
+        report["measured"] = measure_latency(model_path, batch=batch, threads=threads, runs=runs,
+                                             progress=True).to_dict()
+    return report

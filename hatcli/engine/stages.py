@@ -1,0 +1,258 @@
+"""The stages float -> calibration -> qat -> int_infer, each chaining from the previous one.
+
+Every stage leaves `runs/<task>/<stage>/` with its checkpoint(s), the resolved `recipe.toml`,
+`metrics.jsonl` (training stages) and `stage.json` (fingerprint, metrics, time, artifacts). The
+fingerprint covers the recipe sections a stage depends on and its upstream stage, so `hat run`
+can tell which stages are up to date.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hatcli.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from hatcli.engine.loaders import build_loader, data_path
+from hatcli.engine.trainer import TrainSpec, evaluate, fit
+from hatcli.errors import ArtifactError, UsageError
+from hatcli.quant.march import load_march
+from hatcli.recipe import LoadedRecipe, recipe_hash
+
+TRAIN_STAGES = ("float", "calibration", "qat")
+EVAL_STAGES = ("float", "calibration", "qat", "int_infer", "deploy")
+
+
+def stage_dir(lr: LoadedRecipe, stage: str) -> Path:
+    """Output folder of one stage."""
+    return lr.run_dir / stage
+
+
+def read_stage_record(lr: LoadedRecipe, stage: str) -> dict[str, Any] | None:
+    """The `stage.json` a finished stage wrote, or None."""
+    import json
+
+    path = stage_dir(lr, stage) / "stage.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _data_checksums(lr: LoadedRecipe) -> dict[str, Any]:
+    from hatcli.data.lmdb_format import open_packed
+
+    out = {}
+    for split in ("train", "val"):
+        path = data_path(lr, split)
+        out[split] = open_packed(path).meta.get("checksums") if path.exists() else None
+    return out
+
+
+def quant_source(lr: LoadedRecipe) -> str:
+    """The stage whose checkpoint becomes the integer model: qat, or calibration when QAT is off."""
+    return "qat" if lr.recipe.qat.enabled else "calibration"
+
+
+def fingerprint(lr: LoadedRecipe, stage: str) -> str:
+    """Hash of everything `stage`'s output depends on (recipe sections + upstream stage)."""
+    if stage == "float":
+        return recipe_hash([lr.section_hash("seed", "data", "model", "float"), _data_checksums(lr)])
+    if stage == "calibration":
+        return recipe_hash([fingerprint(lr, "float"), lr.section_hash("calibration", "quant")])
+    if stage == "qat":
+        return recipe_hash([fingerprint(lr, "calibration"), lr.section_hash("qat")])
+    if stage == "export":
+        return recipe_hash([fingerprint(lr, quant_source(lr)), lr.resolved["data"]["input_size"]])
+    raise ValueError(stage)
+
+
+def is_up_to_date(lr: LoadedRecipe, stage: str) -> bool:
+    """Whether `stage` finished with the fingerprint the recipe gives now and its files exist."""
+    record = read_stage_record(lr, stage)
+    if not record or record.get("fingerprint") != fingerprint(lr, stage):
+        return False
+    return all(Path(p).exists() for p in record.get("artifacts", []))
+
+
+def _finish(lr: LoadedRecipe, stage: str, metrics: dict, seconds: float, artifacts: list[str],
+            extra: dict | None = None) -> dict[str, Any]:
+    out = stage_dir(lr, stage)
+    atomic_write_text(out / "recipe.toml", lr.to_toml())
+    record = {"stage": stage, "fingerprint": fingerprint(lr, stage), "metrics": metrics,
+              "seconds": round(seconds, 2), "artifacts": artifacts, "recipe_sha256": lr.sha256, **(extra or {})}
+    atomic_write_json(out / "stage.json", record)
+    return record
+
+
+def _checkpoint_meta(lr: LoadedRecipe, stage: str, classes: list[str], num_classes: int) -> dict[str, Any]:
+    return {"recipe_sha256": lr.sha256, "fingerprint": fingerprint(lr, stage), "classes": classes,
+            "num_classes": num_classes, "family": lr.family.name}
+
+
+# -- float ---------------------------------------------------------------------------------------
+
+
+def train_float(lr: LoadedRecipe, resume: bool = False) -> dict[str, Any]:
+    """Train the float model from scratch (or resume) and keep the best checkpoint."""
+    tic = time.perf_counter()
+    torch.manual_seed(lr.recipe.seed)
+    train_loader, val_loader = build_loader(lr, "train"), build_loader(lr, "val")
+    classes = list(train_loader.dataset.classes)
+    wanted = getattr(lr.model, "num_classes", None)
+    if wanted is not None and wanted != len(classes):
+        raise UsageError(f"`model.num_classes` is {wanted} but {data_path(lr, 'train')} has {len(classes)} classes")
+    model = lr.family.build_float_model(lr.model, len(classes))
+    cfg = lr.recipe.float_
+    spec = TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
+                     val_every=cfg.val_every, out_dir=stage_dir(lr, "float"), stage="float",
+                     extra=_checkpoint_meta(lr, "float", classes, len(classes)))
+    summary = fit(model, lr.family, train_loader, val_loader, spec, resume=resume)
+    best = Path(summary["checkpoint_best"])
+    metrics = load_checkpoint(best)["metrics"]
+    return _finish(lr, "float", metrics, time.perf_counter() - tic, [str(best), summary["checkpoint_last"]])
+
+
+def _best_or_last(folder: Path) -> Path:
+    for name in ("checkpoint-best.pt", "checkpoint-last.pt", "checkpoint.pt"):
+        if (folder / name).exists():
+            return folder / name
+    raise ArtifactError(f"no checkpoint in {folder}; run that stage first")
+
+
+def load_float_model(lr: LoadedRecipe, path: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the float model and load the float stage's best checkpoint (or `path`)."""
+    state = load_checkpoint(path or _best_or_last(stage_dir(lr, "float")))
+    model = lr.family.build_float_model(lr.model, state["num_classes"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ArtifactError(f"float checkpoint does not fit the recipe's model "
+                            f"({str(exc).splitlines()[0]}); retrain with `hat train ... --stage float`") from None
+    return model.eval(), state
+
+
+# -- calibration and QAT -----------------------------------------------------------------------
+
+
+def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[torch.fx.GraphModule, dict, list[str]]:
+    """The prepared (fake-quant) deploy graph built from the float checkpoint."""
+    from hatcli.quant.flow import prepare_quantized
+
+    model, state = load_float_model(lr, float_path)
+    march = load_march(lr.recipe.quant.march)
+    prepared, quantizer = prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
+                                            lr.recipe.quant.int16)
+    for op in quantizer.unquantized:
+        warnings.warn(f"left in float (runs as CPU fallback): {op}", stacklevel=2)
+    return prepared, state, quantizer.unquantized
+
+
+def load_prepared(lr: LoadedRecipe, stage: str, path: Path | None = None) -> tuple[torch.fx.GraphModule, dict]:
+    """Rebuild the prepared graph and load the calibration or QAT checkpoint into it."""
+    prepared, _, _ = build_prepared(lr)
+    state = load_checkpoint(path or _best_or_last(stage_dir(lr, stage)))
+    prepared.load_state_dict(state["model"])
+    return prepared, state
+
+
+def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]:
+    """Record activation ranges over `calibration.num_batches` batches in eval mode; report PTQ accuracy."""
+    from hatcli.quant.flow import set_mode
+
+    tic = time.perf_counter()
+    torch.manual_seed(lr.recipe.seed)
+    prepared, state, unquantized = build_prepared(lr, from_path)
+    set_mode(prepared, "calibrate")
+    loader = build_loader(lr, "train", shuffle=True)
+    num = min(lr.recipe.calibration.num_batches, len(loader))
+    from hatcli.progress import track
+
+    with torch.no_grad():
+        for images, _ in track(itertools.islice(loader, num), num, "calibration"):
+            prepared(images)
+    set_mode(prepared, "eval")
+    metrics = evaluate(prepared, build_loader(lr, "val"), lr.family, description="calibration val")
+    out = stage_dir(lr, "calibration") / "checkpoint.pt"
+    meta = _checkpoint_meta(lr, "calibration", state["classes"], state["num_classes"])
+    save_checkpoint(out, {"stage": "calibration", "model": prepared.state_dict(), "metrics": metrics, **meta})
+    return _finish(lr, "calibration", metrics, time.perf_counter() - tic, [str(out)],
+                   {"float_ops": unquantized, "num_batches": num})
+
+
+def train_qat(lr: LoadedRecipe, resume: bool = False, from_path: Path | None = None) -> dict[str, Any]:
+    """Fine-tune the calibrated graph with fake quantization (activation scales frozen)."""
+    from hatcli.quant.flow import set_mode
+
+    if not lr.recipe.qat.enabled:
+        raise UsageError("QAT is disabled in this recipe (`qat.enabled = false`); the integer model "
+                         "comes from the calibration stage")
+    tic = time.perf_counter()
+    torch.manual_seed(lr.recipe.seed)
+    prepared, state = load_prepared(lr, "calibration", from_path)
+    cfg = lr.recipe.qat
+    spec = TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
+                     val_every=cfg.val_every, out_dir=stage_dir(lr, "qat"), stage="qat",
+                     extra=_checkpoint_meta(lr, "qat", state["classes"], state["num_classes"]))
+    summary = fit(prepared, lr.family, build_loader(lr, "train"), build_loader(lr, "val"), spec,
+                  set_mode=set_mode, resume=resume)
+    best = Path(summary["checkpoint_best"])
+    metrics = load_checkpoint(best)["metrics"]
+    return _finish(lr, "qat", metrics, time.perf_counter() - tic, [str(best), summary["checkpoint_last"]])
+
+
+# -- integer model and evaluation ---------------------------------------------------------------
+
+
+def integer_model(lr: LoadedRecipe) -> tuple[torch.fx.GraphModule, dict]:
+    """The integer program converted from the QAT (or calibration) checkpoint."""
+    from hatcli.quant.flow import convert_to_integer
+
+    prepared, state = load_prepared(lr, quant_source(lr))
+    return convert_to_integer(prepared), state
+
+
+def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> tuple[Callable, list[str]]:
+    """A callable batch -> outputs for `stage`, and the class names."""
+    from hatcli.quant.flow import set_mode
+
+    if stage == "float":
+        model, state = load_float_model(lr)
+    elif stage in ("calibration", "qat"):
+        model, state = load_prepared(lr, stage)
+        set_mode(model, "eval")
+    elif stage == "int_infer":
+        model, state = integer_model(lr)
+    elif stage == "deploy":
+        from hatcli.deploy.runtime import load_artifact
+
+        folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
+        runner = load_artifact(folder)
+        classes = runner.manifest.get("classes", [])
+        return (lambda images: torch.from_numpy(runner.run(images.numpy())[0])), classes
+    else:
+        raise UsageError(f"unknown stage `{stage}`; choose one of {', '.join(EVAL_STAGES)}")
+    return model, state["classes"]
+
+
+def default_export_dir(lr: LoadedRecipe) -> Path:
+    """Where `hat export` writes by default."""
+    return lr.run_dir / "export"
+
+
+def default_compile_dir(lr: LoadedRecipe, march: str, opt: int) -> Path:
+    """Where `hat compile` writes by default."""
+    return lr.run_dir / "compile" / f"{march}-O{opt}"
+
+
+def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> dict[str, Any]:
+    """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}`."""
+    if stage == "deploy":
+        folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
+        if not Path(folder).exists():
+            raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
+    model, _ = stage_model(lr, stage, artifact)
+    metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval")
+    return {"stage": stage, "metrics": metrics}

@@ -1,0 +1,111 @@
+"""What a model family and a dataset packer provide: the objects plugins register.
+
+Behaviour that belongs to a family lives on its family object (rule 1 of ARCHITECTURE.md):
+building the float model from its recipe table, the deploy model without loss or
+post-processing, example inputs, its task kind, its loss, decoding and drawing predictions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported lazily so that `hat --help` stays fast
+    import torch
+    from PIL import Image
+
+TaskKind = Literal["classification", "detection"]
+
+
+class FamilyConfig(BaseModel):
+    """Base of every family's `[model]` table schema; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """The registered family name, e.g. `mobilenet_v1`."""
+
+
+class ModelFamily(ABC):
+    """A model family registered by a plugin under a plain name."""
+
+    name: ClassVar[str]
+    """Registry key used in recipes as `[model] name = ...`."""
+
+    task: ClassVar[TaskKind]
+    """Which task (and so which loss, metric and packed data) the family serves."""
+
+    config_class: ClassVar[type[FamilyConfig]] = FamilyConfig
+    """Schema that validates the recipe's `[model]` table."""
+
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def build_float_model(self, config: FamilyConfig, num_classes: int) -> torch.nn.Module:
+        """Return the float (trainable) network; its forward returns raw outputs, never a loss."""
+
+    def build_deploy_model(self, float_model: torch.nn.Module) -> torch.nn.Module:
+        """Return the network that is quantized and deployed: no loss, no post-processing."""
+        return float_model
+
+    def example_inputs(self, input_size: tuple[int, int], batch: int = 2) -> tuple[Any, ...]:
+        """Return example inputs (NCHW float) used to export the deploy model."""
+        import torch
+
+        return (torch.randn(batch, 3, *input_size),)
+
+    @abstractmethod
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """Return the training loss for one batch of raw outputs and targets."""
+
+    @abstractmethod
+    def predict(self, outputs: Any, topk: int = 5) -> list[Any]:
+        """Decode raw outputs of a batch into per-image predictions."""
+
+    @abstractmethod
+    def draw_predictions(self, image: Image.Image, prediction: Any, class_names: list[str]) -> Image.Image:
+        """Return a copy of `image` with one image's `prediction` drawn on it."""
+
+    def int16_outputs(self, config: FamilyConfig) -> list[str]:
+        """Name patterns of modules whose outputs the family wants in int16 (default none)."""
+        return []
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """Everything `hat pack KIND` passes to a packer."""
+
+    kind: str
+    target_data_dir: Path
+    src_data_dir: Path | None = None
+    split: str = "all"
+    task: TaskKind = "classification"
+    num_images: int | None = None
+    image_size: int = 64
+    seed: int = 0
+    workers: int = 0
+    strict: bool = False
+    ann_file: Path | None = None
+
+
+@dataclass
+class PackResult:
+    """What a packer wrote: one entry per database, with its record count and rejects."""
+
+    databases: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Packer:
+    """A dataset packer registered under a plain name (`hat pack NAME`)."""
+
+    name: str
+    description: str
+    run: Callable[[PackRequest], PackResult]

@@ -1,0 +1,39 @@
+"""Every plugin hook of hat, in one place, typed and documented.
+
+Hooks follow the `register_*(register)` style: a plugin is handed a `register` callable and
+calls it once per thing it provides. pluggy rejects an implementation whose arguments a spec
+does not declare, so specs can grow new arguments without breaking existing plugins.
+
+A plugin is any module exposed through the `hat.plugins` entry-point group:
+
+    [project.entry-points."hat.plugins"]
+    mobilenet = "hat_mobilenet.plugin"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+from hatcli.family import ModelFamily, Packer
+
+hookspec = pluggy.HookspecMarker("hat")
+hookimpl = pluggy.HookimplMarker("hat")
+
+
+@hookspec
+def register_families(register: Callable[[ModelFamily], None]) -> None:
+    """Register model families: call `register(family)` with a `ModelFamily` instance.
+
+    The family's `name` becomes the key that recipes use in `[model] name = ...`.
+    Registering a name that another plugin already registered is an error.
+    """
+
+
+@hookspec
+def register_packers(register: Callable[[Packer], None]) -> None:
+    """Register dataset packers: call `register(packer)` with a `Packer`.
+
+    The packer's `name` becomes the KIND of `hat pack KIND`.
+    """

@@ -1,0 +1,164 @@
+"""`hat run`: the whole chain, skipping stages whose outputs are up to date.
+
+pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy.
+Each row of the summary says what the stage measured, how long it took (0 when reused) and
+where its files are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hatcli.engine.checkpoint import atomic_write_json
+from hatcli.errors import DataError
+from hatcli.progress import console
+from hatcli.recipe import LoadedRecipe
+
+
+@dataclass
+class StageRow:
+    """One line of the summary table."""
+
+    stage: str
+    metric: str
+    seconds: float
+    artifacts: list[str] = field(default_factory=list)
+    reused: bool = False
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _metric_text(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+
+
+def _pack(lr: LoadedRecipe) -> StageRow:
+    from hatcli.engine.loaders import data_path
+    from hatcli.family import PackRequest
+    from hatcli.plugins import packers
+
+    train, val = data_path(lr, "train"), data_path(lr, "val")
+    if train.exists() and val.exists():
+        return StageRow("pack", "data present", 0.0, [str(train), str(val)], reused=True)
+    cfg = lr.recipe.data.pack
+    if cfg is None:
+        raise DataError(f"no packed data at {train} and the recipe has no [data.pack] table; "
+                        f"pack it with `hat pack` first")
+    tic = time.perf_counter()
+    result = packers().get(cfg.kind).run(PackRequest(
+        kind=cfg.kind, target_data_dir=Path(lr.recipe.data.root), task=cfg.task, num_images=cfg.num_images,
+        image_size=cfg.image_size, seed=cfg.seed))
+    counts = ", ".join(f"{Path(p).name} {n}" for p, n in result.databases.items())
+    return StageRow("pack", counts, time.perf_counter() - tic, list(result.databases))
+
+
+def _train_stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
+    from hatcli.engine import stages
+
+    if not force and stages.is_up_to_date(lr, stage):
+        record = stages.read_stage_record(lr, stage)
+        reused = True
+    else:
+        console.rule(f"[bold]{stage}")
+        record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat}[stage](lr)
+        reused = False
+    return StageRow(stage, _metric_text(record["metrics"]), 0.0 if reused else record["seconds"],
+                    record["artifacts"][:1], reused, record["metrics"])
+
+
+def _int_infer(lr: LoadedRecipe, force: bool) -> StageRow:
+    from hatcli.engine import stages
+
+    folder = stages.stage_dir(lr, "int_infer")
+    record = stages.read_stage_record(lr, "int_infer")
+    if not force and record and record.get("fingerprint") == stages.fingerprint(lr, "export"):
+        return StageRow("int_infer", _metric_text(record["metrics"]), 0.0, [], True, record["metrics"])
+    tic = time.perf_counter()
+    metrics = stages.evaluate_stage(lr, "int_infer")["metrics"]
+    seconds = time.perf_counter() - tic
+    atomic_write_json(folder / "stage.json", {"stage": "int_infer", "fingerprint": stages.fingerprint(lr, "export"),
+                                             "metrics": metrics, "seconds": round(seconds, 2)})
+    return StageRow("int_infer", _metric_text(metrics), seconds, [], False, metrics)
+
+
+def _export(lr: LoadedRecipe, force: bool) -> StageRow:
+    import json
+
+    from hatcli.deploy.export import export_stage
+    from hatcli.engine import stages
+
+    out = stages.default_export_dir(lr)
+    manifest = out / "manifest.json"
+    files = [str(out / "model.pt2"), str(out / "model.onnx")]
+    if not force and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == stages.fingerprint(lr, "export"):
+        return StageRow("export", "model.pt2 + model.onnx", 0.0, files, True)
+    result = export_stage(lr, out)
+    return StageRow("export", "model.pt2 + model.onnx", result["seconds"], files)
+
+
+def _check(lr: LoadedRecipe) -> StageRow:
+    from hatcli.deploy.check import check_model
+    from hatcli.engine.stages import default_export_dir
+    from hatcli.quant.march import load_march
+
+    tic = time.perf_counter()
+    report = check_model(default_export_dir(lr) / "model.onnx", load_march(lr.recipe.quant.march))
+    text = "all ops on BPU" if report.supported else f"{report.fallbacks} ops fall back to CPU"
+    return StageRow(f"check ({lr.recipe.quant.march})", text, time.perf_counter() - tic, [],
+                    values={"supported": report.supported, "fallbacks": report.fallbacks})
+
+
+def _compile(lr: LoadedRecipe, force: bool) -> tuple[StageRow, Path]:
+    from hatcli.deploy.stage import artifact_up_to_date, compile_recipe
+    from hatcli.engine.stages import default_compile_dir
+
+    march, opt = lr.recipe.quant.march, lr.recipe.deploy.opt
+    out = default_compile_dir(lr, march, opt)
+    label = f"compile ({march} -O{opt})"
+    if not force and artifact_up_to_date(lr, march, opt, out):
+        return StageRow(label, "artifact up to date", 0.0, [str(out)], True), out
+    tic = time.perf_counter()
+    compile_recipe(lr, march, opt, out)
+    return StageRow(label, "artifact written", time.perf_counter() - tic, [str(out)]), out
+
+
+def _perf(lr: LoadedRecipe, artifact: Path) -> StageRow:
+    from hatcli.deploy.stage import perf_report
+
+    tic = time.perf_counter()
+    report = perf_report(artifact / "model.onnx", lr.recipe.quant.march, measure=True, runs=lr.recipe.deploy.perf_runs)
+    est, measured = report["estimate"], report["measured"]
+    text = (f"host {measured['median_ms']:.2f} ms ({measured['fps']:.0f} FPS, measured); "
+            f"{est['chip']} {est['latency_ms']:.3f} ms ({est['fps']:.0f} FPS, estimated)")
+    return StageRow("perf", text, time.perf_counter() - tic, [str(artifact / "perf.json")],
+                    values={"host_ms": measured["median_ms"], "estimated_ms": est["latency_ms"]})
+
+
+def _deploy_eval(lr: LoadedRecipe, artifact: Path) -> StageRow:
+    from hatcli.engine.stages import evaluate_stage
+
+    tic = time.perf_counter()
+    metrics = evaluate_stage(lr, "deploy", artifact)["metrics"]
+    return StageRow("deploy", _metric_text(metrics), time.perf_counter() - tic, [str(artifact)], values=metrics)
+
+
+def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
+    """Run every stage of the recipe in order; return one summary row per stage."""
+    rows = [_pack(lr)]
+    for stage in ("float", "calibration", "qat"):
+        if stage == "qat" and not lr.recipe.qat.enabled:
+            continue
+        row = _train_stage(lr, stage, force)
+        force = force or not row.reused  # everything after a re-run stage is re-run too
+        rows.append(row)
+    rows.append(_int_infer(lr, force))
+    rows.append(_export(lr, force))
+    rows.append(_check(lr))
+    compile_row, artifact = _compile(lr, force)
+    rows.append(compile_row)
+    rows.append(_perf(lr, artifact))
+    rows.append(_deploy_eval(lr, artifact))
+    atomic_write_json(lr.run_dir / "summary.json", [asdict(r) for r in rows])
+    return rows

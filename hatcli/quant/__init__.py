@@ -1,0 +1,1 @@
+"""Quantization: march profiles, the PT2E quantizer, calibration, QAT and integer conversion."""

@@ -1,0 +1,109 @@
+"""The quantization flow: deploy graph -> prepared (observers / fake quant) -> integer program.
+
+Calibration and QAT share one prepared graph (as in HAT): calibration runs it with observers on
+and fake quant off in eval mode; QAT trains it with fake quant on and activation scales frozen;
+`int_infer` converts it. BatchNorm is folded into the convolutions before the graph is prepared,
+so QAT trains exactly the weights that are deployed (and conversion needs no pattern rewriting).
+
+Checkpoints hold the prepared graph's state dict, not the graph: the graph is rebuilt from the
+recipe (deterministic node names) and the state loaded into it, with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch.export import Dim
+from torch.fx import GraphModule
+from torchao.quantization.pt2e import (
+    FakeQuantizeBase,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+from hatcli.errors import RecipeError
+from hatcli.family import ModelFamily
+from hatcli.quant.march import MarchProfile
+from hatcli.quant.quantizer import MarchQuantizer
+
+Mode = Literal["calibrate", "train", "eval"]
+
+
+def batch_dynamic_shapes(example: tuple) -> tuple:
+    """Dynamic-shape spec that frees the batch dimension of every example input."""
+    batch = Dim("batch", min=1, max=4096)
+    return tuple({0: batch} for _ in example)
+
+
+def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
+                        input_size: tuple[int, int]) -> GraphModule:
+    """Export the family's deploy model in eval mode and fold BatchNorm into the convolutions."""
+    deploy = family.build_deploy_model(float_model).eval()
+    example = family.example_inputs(tuple(input_size), batch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(deploy, example, dynamic_shapes=batch_dynamic_shapes(example))
+    graph = program.module()
+    _fuse_conv_bn_(graph)
+    return graph
+
+
+def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_size: tuple[int, int],
+                      march: MarchProfile, int16: list[str]) -> tuple[GraphModule, MarchQuantizer]:
+    """Return the prepared (fake-quant) graph of the deploy model, and the quantizer used."""
+    if int16 and not march.quant.allow_int16:
+        raise RecipeError(f"`quant.int16` asks for int16 but march `{march.name}` has no int16 "
+                          f"activations; remove the patterns or choose another march")
+    quantizer = MarchQuantizer(march=march, int16=list(int16))
+    graph = export_deploy_graph(family, float_model, input_size)
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    return prepared, quantizer
+
+
+def _is_weight_fq(module: FakeQuantizeBase) -> bool:
+    return getattr(module, "ch_axis", -1) == 0 and module.qscheme in (
+        torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+def set_mode(prepared: GraphModule, mode: Mode) -> None:
+    """Switch a prepared graph between calibration, QAT training and evaluation.
+
+    - calibrate: eval mode, every observer on, fake quant off (float outputs; ranges recorded);
+    - train: train mode, fake quant on, activation scales frozen, weight ranges follow weights;
+    - eval: eval mode, fake quant on, activation scales frozen, weight ranges follow weights.
+    """
+    if mode == "train":
+        move_exported_model_to_train(prepared)
+    else:
+        move_exported_model_to_eval(prepared)
+    for module in prepared.modules():
+        if not isinstance(module, FakeQuantizeBase):
+            continue
+        if mode == "calibrate":
+            module.disable_fake_quant()
+            module.enable_observer()
+        else:
+            module.enable_fake_quant()
+            if _is_weight_fq(module):
+                module.enable_observer()
+            else:
+                module.disable_observer()
+
+
+def convert_to_integer(prepared: GraphModule) -> GraphModule:
+    """Convert a calibrated or QAT-trained graph into the integer program (int8 weights, int32
+    biases, quantize/dequantize around every quantized op)."""
+    set_mode(prepared, "eval")
+    with torch.no_grad():
+        return convert_pt2e(prepared)
+
+
+def export_program(integer_model: GraphModule, example: tuple) -> torch.export.ExportedProgram:
+    """Capture the integer program as an ExportedProgram with a free batch dimension."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(integer_model, example, dynamic_shapes=batch_dynamic_shapes(example))

@@ -1,0 +1,107 @@
+"""March profiles: what each target accelerator can run, and how fast, as data.
+
+Each march is a TOML file in `hatcli/quant/marches/`. Nothing here branches on a march name:
+the quantizer, `hat check` and the latency model read the profile's fields.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hatcli.errors import UsageError
+from hatcli.registry import closest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantRules(_Strict):
+    """Quantization constraints of a march."""
+
+    activation_dtypes: list[Literal["int8", "int16"]] = ["int8"]
+    """Activation dtypes the march computes with (per-tensor, zero point 0)."""
+    weight_dtype: Literal["int8"] = "int8"
+    """Weights are always symmetric, per output channel."""
+    float_output: bool = True
+    """Whether the last layer may produce a dequantized (float / int32-accumulator) output."""
+    unsigned_after_relu: bool = True
+    """Non-negative (post-ReLU) tensors use the unsigned 8-bit grid, zero point still 0."""
+
+    @property
+    def allow_int16(self) -> bool:
+        """Whether int16 activations may be requested on this march."""
+        return "int16" in self.activation_dtypes
+
+
+class OpRule(_Strict):
+    """Limits of one operator type on a march (ONNX op names)."""
+
+    max_kernel: int | None = None
+    max_stride: int | None = None
+    group_channel_multiple: int | None = None
+    """Grouped (non-depthwise) convolutions need channels-per-group a multiple of this."""
+    note: str = ""
+
+
+class CostModel(_Strict):
+    """Numbers behind the latency estimate (see docs/perf_model.md)."""
+
+    utilisation: float = Field(0.5, gt=0, le=1)
+    """Fraction of peak int8 throughput a dense conv reaches."""
+    depthwise_utilisation: float = Field(0.1, gt=0, le=1)
+    """Fraction of peak reached by depthwise / small-channel convs."""
+    ddr_gbytes_per_s: float = Field(gt=0)
+    """Sustained DRAM bandwidth in GB/s."""
+    per_layer_overhead_us: float = 0.0
+    """Fixed cost per layer (dispatch, synchronisation)."""
+
+
+class MarchProfile(_Strict):
+    """One target: public throughput, quantization rules, op support and a cost model."""
+
+    name: str
+    chip: str
+    description: str = ""
+    int8_tops: float = Field(gt=0)
+    """Public peak int8 TOPS (tera-operations per second, 1 MAC = 2 ops)."""
+    estimated: bool = True
+    """True for accelerators we cannot run here: their latency is an estimate."""
+    quant: QuantRules = QuantRules()
+    ops: dict[str, OpRule] = {}
+    """Supported ONNX op types (after Q/DQ folding) and their limits."""
+    fusible_activations: list[str] = [
+        "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+        "SiLU", "BatchNormalization"]
+    """Activations applied on a conv/matmul/add result before requantization (no int8 tensor
+    between them). Others must be quantized on their own, or they run in float on the CPU."""
+    cost: CostModel
+    sources: list[str] = []
+    """Where the public figures come from."""
+
+
+MARCH_NAMES = ("bayes", "nash_e", "nash_m", "nash_p", "host")
+
+
+@lru_cache(maxsize=None)
+def load_march(name: str) -> MarchProfile:
+    """Return the profile of march `name`, or raise a UsageError naming the valid ones."""
+    if name not in MARCH_NAMES:
+        hint = closest(name, list(MARCH_NAMES))
+        did = f" Did you mean `{hint}`?" if hint else ""
+        raise UsageError(f"unknown march `{name}`.{did} Available: {', '.join(MARCH_NAMES)}")
+    text = resources.files("hatcli.quant").joinpath("marches", f"{name}.toml").read_text()
+    try:
+        return MarchProfile.model_validate(tomllib.loads(text))
+    except ValidationError as exc:  # a packaging bug, not a user error
+        raise RuntimeError(f"march profile {name}.toml is invalid: {exc}") from exc
+
+
+def list_marches() -> list[MarchProfile]:
+    """Return every march profile, in a stable order."""
+    return [load_march(n) for n in MARCH_NAMES]

@@ -1,0 +1,1 @@
+"""Task kinds: what every family of one kind shares (loss, decoding, drawing, metric)."""

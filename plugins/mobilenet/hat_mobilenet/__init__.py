@@ -1,0 +1,3 @@
+"""MobileNetV1 model family for hatcli."""
+
+__version__ = "0.1.0"
