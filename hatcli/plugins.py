@@ -86,8 +86,13 @@ def _call_register_hook(
     infos: dict[str, PluginInfo],
     listing: Callable[[PluginInfo], list[str]],
 ) -> None:
-    """Call one `register_*` hook plugin by plugin, so each item is attributed to its owner."""
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    """Call one `register_*` hook plugin by plugin, so each item is attributed to its owner.
+
+    Plugins are called in a stable order (built-in first, then by name); when two register the
+    same name, the later one is reported broken and the first keeps it.
+    """
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    for impl in sorted(impls, key=lambda i: (i.plugin_name != BUILTIN, i.plugin_name)):
         owner = impl.plugin_name
         info = infos[owner]
         if info.status == "broken":

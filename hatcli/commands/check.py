@@ -32,10 +32,11 @@ def check(
     json_out: JsonOpt = False,
 ) -> None:
     """Check every op against the march profile; exit 1 when some fall back to the CPU."""
-    from hatcli.quant.march import list_marches, load_march
+    from hatcli.quant.march import list_marches as all_marches
+    from hatcli.quant.march import load_march
 
     if list_marches:
-        profiles = list_marches()
+        profiles = all_marches()
         if json_out:
             print_json([p.model_dump() for p in profiles])
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hatcli.commands._options import JsonOpt, print_json
@@ -29,10 +30,13 @@ def plugins(json_out: JsonOpt = False) -> None:
         return
     table = Table("plugin", "distribution", "version", "families", "packers", "status")
     for info in infos:
-        status = "[green]ok[/]" if info.status == "ok" else f"[red]broken[/]: {info.error}"
+        status = "[green]ok[/]" if info.status == "ok" else "[red]broken[/]"
         table.add_row(info.name, info.distribution, info.version, ", ".join(info.families) or "-",
                       ", ".join(info.packers) or "-", status)
     stdout.print(table)
+    for info in infos:
+        if info.status != "ok":
+            stdout.print(f"[red]broken[/] plugin {info.name} ({info.distribution}): {escape(info.error)}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

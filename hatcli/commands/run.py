@@ -34,11 +34,15 @@ def run(
     if json_out:
         print_json([asdict(r) for r in rows])
         return
-    table = Table("stage", "result", "time", "artifacts", title=f"hat run {recipe}")
+    table = Table("stage", "result", "time", title=f"hat run {recipe}")
     for row in rows:
         seconds = "reused" if row.reused else f"{row.seconds:.1f}s"
-        table.add_row(row.stage, row.metric, seconds, "\n".join(row.artifacts))
+        table.add_row(row.stage, row.metric, seconds)
     stdout.print(table)
+    stdout.print("[bold]artifacts[/]")
+    for row in rows:
+        for path in row.artifacts:
+            stdout.print(f"  {row.stage:<22} {path}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,8 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from hatcli import __version__
 from hatcli.deploy.check import check_graph
+from hatcli.deploy.lowering import lower_int8_to_uint8
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
@@ -96,19 +99,24 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
-    """Have ONNX Runtime write the graph optimized at `level` as tmp_dir/model.onnx.
+    """Lower int8 to uint8 (exact, see lowering.py), then have ONNX Runtime write the graph
+    optimized at `level` as tmp_dir/model.onnx.
 
     External data (the dynamo exporter writes `model.onnx.data`) is read in and saved inline
     below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.
     """
     model_tmp = tmp_dir / f".{MODEL}.tmp"
-    proto = load_onnx(src)
+    proto, _ = lower_int8_to_uint8(load_onnx(src))
     if proto.ByteSize() < INLINE_LIMIT:
         create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
     else:
-        create_session(src, level, optimized_path=model_tmp, source=str(src), config={
+        lowered = tmp_dir / f".lowered.{MODEL}"
+        onnx.save(proto, str(lowered), save_as_external_data=True, location=f".lowered.{MODEL}.data")
+        create_session(lowered, level, optimized_path=model_tmp, source=str(src), config={
             "session.optimized_model_external_initializers_file_name": f"{MODEL}.data",
             "session.optimized_model_external_initializers_min_size_in_bytes": "1024"})
+        lowered.unlink()
+        (tmp_dir / f".lowered.{MODEL}.data").unlink()
     if not model_tmp.is_file():
         raise ArtifactError(f"{src}: ONNX Runtime wrote no optimized model")
     os.replace(model_tmp, tmp_dir / MODEL)

@@ -1,6 +1,7 @@
 """`hat export`: the integer program (`model.pt2`) and the ONNX QDQ model, with a manifest.
 
-Both files load without any project code: `torch.export.load("model.pt2").module()` and
+Both files load without any project code: `import torchao` (which registers the
+`quantized_decomposed` operators) then `torch.export.load("model.pt2").module()`, and
 `onnxruntime.InferenceSession("model.onnx")`.
 """
 
@@ -60,7 +61,7 @@ def export_stage(lr: LoadedRecipe, out_dir: Path) -> dict[str, Any]:
     example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
     program = export_program(model, example)
     pt2 = out_dir / "model.pt2"
-    tmp = out_dir / ".model.pt2.tmp"
+    tmp = out_dir / ".model.tmp.pt2"
     torch.export.save(program, str(tmp))
     tmp.replace(pt2)
     onnx_path = out_dir / "model.onnx"

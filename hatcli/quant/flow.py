@@ -11,10 +11,14 @@ recipe (deterministic node names) and the state loaded into it, with `weights_on
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Literal
 
 import torch
+
+# torchao registers an Enum with torch's pytree at import, which logs a deprecation notice
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 from torch.export import Dim
 from torch.fx import GraphModule
 from torchao.quantization.pt2e import (
