@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 import tempfile
 import warnings
@@ -112,6 +113,12 @@ def main() -> int:
                      for k in PUBLISHED_MS)
     print(f"\nshipped bayes.toml ({prof.utilisation}, {prof.depthwise_utilisation}, "
           f"{prof.per_layer_overhead_us} us): {errs}")
+    shipped = {k: latency(data[k], prof.utilisation, prof.depthwise_utilisation, prof.per_layer_overhead_us)
+               for k in PUBLISHED_MS}
+    print(json.dumps({"models": [{"name": k, "published_ms": v, "estimated_ms": round(shipped[k], 4),
+                                  "error": round(shipped[k] / v - 1, 4)} for k, v in PUBLISHED_MS.items()],
+                      "median_abs_error": round(float(np.median([abs(shipped[k] / v - 1)
+                                                                 for k, v in PUBLISHED_MS.items()])), 4)}))
     return 0
 
 
