@@ -125,10 +125,11 @@ def _compile(lr: LoadedRecipe, force: bool) -> tuple[StageRow, Path]:
 
 
 def _perf(lr: LoadedRecipe, artifact: Path) -> StageRow:
-    from hatcli.deploy.stage import perf_report
+    from hatcli.deploy.stage import estimation_source, perf_report
 
     tic = time.perf_counter()
-    report = perf_report(artifact / "model.onnx", lr.recipe.quant.march, measure=True, runs=lr.recipe.deploy.perf_runs)
+    report = perf_report(artifact / "model.onnx", lr.recipe.quant.march, measure=True, runs=lr.recipe.deploy.perf_runs,
+                         estimate_from=estimation_source(artifact))
     est, measured = report["estimate"], report["measured"]
     text = (f"host {measured['median_ms']:.2f} ms ({measured['fps']:.0f} FPS, measured); "
             f"{est['chip']} {est['latency_ms']:.3f} ms ({est['fps']:.0f} FPS, estimated)")

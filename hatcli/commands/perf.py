@@ -35,7 +35,7 @@ def perf(
     """Estimate latency/FPS on a march from a per-layer cost model; measure it here with ONNX Runtime."""
     import json
 
-    from hatcli.deploy.stage import perf_report
+    from hatcli.deploy.stage import estimation_source, perf_report
 
     if target.is_dir():
         manifest_path = target / "manifest.json"
@@ -45,14 +45,14 @@ def perf(
 
         load_artifact(target)  # refuses a tampered artifact before timing it
         march = march or json.loads(manifest_path.read_text()).get("march")
-        model_path = target / "model.onnx"
+        model_path, source = target / "model.onnx", estimation_source(target)
     elif target.is_file():
-        model_path = target
+        model_path = source = target
     else:
         raise UsageError(f"no such artifact or model: {target}")
     march = march or "host"
     report = perf_report(model_path, march, measure=True if measure is None else measure, batch=batch,
-                         threads=threads, runs=runs)
+                         threads=threads, runs=runs, estimate_from=source)
     if json_out:
         print_json(report)
         return

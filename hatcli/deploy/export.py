@@ -19,7 +19,7 @@ import torch
 
 from hatcli import __version__
 from hatcli.deploy.runtime import sha256_file
-from hatcli.engine.checkpoint import atomic_write_json
+from hatcli.engine.checkpoint import atomic_write_json, atomic_write_text
 from hatcli.errors import HatError
 from hatcli.recipe import LoadedRecipe
 
@@ -74,6 +74,7 @@ def export_stage(lr: LoadedRecipe, out_dir: Path) -> dict[str, Any]:
         "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
         "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},
     }
+    atomic_write_text(out_dir / "recipe.toml", lr.to_toml())
     atomic_write_json(out_dir / "manifest.json", manifest)
     return {"out_dir": str(out_dir), "files": [str(pt2), str(onnx_path), str(out_dir / "manifest.json")],
             "seconds": round(time.perf_counter() - tic, 2), "manifest": manifest}

@@ -44,14 +44,23 @@ def artifact_up_to_date(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -
     return extra.get("fingerprint") == compile_fingerprint(lr, march, opt)
 
 
+def estimation_source(artifact_dir: Path) -> Path:
+    """The model a compiled artifact was made from (its QDQ graph is what the cost model reads:
+    the runtime-fused ops of the compiled file are not BPU ops), or the artifact's own model."""
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    source = Path(manifest.get("source", {}).get("path", ""))
+    return source if source.is_file() else artifact_dir / "model.onnx"
+
+
 def perf_report(model_path: Path, march: str, measure: bool, batch: int = 1, threads: int | None = None,
-                runs: int = 50) -> dict[str, Any]:
-    """Estimated latency on `march` and, when `measure`, latency measured on this host."""
+                runs: int = 50, estimate_from: Path | None = None) -> dict[str, Any]:
+    """Estimated latency on `march` (from `estimate_from`, default the model itself) and, when
+    `measure`, latency of `model_path` measured on this host."""
     from hatcli.deploy.perf import estimate_latency, measure_latency
 
     profile = load_march(march)
-    report: dict[str, Any] = {"model": str(model_path), "march": march,
-                              "estimate": estimate_latency(model_path, profile, batch=batch).to_dict()}
+    estimate = estimate_latency(estimate_from or model_path, profile, batch=batch).to_dict()
+    report: dict[str, Any] = {"model": str(model_path), "march": march, "estimate": estimate}
     if measure:
         report["measured"] = measure_latency(model_path, batch=batch, threads=threads, runs=runs,
                                              progress=True).to_dict()

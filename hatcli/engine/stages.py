@@ -230,7 +230,7 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
 
         folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
         runner = load_artifact(folder)
-        classes = runner.manifest.get("classes", [])
+        classes = runner.manifest.get("extra", {}).get("classes") or runner.manifest.get("classes", [])
         return (lambda images: torch.from_numpy(runner.run(images.numpy())[0])), classes
     else:
         raise UsageError(f"unknown stage `{stage}`; choose one of {', '.join(EVAL_STAGES)}")
