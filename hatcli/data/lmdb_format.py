@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -61,6 +62,24 @@ def _is_record_key(key: bytes) -> bool:
 def _is_lmdb_dir(path: Path) -> bool:
     names = {p.name for p in path.iterdir()}
     return "data.mdb" in names and names <= {"data.mdb", "lock.mdb"}
+
+
+def hash_records(items: Iterable[tuple[bytes, bytes]], path: Path) -> tuple[int, str]:
+    """Count the records among (key, value) pairs in key order and sha256 their bytes.
+
+    Raises DataError when the record keys are not 0, 1, 2, ... without gaps.
+    """
+    sha = hashlib.sha256()
+    count = 0
+    for key, value in items:
+        if not _is_record_key(key):
+            continue
+        if key != record_key(count):
+            raise DataError(f"{path}: records are not contiguous: expected index {count}, "
+                            f"found key {bytes(key).decode(errors='replace')}; {REPACK_HINT}")
+        sha.update(value)
+        count += 1
+    return count, sha.hexdigest()
 
 
 class LmdbWriter:
@@ -162,20 +181,8 @@ class LmdbWriter:
     def _scan(self) -> tuple[int, str]:
         """Count the records and hash them in key order (used when puts came out of order)."""
         assert self._env is not None
-        sha = hashlib.sha256()
-        count = 0
         with self._env.begin() as txn:
-            for key, value in txn.cursor():
-                if not _is_record_key(key):
-                    continue
-                if key != record_key(count):
-                    raise DataError(
-                        f"packed records of {self.path} are not contiguous: "
-                        f"expected index {count}, found key {key.decode()}"
-                    )
-                sha.update(value)
-                count += 1
-        return count, sha.hexdigest()
+            return hash_records(txn.cursor(), self.path)
 
     def _finish(self) -> None:
         self._flush()
@@ -378,23 +385,11 @@ def verify_packed(path: str | Path, progress: bool = True) -> dict[str, Any]:
 
     path = Path(path)
     meta, identity = _read_meta(path)
-    sha = hashlib.sha256()
-    count = 0
     with _shared_env(path, identity).begin(buffers=False) as txn:
         items = iter(txn.cursor())
         if progress:
             items = track(items, total=meta["count"] + 1, description=f"verify {path.name}")
-        for key, value in items:
-            if not _is_record_key(key):
-                continue
-            if key != record_key(count):
-                raise DataError(
-                    f"{path}: records are not contiguous: expected index {count}, "
-                    f"found key {key.decode(errors='replace')}; {REPACK_HINT}"
-                )
-            sha.update(value)
-            count += 1
-    digest = sha.hexdigest()
+        count, digest = hash_records(items, path)
     if count != meta["count"]:
         raise DataError(f"{path}: meta says {meta['count']} records but {count} are present; {REPACK_HINT}")
     expected = meta.get("checksums", {}).get("records_sha256")
