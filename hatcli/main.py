@@ -65,13 +65,14 @@ def run_cli(argv: list[str] | None = None) -> int:
     except HatError as exc:
         if debug:
             traceback.print_exc()
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except Exception as exc:  # an unexpected failure still gets one readable line
         if debug:
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else ""
-        console.print(f"[red]error:[/] {type(exc).__name__}: {escape(message)} (HAT_DEBUG=1 shows the traceback)")
+        console.print(f"[red]error:[/] {type(exc).__name__}: {escape(message)} (HAT_DEBUG=1 shows the traceback)",
+                      soft_wrap=True)
         return 1
 
 
