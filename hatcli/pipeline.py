@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hatcli.engine.checkpoint import atomic_write_json
+from hatcli.atomic import atomic_write_json
 from hatcli.errors import DataError
 from hatcli.progress import console
 from hatcli.recipe import LoadedRecipe

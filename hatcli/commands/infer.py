@@ -35,7 +35,7 @@ def infer(
     from torchvision.io import ImageReadMode, decode_image
 
     from hatcli.data.transforms import build_transforms
-    from hatcli.engine.checkpoint import atomic_write_bytes
+    from hatcli.atomic import atomic_write_bytes
     from hatcli.engine.loaders import transform_specs
     from hatcli.engine.stages import stage_model
 

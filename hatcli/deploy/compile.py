@@ -15,7 +15,6 @@ Artifact layout:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 import onnx
 
 from hatcli import __version__
+from hatcli.atomic import atomic_write_json
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.lowering import lower_int8_to_uint8
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
@@ -42,19 +42,6 @@ ARTIFACT_VERSION = 1
 OPT_3_NOTE = ("ONNX Runtime's ORT_ENABLE_ALL adds layout optimizations (NCHWc) that are specific to "
               "the CPU they run on, so the file holds the ORT_ENABLE_EXTENDED graph and "
               "ORT_ENABLE_ALL is applied when the session is created (session_options)")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temp file and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _batch_and_shape(input_spec: dict[str, Any]) -> tuple[int, list[int] | None]:
@@ -186,7 +173,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         inputs, outputs = _io(session)
         do_measure = (not march.estimated) if measure is None else measure
         perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure)
-        write_json_atomic(tmp_dir / PERF, perf)
+        atomic_write_json(tmp_dir / PERF, perf)
         notes = [OPT_3_NOTE] if level == "ORT_ENABLE_ALL" else []
         if march.estimated:
             notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "
@@ -207,7 +194,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             "extra": extra_manifest or {},
             "files": {p.name: sha256_file(p) for p in sorted(tmp_dir.iterdir()) if p.is_file()},
         }
-        write_json_atomic(tmp_dir / MANIFEST, manifest)
+        atomic_write_json(tmp_dir / MANIFEST, manifest)
         _swap_into_place(tmp_dir, out)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -19,7 +19,7 @@ import torch
 
 from hatcli import __version__
 from hatcli.deploy.runtime import sha256_file
-from hatcli.engine.checkpoint import atomic_write_json, atomic_write_text
+from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.errors import HatError
 from hatcli.recipe import LoadedRecipe
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from hatcli.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from hatcli.atomic import atomic_write_json, atomic_write_text
+from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from hatcli.engine.loaders import build_loader, data_path
 from hatcli.engine.trainer import TrainSpec, evaluate, fit
 from hatcli.errors import ArtifactError, UsageError
