@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,6 @@ from pathlib import Path
 import pytest
 
 from hatcli.main import run_cli
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @dataclass
@@ -104,9 +100,3 @@ def fresh_plugins() -> Callable[[], None]:
 
     yield lambda: load_plugins(reload=True)
     load_plugins(reload=True)
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    """Copy a folder (helper for tests that must not touch shared fixtures)."""
-    shutil.copytree(src, dst)
-    return dst

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -187,7 +188,7 @@ def test_cli_recipe_error_exits_2_with_the_key(hat, tmp_path, base):
     assert "Traceback" not in result.err
 
 
-@pytest.mark.parametrize("recipe", sorted(__import__("pathlib").Path(__file__).resolve().parents[1].glob("recipes/*.toml")),
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")),
                          ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
     assert load_recipe(recipe).recipe.task

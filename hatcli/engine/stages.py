@@ -230,6 +230,8 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
         from hatcli.deploy.runtime import load_artifact
 
         folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
+        if not Path(folder).exists():
+            raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
         runner = load_artifact(folder)
         classes = runner.manifest.get("extra", {}).get("classes") or runner.manifest.get("classes", [])
         return (lambda images: torch.from_numpy(runner.run(images.numpy())[0])), classes
@@ -250,10 +252,6 @@ def default_compile_dir(lr: LoadedRecipe, march: str, opt: int) -> Path:
 
 def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> dict[str, Any]:
     """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}`."""
-    if stage == "deploy":
-        folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
-        if not Path(folder).exists():
-            raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
     model, _ = stage_model(lr, stage, artifact)
     metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval")
     return {"stage": stage, "metrics": metrics}
