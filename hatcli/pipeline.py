@@ -54,7 +54,7 @@ def _pack(lr: LoadedRecipe) -> StageRow:
     return StageRow("pack", counts, time.perf_counter() - tic, list(result.databases))
 
 
-def _train_stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
+def _stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
     from hatcli.engine import stages
 
     if not force and stages.is_up_to_date(lr, stage):
@@ -62,25 +62,11 @@ def _train_stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
         reused = True
     else:
         console.rule(f"[bold]{stage}")
-        record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat}[stage](lr)
+        record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat,
+                  "int_infer": stages.evaluate_int_infer}[stage](lr)
         reused = False
     return StageRow(stage, _metric_text(record["metrics"]), 0.0 if reused else record["seconds"],
                     record["artifacts"][:1], reused, record["metrics"])
-
-
-def _int_infer(lr: LoadedRecipe, force: bool) -> StageRow:
-    from hatcli.engine import stages
-
-    folder = stages.stage_dir(lr, "int_infer")
-    record = stages.read_stage_record(lr, "int_infer")
-    if not force and record and record.get("fingerprint") == stages.fingerprint(lr, "export"):
-        return StageRow("int_infer", _metric_text(record["metrics"]), 0.0, [], True, record["metrics"])
-    tic = time.perf_counter()
-    metrics = stages.evaluate_stage(lr, "int_infer")["metrics"]
-    seconds = time.perf_counter() - tic
-    atomic_write_json(folder / "stage.json", {"stage": "int_infer", "fingerprint": stages.fingerprint(lr, "export"),
-                                             "metrics": metrics, "seconds": round(seconds, 2)})
-    return StageRow("int_infer", _metric_text(metrics), seconds, [], False, metrics)
 
 
 def _export(lr: LoadedRecipe, force: bool) -> StageRow:
@@ -151,10 +137,10 @@ def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
     for stage in ("float", "calibration", "qat"):
         if stage == "qat" and not lr.recipe.qat.enabled:
             continue
-        row = _train_stage(lr, stage, force)
+        row = _stage(lr, stage, force)
         force = force or not row.reused  # everything after a re-run stage is re-run too
         rows.append(row)
-    rows.append(_int_infer(lr, force))
+    rows.append(_stage(lr, "int_infer", force))
     rows.append(_export(lr, force))
     rows.append(_check(lr))
     compile_row, artifact = _compile(lr, force)

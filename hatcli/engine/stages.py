@@ -65,7 +65,7 @@ def fingerprint(lr: LoadedRecipe, stage: str) -> str:
         return recipe_hash([fingerprint(lr, "float"), lr.section_hash("calibration", "quant")])
     if stage == "qat":
         return recipe_hash([fingerprint(lr, "calibration"), lr.section_hash("qat")])
-    if stage == "export":
+    if stage in ("export", "int_infer"):  # both are the integer program of the same checkpoint
         return recipe_hash([fingerprint(lr, quant_source(lr)), lr.resolved["data"]["input_size"]])
     raise ValueError(stage)
 
@@ -238,6 +238,13 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
     else:
         raise UsageError(f"unknown stage `{stage}`; choose one of {', '.join(EVAL_STAGES)}")
     return model, state["classes"]
+
+
+def evaluate_int_infer(lr: LoadedRecipe) -> dict[str, Any]:
+    """Evaluate the integer program and record it as the `int_infer` stage (for `hat run`)."""
+    tic = time.perf_counter()
+    metrics = evaluate_stage(lr, "int_infer")["metrics"]
+    return _finish(lr, "int_infer", metrics, time.perf_counter() - tic, [])
 
 
 def default_export_dir(lr: LoadedRecipe) -> Path:
