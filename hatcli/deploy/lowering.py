@@ -52,8 +52,8 @@ def lower_int8_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         rewritten += 1
     if rewritten:
         del graph.value_info[:]  # stale int8 type annotations; ONNX Runtime re-infers them
-        used = {name for node in graph.node for name in node.input}
-        kept = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+        used = {name for node in graph.node for name in node.input} | {i.name for i in graph.input}
+        kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return model, rewritten
