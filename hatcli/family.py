@@ -88,7 +88,8 @@ class PackRequest:
     num_images: int | None = None
     image_size: int = 64
     seed: int = 0
-    workers: int = 0
+    workers: int = -1
+    """Read/validate processes; -1: automatic (one per core, up to 8, on large sources)."""
     strict: bool = False
     ann_file: Path | None = None
 

@@ -102,7 +102,7 @@ def test_detection_dataset_boxes_are_xyxy_inside_the_image(det_root: Path) -> No
     ds = DetectionDataset(det_root / "train_lmdb")
     assert len(ds) == 24 and ds.classes == list(CLASSES)
     assert ds.meta["category_ids"] == list(range(1, len(CLASSES) + 1))
-    assert ds.meta["coco_categories"][0] == {"id": 1, "name": CLASSES[0]}
+    assert ds.meta["coco_categories"][0] == {"id": 1, "name": CLASSES[0], "supercategory": "shape"}
     for i in range(len(ds)):
         image, target = ds[i]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
@@ -316,7 +316,8 @@ def test_bad_transform_arguments_name_the_key(spec: dict, expected: str) -> None
 
 def test_every_registered_transform_runs_on_a_uint8_image() -> None:
     arguments = {"Resize": {"size": 8}, "CenterCrop": {"size": 8}, "RandomResizedCrop": {"size": 8},
-                 "Normalize": {"mean": 128, "std": 128}, "ColorJitter": {"brightness": 0.1}}
+                 "Normalize": {"mean": 128, "std": 128}, "ColorJitter": {"brightness": 0.1},
+                 "RandomCrop": {"size": 8}, "Pad": {"size_divisor": 8}}
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     for name in TRANSFORMS.names():
         specs = [{"name": name, **arguments.get(name, {})}]

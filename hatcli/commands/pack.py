@@ -9,10 +9,17 @@ import typer
 
 from hatcli.commands._options import JsonOpt, print_json
 from hatcli.errors import UsageError
+from hatcli.family import PackResult
 from hatcli.progress import stdout
 
 EXAMPLES = """
 Examples:
+
+  hat pack imagenet --src-data-dir ~/imagenet --target-data-dir data/imagenet --split val --workers 8
+
+  hat pack coco --src-data-dir ~/coco --target-data-dir data/coco --split val
+
+  hat pack mnist --src-data-dir /usr/share/datasets/fashion-mnist --target-data-dir data/fmnist
 
   hat pack shapes --target-data-dir data/shapes --num-images 1200
 
@@ -32,12 +39,19 @@ def pack(
     num_images: Annotated[int | None, typer.Option(help="Images to generate (generated datasets).")] = None,
     image_size: Annotated[int, typer.Option(help="Image side in pixels (generated datasets).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (generated datasets).")] = 0,
-    workers: Annotated[int, typer.Option(help="Parallel readers.")] = 0,
-    strict: Annotated[bool, typer.Option(help="Stop at the first bad record instead of skipping it.")] = False,
+    workers: Annotated[int, typer.Option(
+        help="Processes that read and validate images; -1: one per CPU core (up to 8) for large sources.")] = -1,
+    strict: Annotated[bool, typer.Option(
+        help="Stop (exit 1, no database written) at the first bad record instead of skipping it.")] = False,
     ann_file: Annotated[Path | None, typer.Option(help="COCO annotation file, if not the default.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pack a dataset into LMDB records (msgpack), or verify a packed database."""
+    """Pack a dataset into LMDB records (msgpack), or verify a packed database.
+
+    Writes TARGET/<split>_lmdb. Bad records are skipped and listed in
+    <split>_lmdb.rejected.jsonl. An interrupted pack (Ctrl-C, kill) continues where it stopped
+    when the same command is run again.
+    """
     if kind == "verify":
         from hatcli.data.lmdb_format import verify_packed
 
@@ -46,9 +60,11 @@ def pack(
         report = verify_packed(path)
         print_json(report) if json_out else stdout.print(f"[green]ok[/]: {path}: {report}")
         return
+    from hatcli.data.packing import check_split_name
     from hatcli.family import PackRequest
     from hatcli.plugins import packers
 
+    check_split_name(split)
     packer = packers().get(kind)
     if target_data_dir is None:
         raise UsageError(f"`hat pack {kind}` needs --target-data-dir DIR")
@@ -63,10 +79,30 @@ def pack(
         return
     for db, count in result.databases.items():
         stdout.print(f"[green]packed[/] {count} records -> {db}")
-    if result.rejected:
-        stdout.print(f"[yellow]{result.rejected} records rejected[/]")
     for note in result.notes:
         stdout.print(note)
+    if result.rejected:
+        _show_rejections(result)
+
+
+def _show_rejections(result: PackResult, shown: int = 5) -> None:
+    """Print the first few rejections of each database (all are in its .rejected.jsonl)."""
+    import json
+
+    from hatcli.data.packing import rejected_path
+    from hatcli.progress import console
+
+    for db in result.databases:
+        listed = rejected_path(Path(db))
+        if not listed.exists():
+            continue
+        lines = listed.read_text(encoding="utf-8").splitlines()
+        console.print(f"[yellow]{len(lines)} rejected[/] while packing {db} (all listed in {listed}):")
+        for line in lines[:shown]:
+            entry = json.loads(line)
+            console.print(f"  {entry['source']}: {entry['reason']}", soft_wrap=True, markup=False, highlight=False)
+        if len(lines) > shown:
+            console.print(f"  ... and {len(lines) - shown} more")
 
 
 def register(app: typer.Typer) -> None:

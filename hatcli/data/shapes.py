@@ -1,9 +1,8 @@
 """The built-in synthetic dataset: coloured shapes on textured backgrounds, as real JPEG files.
 
 `generate_shapes` writes an ImageNet-style folder tree (classification) or a COCO-style image
-folder plus annotation json (detection); `pack_imagefolder` and `pack_coco` pack such raw data
-(synthetic or real) into the LMDB format of `hatcli.data.lmdb_format`; `pack_shapes` does both
-for `hat pack shapes`. Everything is deterministic for a seed: each image draws from its own
+folder plus annotation json (detection); `pack_shapes` (`hat pack shapes`) generates it and packs
+it with the `imagenet` or `coco` packer. Everything is deterministic for a seed: each image draws from its own
 random generator seeded with (seed, split, index).
 """
 
@@ -20,15 +19,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hatcli.data.lmdb_format import LmdbWriter
-from hatcli.errors import DataError, UsageError
+from hatcli.data.packers.coco import pack_coco_split
+from hatcli.data.packers.imagenet import pack_imagenet_split
+from hatcli.data.packing import add_summary
+from hatcli.errors import UsageError
 from hatcli.family import PackRequest, PackResult
 from hatcli.progress import track
 
 CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 """Shape classes, in label order (sorted, so the folder packer gives the same labels)."""
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 DEFAULT_NUM_IMAGES = 1200
 VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
@@ -263,99 +263,6 @@ def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_siz
 # -- packing ---------------------------------------------------------------------------------
 
 
-def _check_image_bytes(data: bytes, source: Path) -> None:
-    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")):
-        raise DataError(f"{source} is not a JPEG or PNG file; remove it or convert it, then pack again")
-
-
-def pack_imagefolder(
-    src_split_dir: Path, dst: Path, split: str, extra_meta: dict[str, Any] | None = None
-) -> int:
-    """Pack a class-per-folder tree (ImageNet layout) into `dst`; return the record count.
-
-    Classes are the sub-folder names, sorted (empty folders count as classes); files are taken in
-    sorted order and stored as they are (no re-encoding). `name` is the path relative to
-    `src_split_dir`.
-    """
-    src = Path(src_split_dir)
-    if not src.is_dir():
-        raise DataError(f"no image folder at {src}")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{src} has no class folders (expected {src}/<class>/<image>.jpg)")
-    files = [
-        (label, path)
-        for label, name in enumerate(classes)
-        for path in sorted((src / name).iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(f"{src} has class folders but no .jpg/.jpeg/.png images in them")
-    with LmdbWriter(dst, "classification", split, classes, extra_meta=extra_meta) as writer:
-        for index, (label, path) in enumerate(track(files, total=len(files), description=f"pack {split}")):
-            data = path.read_bytes()
-            _check_image_bytes(data, path)
-            writer.put(index, {"image": data, "label": label, "name": path.relative_to(src).as_posix()})
-    return writer.count
-
-
-def pack_coco(
-    image_dir: Path, ann_file: Path, dst: Path, split: str, extra_meta: dict[str, Any] | None = None
-) -> int:
-    """Pack COCO images and an instances json into `dst`; return the record count.
-
-    Labels are contiguous in sorted category-id order; the original ids are kept per box and in
-    meta (`category_ids`, and `coco_categories` = [{"id", "name"}] for COCOeval). Images are
-    taken in id order, images without annotations included.
-    """
-    image_dir, ann_file = Path(image_dir), Path(ann_file)
-    try:
-        coco = json.loads(ann_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read COCO annotations {ann_file}: {exc}") from None
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise DataError(f"{ann_file} is not a COCO instances file: it has no `{key}`")
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: i for i, c in enumerate(categories)}
-    images = sorted(coco["images"], key=lambda im: im["id"])
-    by_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in images}
-    for ann in coco["annotations"]:
-        if ann["image_id"] not in by_image:
-            raise DataError(f"{ann_file}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
-        if ann["category_id"] not in label_of:
-            raise DataError(f"{ann_file}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
-        by_image[ann["image_id"]].append(ann)
-    meta = {
-        "category_ids": [c["id"] for c in categories],
-        "coco_categories": [{"id": c["id"], "name": c["name"]} for c in categories],
-        **(extra_meta or {}),
-    }
-    classes = [c["name"] for c in categories]
-    with LmdbWriter(dst, "detection", split, classes, extra_meta=meta) as writer:
-        for index, im in enumerate(track(images, total=len(images), description=f"pack {split}")):
-            path = image_dir / im["file_name"]
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise DataError(f"image {im['id']} of {ann_file} cannot be read: {exc}") from None
-            _check_image_bytes(data, path)
-            anns = by_image[im["id"]]
-            writer.put(index, {
-                "image": data,
-                "image_id": int(im["id"]),
-                "file_name": str(im["file_name"]),
-                "height": int(im["height"]),
-                "width": int(im["width"]),
-                "boxes": [[float(v) for v in a["bbox"]] for a in anns],
-                "labels": [label_of[a["category_id"]] for a in anns],
-                "category_ids": [int(a["category_id"]) for a in anns],
-                "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
-                "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
-            })
-    return writer.count
-
-
 def pack_shapes(request: PackRequest) -> PackResult:
     """Generate the shapes dataset into `request.target_data_dir` and pack it (`hat pack shapes`).
 
@@ -371,14 +278,13 @@ def pack_shapes(request: PackRequest) -> PackResult:
     splits = ["train", "val"] if request.split == "all" else [request.split]
     result = PackResult(notes=[f"raw images in {root / 'raw'}"])
     for split in splits:
-        dst = root / f"{split}_lmdb"
         if request.task == "classification":
-            count = pack_imagefolder(root / "raw" / split, dst, split, extra_meta=extra)
+            summary, _ignored = pack_imagenet_split(root / "raw", root, split, workers=request.workers,
+                                                    strict=request.strict, extra_meta=extra)
         else:
-            count = pack_coco(
-                root / "raw" / f"{split}2017",
-                root / "raw" / "annotations" / f"instances_{split}2017.json",
-                dst, split, extra_meta=extra,
+            summary = pack_coco_split(
+                root / "raw" / "annotations" / f"instances_{split}2017.json", root / "raw" / f"{split}2017",
+                root, split, workers=request.workers, strict=request.strict, extra_meta=extra,
             )
-        result.databases[str(dst)] = count
+        add_summary(result, summary)
     return result

@@ -1,0 +1,1 @@
+"""The packers that ship with hat: `imagenet` (any class-per-folder tree), `coco`, `mnist`."""

@@ -1,0 +1,249 @@
+"""The engine every packer runs on: parallel read/validate, resumable writes, rejected records.
+
+A packer lists its source as an ordered sequence of *items* (small picklable tuples: a path, a
+label, annotations) and gives a module-level `read(item) -> Outcome` function that reads and
+validates one item. `run_pack` maps `read` over the items, in ``--workers`` processes when asked,
+and hands the outcomes in source order to a resumable `LmdbWriter`:
+
+- records get contiguous indices in source order, so a run with any number of workers, or an
+  interrupted run continued later, ends with the same keys and bytes as a plain run;
+- the writer's fingerprint is a digest of the source listing (paths, sizes, modification times)
+  and the options, so a continued run only ever resumes the *same* pack;
+- rejections (bad images, bad annotations, ...) are skipped and listed in
+  ``<db>.rejected.jsonl`` next to the database; with ``strict`` the first one stops the pack
+  with a DataError and the partial database is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hatcli.atomic import atomic_write_text
+from hatcli.data.lmdb_format import LmdbWriter
+from hatcli.errors import DataError, Interrupted, UsageError
+from hatcli.family import PackResult
+
+IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+CHUNK_ITEMS = 64
+
+
+@dataclass
+class Outcome:
+    """What reading one source item gave: its record (None when rejected) and any rejections."""
+
+    record: dict[str, Any] | None
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+
+
+def rejection(source: str | Path, reason: str, **details: Any) -> dict[str, Any]:
+    """A rejected-record entry: the path (or annotation) that was skipped and why."""
+    return {"source": str(source), "reason": reason, **details}
+
+
+@dataclass
+class PackSummary:
+    """What `run_pack` wrote."""
+
+    path: Path
+    count: int
+    rejected: int
+    rejected_file: Path | None
+    resumed_items: int
+    seconds: float
+    items: int
+
+    @property
+    def items_per_s(self) -> float:
+        """Source items read per second in this run (resumed items excluded)."""
+        return (self.items - self.resumed_items) / max(self.seconds, 1e-9)
+
+
+def check_image(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
+    """Validate encoded image bytes the way the readers will decode them.
+
+    Returns ``(reason, None)`` for a bad image (empty, not JPEG/PNG, truncated, undecodable) and
+    ``(None, (height, width))`` for a good one.
+    """
+    if not data:
+        return "empty file", None
+    if not any(data.startswith(magic) for magic in IMAGE_MAGIC):
+        return "not a JPEG or PNG file", None
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return f"cannot decode the image (truncated or corrupt): {detail[-160:]}", None
+    return None, (int(image.shape[-2]), int(image.shape[-1]))
+
+
+def read_file(path: str | Path) -> tuple[bytes | None, str | None]:
+    """Read a whole file; return ``(data, None)`` or ``(None, reason)`` when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(), None
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror or exc}"
+
+
+def check_split_name(split: str) -> str:
+    """Return `split`, or UsageError when it is not a plain name (it names files in the target folder)."""
+    if not split or split.startswith(".") or any(c in split for c in "/\\:"):
+        raise UsageError(f"--split `{split}` is not a plain name (like train or val)")
+    return split
+
+
+def db_path(target_data_dir: Path, split: str) -> Path:
+    """``DST/<split>_lmdb``; refuses a split name that would leave the target folder."""
+    return Path(target_data_dir) / f"{check_split_name(split)}_lmdb"
+
+
+def rejected_path(db: Path) -> Path:
+    """Where the rejections of the database `db` are listed: ``<db>.rejected.jsonl``."""
+    return db.with_name(db.name + ".rejected.jsonl")
+
+
+def fingerprint(*parts: Any) -> str:
+    """SHA-256 over the JSON of `parts`: what a resumed pack must have in common with the first."""
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(json.dumps(part, sort_keys=True, default=str).encode())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+def file_signature(path: Path) -> list[Any]:
+    """(size, mtime in ns) of a file, or the error: enough to see that a source file changed."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ["error", exc.errno]
+    return [st.st_size, st.st_mtime_ns]
+
+
+AUTO_WORKERS_MIN_ITEMS = 2000
+"""Below this many items a worker pool costs more than it saves."""
+
+
+def resolve_workers(workers: int, n_items: int) -> int:
+    """The number of worker processes: `workers` itself, or for -1 one per core (up to 8) on large sources."""
+    if workers < -1:
+        raise UsageError(f"--workers must be -1 (automatic), 0 (this process) or more, got {workers}")
+    if workers == -1:
+        return min(os.cpu_count() or 1, 8) if n_items >= AUTO_WORKERS_MIN_ITEMS else 0
+    return workers
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; only the parent handles it (and stops the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _outcomes(read: Callable[[Any], Outcome], items: Sequence[Any], workers: int) -> Iterator[Outcome]:
+    """`read` over `items` in order, in `workers` processes (0: in this process)."""
+    if workers <= 0:
+        for item in items:
+            yield read(item)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint)
+    try:
+        yield from pool.imap(read, items, chunksize=CHUNK_ITEMS)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def run_pack(
+    *,
+    db: Path,
+    kind: str,
+    split: str,
+    classes: list[str],
+    items: Sequence[Any],
+    read: Callable[[Any], Outcome],
+    source_fingerprint: str,
+    workers: int = 0,
+    strict: bool = False,
+    listing_rejections: list[dict[str, Any]] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    description: str | None = None,
+    on_item: Callable[[int], None] | None = None,
+) -> PackSummary:
+    """Pack `items` into the database `db`, resuming an interrupted run of the same pack.
+
+    `listing_rejections` are problems found while listing the source (bad annotations, unsafe
+    file names); they are reported like the rest. `on_item(items_done)` is called after every
+    item (progress hooks, tests that interrupt a pack).
+    """
+    from hatcli.progress import console, make_progress
+
+    listing_rejections = list(listing_rejections or [])
+    if strict and listing_rejections:
+        first = listing_rejections[0]
+        raise DataError(f"{first['source']}: {first['reason']} (--strict: nothing was packed; "
+                        f"fix the source or drop --strict to skip bad records)")
+    workers = resolve_workers(workers, len(items))
+    tic = time.perf_counter()
+    writer = LmdbWriter(db, kind, split, classes, extra_meta=extra_meta, fingerprint=source_fingerprint)
+    with writer:
+        start = writer.items_done
+        if start:
+            console.print(f"[cyan]resuming[/] {db.name}: {start} of {len(items)} items were packed before")
+        try:
+            with make_progress() as progress:
+                bar = progress.add_task(description or f"pack {split}", total=len(items), completed=start)
+                for outcome in _outcomes(read, items[start:], workers):
+                    if strict and outcome.rejections:
+                        bad = outcome.rejections[0]
+                        writer.discard()
+                        raise DataError(f"{bad['source']}: {bad['reason']} (--strict: stopped, no database "
+                                        f"written; fix the source or drop --strict to skip bad records)")
+                    writer.consume(outcome.record, outcome.rejections)
+                    progress.advance(bar)
+                    if on_item is not None:
+                        on_item(writer.items_done)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"pack interrupted after {writer.items_done} of {len(items)} items; "
+                f"run the same command again to continue"
+            ) from None
+    all_rejections = listing_rejections + writer.rejections
+    listed = rejected_path(db)
+    if all_rejections:
+        atomic_write_text(listed, "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_rejections))
+    elif listed.exists():
+        listed.unlink()  # from an earlier pack of a source that has since been fixed
+    return PackSummary(path=db, count=writer.count, rejected=len(all_rejections),
+                       rejected_file=listed if all_rejections else None, resumed_items=writer.resumed_items,
+                       seconds=time.perf_counter() - tic, items=len(items))
+
+
+def add_summary(result: PackResult, summary: PackSummary) -> None:
+    """Add one database's summary to a packer's result (count, rejections, a line for the user)."""
+    result.databases[str(summary.path)] = summary.count
+    result.rejected += summary.rejected
+    rate = f"{summary.items_per_s:,.0f} items/s" if summary.items > summary.resumed_items else "nothing left to read"
+    resumed = f", resumed after {summary.resumed_items}" if summary.resumed_items else ""
+    line = f"{summary.path.name}: {summary.count} records in {summary.seconds:.1f} s ({rate}{resumed})"
+    if summary.rejected:
+        line += f"; {summary.rejected} rejected, listed in {summary.rejected_file}"
+    result.notes.append(line)
