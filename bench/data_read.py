@@ -3,7 +3,9 @@
     .venv/bin/python bench/data_read.py [--data ../shared/data/cifar10-jpg.tar.gz] [--passes 5]
 
 1. Packs the 50,000-image train split with `--workers 2` (`hat pack imagenet`, in process,
-   listing included) and reports images per second. Target: at least 5,000.
+   listing included) and reports images per second. Target: at least 5,000. Interpreter
+   start-up and imports are not included: `hat pack` adds about 5 s of them once per run
+   (importing torchvision imports torch._dynamo).
 2. Reads the 10,000-image test split three ways, in one process, in the same shuffled order,
    producing the same output (a uint8 CHW tensor per image):
    (a) torchvision `ImageFolder` with PIL and `PILToTensor`;

@@ -10,10 +10,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -24,12 +27,22 @@ stdout = Console()
 """Tables and results for the user go to stdout."""
 
 
+class RateColumn(ProgressColumn):
+    """Items per second over rich's recent samples (blank until there is a rate)."""
+
+    def render(self, task: Task) -> Text:
+        """The rate of `task`, e.g. ``8,123/s``."""
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f}/s", style="progress.data.speed")
+
+
 def make_progress(*extra_columns: object) -> Progress:
-    """Return a Progress with a bar, count, rate-friendly columns and ETA, drawn on stderr."""
+    """Return a Progress with a bar, count, rate, elapsed time and ETA, drawn on stderr."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         *extra_columns,
         TimeElapsedColumn(),
         TimeRemainingColumn(),

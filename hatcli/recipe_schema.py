@@ -42,7 +42,10 @@ class DataConfig(Strict):
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     """Normalization on the 0..255 scale, applied after the transforms; HAT uses 128/128."""
     train_transforms: list[dict[str, Any]] = []
+    """Per-image transforms in the DataLoader workers (uint8 in, uint8 out); default: Resize."""
     val_transforms: list[dict[str, Any]] = []
+    batch_transforms: list[dict[str, Any]] = []
+    """Per-batch transforms on the model's device, before ToFloat and Normalize (e.g. RGBToYUV444)."""
     pack: PackConfig | None = None
 
 

@@ -325,3 +325,43 @@ def test_every_registered_transform_runs_on_a_uint8_image() -> None:
             specs.insert(0, {"name": "ToFloat"})
         out = build_transforms(specs, "t")(image)
         assert out.shape[0] == 3, name
+
+
+def test_detection_collate_pads_mixed_sizes_at_the_bottom_right() -> None:
+    small = (torch.full((3, 10, 20), 7, dtype=torch.uint8), {"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]])})
+    large = (torch.full((3, 16, 12), 9, dtype=torch.uint8), {"boxes": torch.zeros((0, 4))})
+    images, targets = detection_collate([small, large])
+    assert images.shape == (2, 3, 16, 20) and images.dtype == torch.uint8
+    assert (images[0, :, :10, :20] == 7).all() and (images[0, :, 10:] == 0).all()
+    assert (images[1, :, :, :12] == 9).all() and (images[1, :, :, 12:] == 0).all()
+    assert targets[0]["img_size"] == (10, 20) and targets[1]["img_size"] == (16, 12)
+    assert targets[0]["boxes"].tolist() == [[1.0, 2.0, 5.0, 6.0]]  # padding never moves a box
+
+
+def test_loader_hands_workers_uint8_and_normalizes_whole_batches_on_the_device(tiny_shapes: Path, tmp_path: Path) -> None:
+    from hatcli.engine.loaders import build_loader, model_input
+    from hatcli.recipe import load_recipe
+
+    text = f"""
+task = "t"
+[data]
+root = "{tiny_shapes}"
+input_size = [32, 32]
+batch_size = 8
+mean = [100.0, 110.0, 120.0]
+std = [50.0, 60.0, 70.0]
+batch_transforms = [{{ name = "RGBToYUV444" }}]
+[model]
+name = "mobilenet_v1"
+"""
+    (tmp_path / "r.toml").write_text(text)
+    lr = load_recipe(tmp_path / "r.toml")
+    loader = build_loader(lr, "val", device="cpu")
+    assert loader.dataset[0][0].dtype == torch.uint8  # what a worker hands over
+    images, labels = next(iter(loader))
+    raw = torch.stack([loader.dataset[i][0] for i in range(8)])
+    yuv = build_transforms([{"name": "RGBToYUV444"}], "t")(raw)
+    mean, std = torch.tensor([100.0, 110.0, 120.0])[:, None, None], torch.tensor([50.0, 60.0, 70.0])[:, None, None]
+    assert torch.allclose(images, (yuv - mean) / std)
+    assert labels.dtype == torch.int64 and len(labels) == 8
+    assert torch.allclose(model_input(lr, raw[0]), images[:1])  # hat infer prepares images the same way

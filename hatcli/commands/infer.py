@@ -34,9 +34,8 @@ def infer(
     from PIL import Image, UnidentifiedImageError
     from torchvision.io import ImageReadMode, decode_image
 
-    from hatcli.data.transforms import build_transforms
     from hatcli.atomic import atomic_write_bytes
-    from hatcli.engine.loaders import transform_specs
+    from hatcli.engine.loaders import model_input
     from hatcli.engine.stages import stage_model
 
     lr = load(recipe, overrides)
@@ -48,10 +47,10 @@ def infer(
         tensor = decode_image(torch.frombuffer(bytearray(input.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (UnidentifiedImageError, RuntimeError, OSError) as exc:
         raise UsageError(f"--input: {input} is not a readable image ({exc})") from None
-    transform = build_transforms(transform_specs(lr, "val"), where="data.val_transforms")
+    inputs = model_input(lr, tensor)
     model, classes = stage_model(lr, stage)
     with torch.no_grad():
-        outputs = model(transform(tensor).unsqueeze(0))
+        outputs = model(inputs)
     prediction = lr.family.predict(outputs, topk=topk)[0]
     drawn = lr.family.draw_predictions(picture, prediction, classes)
     import io

@@ -116,15 +116,25 @@ class DetectionDataset(_PackedDataset):
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Stack same-sized images into one NCHW tensor and keep the targets as a list of dicts."""
+    """Stack images into one NCHW tensor and keep the targets as a list of dicts.
+
+    Images of different sizes are padded at the bottom and right (with zeros) to the largest
+    height and width in the batch, so boxes keep their coordinates; each target then records its
+    image's own size as ``img_size`` (h, w).
+    """
     images = [item[0] for item in batch]
-    shapes = {tuple(img.shape) for img in images}
-    if len(shapes) > 1:
-        raise DataError(
-            f"images in a detection batch differ in size ({sorted(shapes)}): "
-            "add a `Resize` with size = [height, width] to the transforms"
-        )
-    return torch.stack(images), [item[1] for item in batch]
+    targets = [item[1] for item in batch]
+    height = max(int(img.shape[-2]) for img in images)
+    width = max(int(img.shape[-1]) for img in images)
+    if any(img.shape[-2:] != (height, width) for img in images):
+        padded = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for i, img in enumerate(images):
+            padded[i, :, : img.shape[-2], : img.shape[-1]] = img
+            targets[i]["img_size"] = (int(img.shape[-2]), int(img.shape[-1]))
+        return padded, targets
+    for target in targets:
+        target["img_size"] = (height, width)
+    return torch.stack(images), targets
 
 
 def open_dataset(path: str | Path, transform: Transform | None = None) -> ClassificationDataset | DetectionDataset:

@@ -163,6 +163,10 @@ def _outcomes(read: Callable[[Any], Outcome], items: Sequence[Any], workers: int
             yield read(item)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":
+        # The decoder's import takes seconds (torchvision imports torch._dynamo); pay it once here,
+        # not once per worker.
+        import torchvision.io  # noqa: F401
     pool = multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint)
     try:
         yield from pool.imap(read, items, chunksize=CHUNK_ITEMS)

@@ -28,9 +28,11 @@ INPUT_NAME = "image"
 
 def input_spec(lr: LoadedRecipe) -> dict[str, Any]:
     """What the deployed model expects: shape, dtype, layout, colour space and normalization."""
+    from hatcli.engine.loaders import input_color_space
+
     h, w = lr.recipe.data.input_size
     return {"name": INPUT_NAME, "shape": ["N", 3, h, w], "dtype": "float32", "layout": "NCHW",
-            "color_space": "RGB", "mean": list(lr.recipe.data.mean), "std": list(lr.recipe.data.std),
+            "color_space": input_color_space(lr), "mean": list(lr.recipe.data.mean), "std": list(lr.recipe.data.std),
             "scale": "pixel values 0..255, then (x - mean) / std per channel"}
 
 

@@ -1,15 +1,28 @@
-"""DataLoaders for a recipe: packed datasets + the recipe's transforms + normalization."""
+"""DataLoaders for a recipe: packed datasets, per-image transforms, and batch transforms on the device.
+
+The input pipeline has two halves, as in HAT:
+
+- per image, in the DataLoader workers: decode, then the recipe's `train_transforms` /
+  `val_transforms` (geometry and colour augmentation), still uint8, so workers hand over a
+  quarter of the bytes that float batches would take;
+- per batch, on the device the model runs on (the GPU when there is one): the recipe's
+  `batch_transforms` (e.g. `RGBToYUV444`), then `ToFloat` and `Normalize(data.mean, data.std)`:
+  exactly what the deployed model receives.
+
+`build_loader` returns a `DeviceLoader` that yields batches with both halves applied.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from hatcli.data.datasets import open_dataset
-from hatcli.data.transforms import build_transforms
+from hatcli.data.datasets import detection_collate, open_dataset
+from hatcli.data.transforms import build_batch_transforms, build_transforms
 from hatcli.errors import DataError
 from hatcli.recipe import LoadedRecipe
 
@@ -21,29 +34,118 @@ def data_path(lr: LoadedRecipe, split: str) -> Path:
 
 
 def transform_specs(lr: LoadedRecipe, split: str) -> list[dict[str, Any]]:
-    """The recipe's transforms for `split`, then ToFloat and Normalize (what the device receives)."""
+    """The per-image transforms of `split`: the recipe's, or a Resize to `data.input_size`."""
     data = lr.recipe.data
     user = data.train_transforms if split == "train" else data.val_transforms
-    specs = list(user) or [{"name": "Resize", "size": list(data.input_size)}]
-    return specs + [{"name": "ToFloat"}, {"name": "Normalize", "mean": list(data.mean), "std": list(data.std)}]
+    return list(user) or [{"name": "Resize", "size": list(data.input_size)}]
+
+
+def batch_specs(lr: LoadedRecipe) -> list[dict[str, Any]]:
+    """The batch transforms: the recipe's `batch_transforms`, then ToFloat and Normalize."""
+    data = lr.recipe.data
+    return list(data.batch_transforms) + [
+        {"name": "ToFloat"}, {"name": "Normalize", "mean": list(data.mean), "std": list(data.std)},
+    ]
+
+
+def input_color_space(lr: LoadedRecipe) -> str:
+    """"YUV444" when the pipeline converts RGB to YUV444 (per image or per batch), else "RGB"."""
+    specs = transform_specs(lr, "val") + batch_specs(lr)
+    yuv = any(s.get("name") == "RGBToYUV444" or (s.get("name") == "ToTensor" and s.get("to_yuv")) for s in specs)
+    return "YUV444" if yuv else "RGB"
+
+
+def image_transform(lr: LoadedRecipe, split: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-image pipeline of `split` (runs in the DataLoader workers)."""
+    return build_transforms(transform_specs(lr, split), where=f"data.{split}_transforms")
+
+
+def batch_transform(lr: LoadedRecipe) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch pipeline (runs on the model's device)."""
+    return build_batch_transforms(batch_specs(lr), where="data.batch_transforms")
+
+
+def model_input(lr: LoadedRecipe, image: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One decoded uint8 CHW image as the model receives it (a batch of one): both halves of the pipeline."""
+    sample = image_transform(lr, "val")(image)
+    return batch_transform(lr)(sample.unsqueeze(0).to(device))
 
 
 def build_dataset(lr: LoadedRecipe, split: str) -> Any:
-    """Open the packed `split` with its transforms; a missing database is a clear error."""
+    """Open the packed `split` with its per-image transforms; a missing database is a clear error."""
     path = data_path(lr, split)
     if not path.exists():
         raise DataError(f"packed data not found: {path}; create it with "
                         f"`hat pack shapes --target-data-dir {lr.recipe.data.root}` or set `data.root`")
-    where = f"data.{split}_transforms"
-    return open_dataset(path, build_transforms(transform_specs(lr, split), where=where))
+    return open_dataset(path, image_transform(lr, split))
 
 
-def build_loader(lr: LoadedRecipe, split: str, shuffle: bool | None = None, seed: int | None = None) -> DataLoader:
-    """DataLoader over `split`; training batches are shuffled with a seeded generator."""
+def _to_device(targets: Any, device: torch.device) -> Any:
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    if isinstance(targets, list):
+        return [_to_device(t, device) for t in targets]
+    if isinstance(targets, dict):
+        return {k: _to_device(v, device) for k, v in targets.items()}
+    return targets
+
+
+class DeviceLoader:
+    """A DataLoader whose batches are moved to `device` and passed through the batch transforms.
+
+    Iterates as ``(images, targets)`` like the DataLoader it wraps; `dataset`, `sampler` and
+    `len()` are the wrapped loader's. `set_epoch` reshuffles a DistributedSampler.
+    """
+
+    def __init__(self, loader: DataLoader, batch: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device | str = "cpu") -> None:
+        self.loader = loader
+        self.batch = batch
+        self.device = torch.device(device)
+
+    @property
+    def dataset(self) -> Any:
+        """The packed dataset behind the loader."""
+        return self.loader.dataset
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's sampler."""
+        return self.loader.sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Give a DistributedSampler the epoch, so every rank shuffles alike and differently per epoch."""
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield self.batch(images), _to_device(targets, self.device)
+
+
+def build_loader(lr: LoadedRecipe, split: str, shuffle: bool | None = None, seed: int | None = None,
+                 device: torch.device | str = "cpu") -> DeviceLoader:
+    """Batches of `split` on `device`; training batches are shuffled with a seeded generator.
+
+    Under `torch.distributed` each rank reads its own shard through a DistributedSampler.
+    """
     dataset = build_dataset(lr, split)
     data = lr.recipe.data
     shuffle = (split == "train") if shuffle is None else shuffle
-    generator = torch.Generator().manual_seed(lr.recipe.seed if seed is None else seed)
-    return DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, num_workers=data.num_workers,
-                      drop_last=split == "train" and len(dataset) > data.batch_size, generator=generator,
-                      persistent_workers=data.num_workers > 0)
+    seed = lr.recipe.seed if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=split == "train")
+        shuffle = False
+    collate = detection_collate if getattr(dataset, "kind", "") == "detection" else None
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, sampler=sampler,
+                        num_workers=data.num_workers, collate_fn=collate,
+                        drop_last=split == "train" and len(dataset) > data.batch_size, generator=generator,
+                        persistent_workers=data.num_workers > 0, pin_memory=device.type == "cuda")
+    return DeviceLoader(loader, batch_transform(lr), device)

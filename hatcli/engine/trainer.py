@@ -100,6 +100,8 @@ def fit(model: torch.nn.Module, family: ModelFamily, train_loader: DataLoader, v
                 _set_train(model, True, set_mode)
                 tic, seen, total_loss = time.perf_counter(), 0, 0.0
                 progress.update(bar, description=f"{spec.stage} epoch {epoch + 1}/{spec.epochs}")
+                if hasattr(train_loader, "set_epoch"):
+                    train_loader.set_epoch(epoch)
                 for images, targets in train_loader:
                     lr = set_lr(optimizer, spec.optimizer.lr, lr_factor(spec.optimizer, step, steps_per_epoch, spec.epochs))
                     loss = family.loss(model(images), targets, label_smoothing=spec.label_smoothing)
