@@ -48,9 +48,9 @@ def pack(
 ) -> None:
     """Pack a dataset into LMDB records (msgpack), or verify a packed database.
 
-    Writes TARGET/<split>_lmdb. Bad records are skipped and listed in
-    <split>_lmdb.rejected.jsonl. An interrupted pack (Ctrl-C, kill) continues where it stopped
-    when the same command is run again.
+    Writes TARGET/<split>_lmdb. Bad records are skipped and listed in <split>_lmdb.rejected.jsonl.
+
+    An interrupted pack (Ctrl-C, kill) continues where it stopped when the same command is run again.
     """
     if kind == "verify":
         from hatcli.data.lmdb_format import verify_packed
