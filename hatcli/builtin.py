@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hatcli.family import Packer, PackRequest, PackResult
+from hatcli.family import CallbackSpec, Packer, PackRequest, PackResult
 from hatcli.hookspecs import hookimpl
 
 
@@ -44,3 +44,19 @@ def register_packers(register: Callable[[Packer], None]) -> None:
         ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", _pack_mnist),
     ):
         register(Packer(name=name, description=description, run=run))
+
+
+def _early_stopping(**args: object) -> object:
+    from hatcli.engine.callbacks import EarlyStopping
+
+    return EarlyStopping(**args)  # type: ignore[arg-type]
+
+
+@hookimpl
+def register_callbacks(register: Callable[[CallbackSpec], None]) -> None:
+    """Register the training callbacks that ship with hat (besides the always-on ones)."""
+    register(CallbackSpec(
+        name="early_stopping",
+        description="stop when the validation metric has not improved for `patience` validations",
+        factory=_early_stopping,
+    ))

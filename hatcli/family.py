@@ -110,3 +110,16 @@ class Packer:
     name: str
     description: str
     run: Callable[[PackRequest], PackResult]
+
+
+@dataclass(frozen=True)
+class CallbackSpec:
+    """A training callback registered under a plain name (recipes: ``callbacks = [{name = ...}]``).
+
+    `factory(**args)` returns an object with any of the `hatcli.engine.callbacks.Callback`
+    methods; the recipe table's other keys are its arguments.
+    """
+
+    name: str
+    description: str
+    factory: Callable[..., Any]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from hatcli.family import ModelFamily, Packer
+from hatcli.family import CallbackSpec, ModelFamily, Packer
 
 hookspec = pluggy.HookspecMarker("hat")
 hookimpl = pluggy.HookimplMarker("hat")
@@ -36,4 +36,13 @@ def register_packers(register: Callable[[Packer], None]) -> None:
     """Register dataset packers: call `register(packer)` with a `Packer`.
 
     The packer's `name` becomes the KIND of `hat pack KIND`.
+    """
+
+
+@hookspec
+def register_callbacks(register: Callable[[CallbackSpec], None]) -> None:
+    """Register training callbacks: call `register(spec)` with a `CallbackSpec`.
+
+    Recipes switch one on per stage with ``callbacks = [{name = "NAME", arg = value}]`` in the
+    stage's table (``[float]``, ``[qat]``).
     """

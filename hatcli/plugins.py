@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from hatcli import hookspecs
-from hatcli.family import ModelFamily, Packer
+from hatcli.family import CallbackSpec, ModelFamily, Packer
 from hatcli.registry import Registry
 
 ENTRY_POINT_GROUP = "hat.plugins"
@@ -35,6 +35,7 @@ class PluginInfo:
     error: str = ""
     families: list[str] = field(default_factory=list)
     packers: list[str] = field(default_factory=list)
+    callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PluginState:
     infos: dict[str, PluginInfo]
     families: Registry[ModelFamily]
     packers: Registry[Packer]
+    callbacks: Registry[CallbackSpec]
 
 
 _state: PluginState | None = None
@@ -129,7 +131,9 @@ def load_plugins(reload: bool = False) -> PluginState:
     packers: Registry[Packer] = Registry("packer")
     _call_register_hook(pm, "register_families", families, infos, lambda i: i.families)
     _call_register_hook(pm, "register_packers", packers, infos, lambda i: i.packers)
-    _state = PluginState(manager=pm, infos=infos, families=families, packers=packers)
+    callbacks: Registry[CallbackSpec] = Registry("callback")
+    _call_register_hook(pm, "register_callbacks", callbacks, infos, lambda i: i.callbacks)
+    _state = PluginState(manager=pm, infos=infos, families=families, packers=packers, callbacks=callbacks)
     return _state
 
 
@@ -141,6 +145,11 @@ def families() -> Registry[ModelFamily]:
 def packers() -> Registry[Packer]:
     """Return the registry of installed dataset packers."""
     return load_plugins().packers
+
+
+def callbacks() -> Registry[CallbackSpec]:
+    """Return the registry of training callbacks that plugins provide."""
+    return load_plugins().callbacks
 
 
 def plugin_infos() -> list[PluginInfo]:

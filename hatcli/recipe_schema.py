@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -50,26 +50,99 @@ class DataConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    """Optimizer and learning-rate schedule of a training stage."""
+    """Optimizer and learning-rate schedule of a training stage.
+
+    The LR at iteration `step` is `lr * warmup(step) * decay(step)` (see `hatcli.engine.schedule`):
+    a linear warm-up over the first `warmup_iters` (or `warmup_epochs`) iterations, then the
+    `schedule`, which for `cosine` and `poly` runs from the end of warm-up to the end of training.
+    """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
+    """Base learning rate of every parameter group."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum (unused by AdamW)."""
     nesterov: bool = False
+    """SGD Nesterov momentum (only when `momentum > 0`)."""
     weight_decay: float = Field(4e-5, ge=0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """L2 penalty (SGD) or decoupled weight decay (AdamW)."""
+    weight_decay_weights_only: bool = False
+    """Apply `weight_decay` only to parameters with more than one dimension (conv and linear
+    weights); biases, BatchNorm/LayerNorm weights, PReLU slopes and other 1-d or scalar parameters
+    get no weight decay."""
+    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    """Decay after warm-up. `cosine`: `min + (1 - min) * (1 + cos(pi * p)) / 2`; `poly`:
+    `min + (1 - min) * (1 - p) ** power`, where `p` is the fraction of the post-warm-up iterations
+    done and `min` is `min_lr_factor`; `step`: multiplied by `gamma` at each of `milestones`;
+    `constant`: no decay."""
+    power: float = Field(1.0, gt=0)
+    """Exponent of the `poly` schedule (1: linear decay)."""
+    min_lr_factor: float = Field(0.0, ge=0, lt=1)
+    """`cosine` and `poly` decay towards `min_lr_factor * lr` (reached at the end of training)."""
     warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warm-up length in epochs (fractions allowed; rounded to whole iterations)."""
+    warmup_iters: int = Field(0, ge=0)
+    """Linear warm-up length in iterations; give this or `warmup_epochs`, not both."""
+    warmup_factor: float = Field(0.0, ge=0, le=1)
+    """Warm-up starting point: over `W` warm-up iterations the factor at iteration `step < W` is
+    `warmup_factor + (1 - warmup_factor) * (step + 1) / W`, which is exactly 1 at `step = W - 1`."""
+    by_epoch: bool = False
+    """Evaluate the decay once per epoch, at the epoch's first iteration (piecewise constant
+    within an epoch, like HAT's by-epoch LR updaters); warm-up stays per iteration."""
     milestones: list[int] = []
+    """Epochs at which the `step` schedule multiplies the LR by `gamma`: strictly increasing, > 0;
+    milestone `m` takes effect when `m` epochs are done."""
     gamma: float = 0.1
+    """Factor of the `step` schedule at each milestone."""
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing_milestones(cls, value: list[int]) -> list[int]:
+        if any(m <= 0 for m in value):
+            raise ValueError("milestones must be positive epoch numbers")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("milestones must be strictly increasing")
+        return value
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimizerConfig:
+        if self.warmup_epochs > 0 and self.warmup_iters > 0:
+            raise ValueError("give either warmup_epochs or warmup_iters, not both")
+        return self
 
 
-class FloatStage(Strict):
-    """`--stage float`: ordinary training."""
+class EmaConfig(Strict):
+    """Exponential moving average of the weights (validated and kept as "best" instead of the raw weights)."""
+
+    decay: float = Field(0.9998, gt=0, lt=1)
+    tau: float = Field(2000.0, ge=0)
+    """Warm-up of the decay in steps: the effective decay is decay * (1 - exp(-updates / tau))."""
+
+
+class TrainingStage(Strict):
+    """What the float and QAT stages share: epochs, optimizer and the training-loop options."""
 
     epochs: int = Field(10, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     val_every: int = Field(1, gt=0)
+    ema: EmaConfig | None = None
+    """`[float.ema]` switches the moving average on."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the gradients' global L2 norm to this value."""
+    checkpoint_every_steps: int = Field(0, ge=0)
+    """Also save `checkpoint-last.pt` every N steps (0: at epoch ends and on Ctrl-C only)."""
+    callbacks: list[dict[str, Any]] = []
+    """Plugin callbacks: `[{name = "...", arg = value}]` (see `hat plugins`)."""
+
+
+class FloatStage(TrainingStage):
+    """`--stage float`: ordinary training."""
+
+    amp: bool = False
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU."""
+    sync_bn: bool = False
+    """Synchronise BatchNorm statistics across processes (with --nproc-per-node > 1)."""
 
 
 class CalibrationStage(Strict):
@@ -79,14 +152,12 @@ class CalibrationStage(Strict):
     observer: Literal["minmax"] = "minmax"
 
 
-class QatStage(Strict):
+class QatStage(TrainingStage):
     """`--stage qat`: fake-quant fine-tuning from the calibration checkpoint."""
 
     enabled: bool = True
     epochs: int = Field(1, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, schedule="constant", weight_decay=0.0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    val_every: int = Field(1, gt=0)
 
 
 class QuantConfig(Strict):
@@ -111,6 +182,11 @@ class Recipe(Strict):
     """Name of the run: outputs go to `<work_dir>/<task>/<stage>/`."""
     work_dir: str = "runs"
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where training and calibration run: `auto` is the GPU when there is one."""
+    deterministic: bool = False
+    """Deterministic kernels only (`torch.use_deterministic_algorithms`): a resumed run then ends
+    with bitwise the same weights as an uninterrupted one."""
     data: DataConfig = DataConfig()
     model: dict[str, Any]
     float_: FloatStage = Field(FloatStage(), alias="float")

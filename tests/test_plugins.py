@@ -131,7 +131,7 @@ HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) 
 
 
 def test_there_are_hooks():
-    assert HOOKS == ["register_families", "register_packers"]
+    assert HOOKS == ["register_callbacks", "register_families", "register_packers"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

@@ -21,18 +21,18 @@ Examples:
 
 
 def plugins(json_out: JsonOpt = False) -> None:
-    """List plugins with version, registered families and packers, and status (broken ones say why)."""
+    """List plugins with version, registered families, packers and callbacks, and status (broken ones say why)."""
     from hatcli.plugins import plugin_infos
 
     infos = plugin_infos()
     if json_out:
         print_json([asdict(i) for i in infos])
         return
-    table = Table("plugin", "distribution", "version", "families", "packers", "status")
+    table = Table("plugin", "distribution", "version", "families", "packers", "callbacks", "status")
     for info in infos:
         status = "[green]ok[/]" if info.status == "ok" else "[red]broken[/]"
         table.add_row(info.name, info.distribution, info.version, ", ".join(info.families) or "-",
-                      ", ".join(info.packers) or "-", status)
+                      ", ".join(info.packers) or "-", ", ".join(info.callbacks) or "-", status)
     stdout.print(table)
     for info in infos:
         if info.status != "ok":

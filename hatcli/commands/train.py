@@ -1,14 +1,15 @@
-"""`hat train RECIPE --stage float|calibration|qat`."""
+"""`hat train RECIPE --stage float|calibration|qat`, in one process or several (`--nproc-per-node`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json, print_metrics
-from hatcli.errors import UsageError
+from hatcli.errors import HatError, UsageError
 
 EXAMPLES = """
 Examples:
@@ -18,7 +19,28 @@ Examples:
   hat train recipes/quickstart.toml --stage calibration
 
   hat train recipes/quickstart.toml --stage qat --set qat.epochs=2
+
+  hat train recipes/quickstart.toml --stage float --nproc-per-node 2
+
+  hat train recipes/quickstart.toml --stage float --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 --rdzv-id job1
 """
+
+LAUNCH_HELP = "Distributed (see docs/distributed.md)"
+
+
+def _worker_argv(recipe: Path, stage: str, resume: bool, from_path: Path | None, overrides: list[str] | None,
+                 json_out: bool) -> list[str]:
+    """The `hat` arguments each worker runs: this command without the launcher options."""
+    argv = ["train", str(recipe), "--stage", stage]
+    if resume:
+        argv.append("--resume")
+    if from_path is not None:
+        argv += ["--from", str(from_path)]
+    for item in overrides or []:
+        argv += ["--set", item]
+    if json_out:
+        argv.append("--json")
+    return argv
 
 
 def train(
@@ -28,25 +50,49 @@ def train(
     from_path: Annotated[Path | None, typer.Option("--from", help="Start from this checkpoint instead of the previous stage's.")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, rich_help_panel=LAUNCH_HELP,
+                                                help="Processes on this machine (one per GPU; gloo on CPU). "
+                                                     "data.batch_size is per process.")] = 1,
+    nnodes: Annotated[str, typer.Option("--nnodes", rich_help_panel=LAUNCH_HELP,
+                                        help="Machines taking part (or MIN:MAX).")] = "1",
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, rich_help_panel=LAUNCH_HELP,
+                                           help="This machine's index, 0 .. nnodes-1.")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", rich_help_panel=LAUNCH_HELP,
+                                                      help="HOST:PORT where the machines meet (the same on every machine).")] = None,
+    rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", rich_help_panel=LAUNCH_HELP,
+                                                help="Job id, the same on every machine.")] = None,
 ) -> None:
     """Train one stage; each stage starts from the previous stage's best checkpoint."""
-    from hatcli.engine import stages
+    if stage not in ("float", "calibration", "qat"):
+        raise UsageError(f"unknown stage `{stage}`; choose float, calibration or qat")
+    if stage == "float" and from_path is not None:
+        raise UsageError("--from applies to calibration and qat (float training starts from scratch)")
+    lr = load(recipe, overrides)  # a bad recipe fails here, once, before any process is started
+    if (nproc_per_node > 1 or nnodes != "1") and "LOCAL_RANK" not in os.environ:
+        from hatcli.engine.distributed import run_launcher
 
-    lr = load(recipe, overrides)
+        outcome = run_launcher(nproc_per_node, _worker_argv(recipe, stage, resume, from_path, overrides, json_out),
+                               nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+        if outcome.returncode != 0:
+            raise HatError(outcome.message())
+        return
+
+    from hatcli.engine import distributed, stages
+
+    info = distributed.init_from_env(getattr(lr.recipe, "device", "auto"))
     if stage == "float":
-        if from_path is not None:
-            raise UsageError("--from applies to calibration and qat (float training starts from scratch)")
         record = stages.train_float(lr, resume=resume)
     elif stage == "calibration":
         record = stages.calibrate(lr, from_path=from_path)
-    elif stage == "qat":
+    else:
         record = stages.train_qat(lr, resume=resume, from_path=from_path)
-    else:
-        raise UsageError(f"unknown stage `{stage}`; choose float, calibration or qat")
-    if json_out:
-        print_json(record)
-    else:
-        print_metrics(f"{stage} ({record['seconds']:.0f}s) -> {stages.stage_dir(lr, stage)}", record["metrics"])
+    if info.is_main:  # one report, from rank 0
+        if json_out:
+            print_json(record)
+        else:
+            print_metrics(f"{stage} ({record['seconds']:.0f}s) -> {stages.stage_dir(lr, stage)}", record["metrics"])
+    distributed.barrier()  # nobody leaves while rank 0 may still be writing
+    distributed.destroy()
 
 
 def register(app: typer.Typer) -> None:

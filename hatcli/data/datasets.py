@@ -3,6 +3,11 @@
 Each dataset holds a `PackedReader`, which opens the LMDB environment lazily in whichever
 process first reads a record, so datasets can be handed to DataLoader workers (fork or spawn).
 Images are decoded with `torchvision.io.decode_image` into uint8 CHW RGB tensors.
+
+Items are looked up by index (any sampler works, `DistributedSampler` included) or by an
+``(epoch, index)`` key from `hatcli.engine.sampling.EpochSampler`: then the random transforms
+draw from a generator seeded with ``(sample_seed, epoch, index)``, so an image's augmentation is
+the same whichever worker or process loads it, and a resumed run repeats it exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ def decode(data: bytes, where: str = "image") -> torch.Tensor:
         raise DataError(f"cannot decode {where}: {exc}") from None
 
 
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixing (seed, epoch, index) (splitmix64-style, so nearby keys differ a lot)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 29
+    return x & (2**63 - 1)
+
+
 class _PackedDataset(Dataset):
     """Common part: the reader, the kind check, `.meta`, `.classes`, `len`."""
 
@@ -43,6 +57,19 @@ class _PackedDataset(Dataset):
                 f"{self.path} holds {self.reader.meta['kind']} data, but a {self.kind} dataset was asked for"
             )
         self.transform = transform
+        self.sample_seed = 0
+        """Base seed of the per-sample random streams used with ``(epoch, index)`` keys."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, tuple):
+            epoch, index = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.sample_seed, epoch, index))
+                return self._item(index)
+        return self._item(key)
+
+    def _item(self, index: int) -> Any:
+        raise NotImplementedError
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -66,7 +93,7 @@ class ClassificationDataset(_PackedDataset):
 
     kind = "classification"
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _item(self, index: int) -> tuple[torch.Tensor, int]:
         record = self.reader[index]
         image = self._image(record, index)
         if self.transform is not None:
@@ -85,7 +112,7 @@ class DetectionDataset(_PackedDataset):
 
     kind = "detection"
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         record = self.reader[index]
         image = self._image(record, index)
         h, w = int(image.shape[-2]), int(image.shape[-1])

@@ -9,7 +9,9 @@ The input pipeline has two halves, as in HAT:
   `batch_transforms` (e.g. `RGBToYUV444`), then `ToFloat` and `Normalize(data.mean, data.std)`:
   exactly what the deployed model receives.
 
-`build_loader` returns a `DeviceLoader` that yields batches with both halves applied.
+`build_loader` returns a `DeviceLoader` that yields batches with both halves applied. Samples
+are chosen by an `EpochSampler` (hatcli/engine/sampling.py): the order and the augmentations are
+a function of (seed, epoch), sharded across processes under `torch.distributed`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from hatcli.data.datasets import detection_collate, open_dataset
 from hatcli.data.transforms import build_batch_transforms, build_transforms
+from hatcli.engine.sampling import EpochSampler
 from hatcli.errors import DataError
 from hatcli.recipe import LoadedRecipe
 
@@ -94,7 +97,8 @@ class DeviceLoader:
     """A DataLoader whose batches are moved to `device` and passed through the batch transforms.
 
     Iterates as ``(images, targets)`` like the DataLoader it wraps; `dataset`, `sampler` and
-    `len()` are the wrapped loader's. `set_epoch` reshuffles a DistributedSampler.
+    `len()` are the wrapped loader's. `set_epoch(epoch, skip_batches)` picks the epoch's order
+    (and skips batches already trained on, when a run resumes mid-epoch).
     """
 
     def __init__(self, loader: DataLoader, batch: Callable[[torch.Tensor], torch.Tensor],
@@ -113,10 +117,10 @@ class DeviceLoader:
         """The wrapped loader's sampler."""
         return self.loader.sampler
 
-    def set_epoch(self, epoch: int) -> None:
-        """Give a DistributedSampler the epoch, so every rank shuffles alike and differently per epoch."""
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Read `epoch`'s order from now on, leaving out its first `skip_batches` batches."""
+        if isinstance(self.loader.sampler, EpochSampler):
+            self.loader.sampler.set_epoch(epoch, skip_batches * (self.loader.batch_size or 1))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -129,23 +133,27 @@ class DeviceLoader:
 
 def build_loader(lr: LoadedRecipe, split: str, shuffle: bool | None = None, seed: int | None = None,
                  device: torch.device | str = "cpu") -> DeviceLoader:
-    """Batches of `split` on `device`; training batches are shuffled with a seeded generator.
+    """Batches of `split` on `device`; training batches are shuffled by epoch from the recipe's seed.
 
-    Under `torch.distributed` each rank reads its own shard through a DistributedSampler.
+    Under `torch.distributed` each rank reads its own shard (see `EpochSampler`); evaluation
+    shards are disjoint and cover every sample once.
     """
+    from hatcli.engine import distributed
+
     dataset = build_dataset(lr, split)
     data = lr.recipe.data
     shuffle = (split == "train") if shuffle is None else shuffle
     seed = lr.recipe.seed if seed is None else seed
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=split == "train")
-        shuffle = False
+    dataset.sample_seed = seed
+    info = distributed.current()
+    training = split == "train"
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=info.world_size,
+                           rank=info.rank, even=training)
     collate = detection_collate if getattr(dataset, "kind", "") == "detection" else None
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=data.batch_size, shuffle=shuffle, sampler=sampler,
-                        num_workers=data.num_workers, collate_fn=collate,
-                        drop_last=split == "train" and len(dataset) > data.batch_size, generator=generator,
+    per_rank = len(dataset) // info.world_size
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
+                        collate_fn=collate, drop_last=training and per_rank > data.batch_size,
+                        generator=torch.Generator().manual_seed(seed),
                         persistent_workers=data.num_workers > 0, pin_memory=device.type == "cuda")
     return DeviceLoader(loader, batch_transform(lr), device)

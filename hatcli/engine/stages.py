@@ -9,6 +9,7 @@ can tell which stages are up to date.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from hatcli.atomic import atomic_write_json, atomic_write_text
+from hatcli.engine import distributed
+from hatcli.engine.callbacks import Callback, plugin_callbacks
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from hatcli.engine.loaders import build_loader, data_path
 from hatcli.engine.trainer import TrainSpec, evaluate, fit
@@ -81,11 +84,39 @@ def is_up_to_date(lr: LoadedRecipe, stage: str) -> bool:
 def _finish(lr: LoadedRecipe, stage: str, metrics: dict, seconds: float, artifacts: list[str],
             extra: dict | None = None) -> dict[str, Any]:
     out = stage_dir(lr, stage)
-    atomic_write_text(out / "recipe.toml", lr.to_toml())
     record = {"stage": stage, "fingerprint": fingerprint(lr, stage), "metrics": metrics,
               "seconds": round(seconds, 2), "artifacts": artifacts, "recipe_sha256": lr.sha256, **(extra or {})}
-    atomic_write_json(out / "stage.json", record)
+    if distributed.current().is_main:
+        atomic_write_text(out / "recipe.toml", lr.to_toml())
+        atomic_write_json(out / "stage.json", record)
+    distributed.barrier()
     return record
+
+
+def training_device(lr: LoadedRecipe) -> torch.device:
+    """The device the recipe trains on: `cuda` (this process's GPU under torch.distributed) or `cpu`."""
+    wanted = lr.recipe.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UsageError("`device = \"cuda\"` but this machine has no usable CUDA device; use \"auto\" or \"cpu\"")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.current().local_rank)
+
+
+def _seed_everything(lr: LoadedRecipe) -> None:
+    """Seed torch and switch deterministic kernels on when the recipe asks for them."""
+    torch.manual_seed(lr.recipe.seed)
+    if lr.recipe.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _train_spec(lr: LoadedRecipe, stage: str, cfg: Any, extra: dict[str, Any]) -> TrainSpec:
+    return TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
+                     val_every=cfg.val_every, out_dir=stage_dir(lr, stage), stage=stage, extra=extra,
+                     ema=cfg.ema, grad_clip=cfg.grad_clip, amp=getattr(cfg, "amp", False),
+                     checkpoint_every_steps=cfg.checkpoint_every_steps, sync_bn=getattr(cfg, "sync_bn", False))
 
 
 def _checkpoint_meta(lr: LoadedRecipe, stage: str, classes: list[str], num_classes: int) -> dict[str, Any]:
@@ -96,21 +127,25 @@ def _checkpoint_meta(lr: LoadedRecipe, stage: str, classes: list[str], num_class
 # -- float ---------------------------------------------------------------------------------------
 
 
-def train_float(lr: LoadedRecipe, resume: bool = False) -> dict[str, Any]:
-    """Train the float model from scratch (or resume) and keep the best checkpoint."""
+def train_float(lr: LoadedRecipe, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train the float model from scratch (or resume) and keep the best checkpoint.
+
+    `callbacks` are added to the built-in ones and those the recipe names.
+    """
     tic = time.perf_counter()
-    torch.manual_seed(lr.recipe.seed)
-    train_loader, val_loader = build_loader(lr, "train"), build_loader(lr, "val")
+    _seed_everything(lr)
+    device = training_device(lr)
+    train_loader, val_loader = build_loader(lr, "train", device=device), build_loader(lr, "val", device=device)
     classes = list(train_loader.dataset.classes)
     wanted = getattr(lr.model, "num_classes", None)
     if wanted is not None and wanted != len(classes):
         raise UsageError(f"`model.num_classes` is {wanted} but {data_path(lr, 'train')} has {len(classes)} classes")
     model = lr.family.build_float_model(lr.model, len(classes))
     cfg = lr.recipe.float_
-    spec = TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
-                     val_every=cfg.val_every, out_dir=stage_dir(lr, "float"), stage="float",
-                     extra=_checkpoint_meta(lr, "float", classes, len(classes)))
-    summary = fit(model, lr.family, train_loader, val_loader, spec, resume=resume)
+    spec = _train_spec(lr, "float", cfg, _checkpoint_meta(lr, "float", classes, len(classes)))
+    extra_callbacks = plugin_callbacks(cfg.callbacks, "float.callbacks") + list(callbacks or [])
+    summary = fit(model, lr.family, train_loader, val_loader, spec, resume=resume, callbacks=extra_callbacks,
+                  device=device)
     best = Path(summary["checkpoint_best"])
     metrics = load_checkpoint(best)["metrics"]
     return _finish(lr, "float", metrics, time.perf_counter() - tic, [str(best), summary["checkpoint_last"]])
@@ -164,26 +199,36 @@ def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]
     from hatcli.quant.flow import set_mode
 
     tic = time.perf_counter()
-    torch.manual_seed(lr.recipe.seed)
+    _seed_everything(lr)
+    device = training_device(lr)
     prepared, state, unquantized = build_prepared(lr, from_path)
+    prepared = prepared.to(device)
     set_mode(prepared, "calibrate")
-    loader = build_loader(lr, "train", shuffle=True)
+    loader = build_loader(lr, "train", shuffle=True, device=device)
     num = min(lr.recipe.calibration.num_batches, len(loader))
     from hatcli.progress import track
 
     with torch.no_grad():
-        for images, _ in track(itertools.islice(loader, num), num, "calibration"):
+        batches = itertools.islice(loader, num)
+        if distributed.current().is_main:
+            batches = track(batches, num, "calibration")
+        for images, _ in batches:
             prepared(images)
+    # Every rank saw its own shard: agree on the ranges (min of minimums, max of maximums) so
+    # all ranks hold the same quantization parameters.
+    distributed.sync_observers(prepared)
     set_mode(prepared, "eval")
-    metrics = evaluate(prepared, build_loader(lr, "val"), lr.family, description="calibration val")
+    metrics = evaluate(prepared, build_loader(lr, "val", device=device), lr.family, description="calibration val")
     out = stage_dir(lr, "calibration") / "checkpoint.pt"
     meta = _checkpoint_meta(lr, "calibration", state["classes"], state["num_classes"])
-    save_checkpoint(out, {"stage": "calibration", "model": prepared.state_dict(), "metrics": metrics, **meta})
+    if distributed.current().is_main:
+        save_checkpoint(out, {"stage": "calibration", "model": prepared.state_dict(), "metrics": metrics, **meta})
     return _finish(lr, "calibration", metrics, time.perf_counter() - tic, [str(out)],
                    {"float_ops": unquantized, "num_batches": num})
 
 
-def train_qat(lr: LoadedRecipe, resume: bool = False, from_path: Path | None = None) -> dict[str, Any]:
+def train_qat(lr: LoadedRecipe, resume: bool = False, from_path: Path | None = None,
+              callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Fine-tune the calibrated graph with fake quantization (activation scales frozen)."""
     from hatcli.quant.flow import set_mode
 
@@ -191,14 +236,14 @@ def train_qat(lr: LoadedRecipe, resume: bool = False, from_path: Path | None = N
         raise UsageError("QAT is disabled in this recipe (`qat.enabled = false`); the integer model "
                          "comes from the calibration stage")
     tic = time.perf_counter()
-    torch.manual_seed(lr.recipe.seed)
+    _seed_everything(lr)
+    device = training_device(lr)
     prepared, state = load_prepared(lr, "calibration", from_path)
     cfg = lr.recipe.qat
-    spec = TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
-                     val_every=cfg.val_every, out_dir=stage_dir(lr, "qat"), stage="qat",
-                     extra=_checkpoint_meta(lr, "qat", state["classes"], state["num_classes"]))
-    summary = fit(prepared, lr.family, build_loader(lr, "train"), build_loader(lr, "val"), spec,
-                  set_mode=set_mode, resume=resume)
+    spec = _train_spec(lr, "qat", cfg, _checkpoint_meta(lr, "qat", state["classes"], state["num_classes"]))
+    extra_callbacks = plugin_callbacks(cfg.callbacks, "qat.callbacks") + list(callbacks or [])
+    summary = fit(prepared, lr.family, build_loader(lr, "train", device=device), build_loader(lr, "val", device=device),
+                  spec, set_mode=set_mode, resume=resume, callbacks=extra_callbacks, device=device)
     best = Path(summary["checkpoint_best"])
     metrics = load_checkpoint(best)["metrics"]
     return _finish(lr, "qat", metrics, time.perf_counter() - tic, [str(best), summary["checkpoint_last"]])

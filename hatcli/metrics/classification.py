@@ -23,6 +23,17 @@ class TopKAccuracy:
             self.hits[k] += int(correct[:, :k].any(dim=1).sum())
         self.count += labels.numel()
 
+    def merge_across_ranks(self) -> None:
+        """Sum the hits and counts of every process (no-op in a single process)."""
+        from hatcli.engine import distributed
+
+        if not distributed.current().enabled:
+            return
+        totals = torch.tensor([self.count] + [self.hits[k] for k in self.ks], dtype=torch.float64)
+        distributed.all_reduce_sum(totals)
+        self.count = int(totals[0])
+        self.hits = {k: int(totals[i + 1]) for i, k in enumerate(self.ks)}
+
     def compute(self) -> dict[str, float]:
         """Return `{"top1": ..., "top5": ...}` in percent."""
         if self.count == 0:
