@@ -34,12 +34,21 @@ The machine is noisy, so after one untimed warm-up epoch per side the two take t
 epoch, hat epoch, hand epoch, hat epoch, ... for `--rounds` rounds - and each side's median
 step time over all its timed steps is used. `step_time_ratio` = hat median / hand median.
 Target: <= 1.05 (hat's loop costs at most 5 % more per step than the hand loop). The mean
-step times (which do feel rare slow steps, e.g. a TensorBoard write every 10 steps) are
-reported too.
+step times (which do feel rare slow steps, e.g. a TensorBoard write every 10 steps) and each
+round's ratio of medians (`round_ratios`, their spread shows how noisy the run was) are
+reported too. A run during which another process keeps a core busy is meaningless: with two
+OpenMP threads on two cores a step then slows down many times over. `cpu_use`, the process's
+CPU time over the timed steps divided by their wall time and the thread count, is about 1 on
+an idle machine; below 0.85 on either side the run is flagged `machine_busy` (and a warning
+goes to stderr).
 
 The last line printed is one JSON object with `step_time_ratio`, `hat_step_ms`, `hand_step_ms`,
-`threads`, `batch_size`, `steps_per_round`, `rounds`, `target` and `target_met`. With two
-threads on two cores the whole run takes well under a minute when the machine is otherwise idle.
+`threads`, `batch_size`, `steps_per_round`, `rounds`, `target`, `target_met`, `cpu_use` and
+`machine_busy`. On an idle 2-core machine a step takes about 65 ms and the whole run about 20 s
+(plus a few seconds of imports).
+
+The LR schedule on the hat side is `constant` (the hand loop's LR does not change either); hat
+still computes and sets it every step, and that cost is inside the timed step.
 """
 
 from __future__ import annotations
@@ -51,7 +60,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +74,8 @@ from hatcli.engine.trainer import Trainer, TrainSpec
 from hatcli.recipe_schema import OptimizerConfig
 
 TARGET = 1.05
+BUSY_CPU_USE = 0.85
+"""Below this CPU use (see `cpu_use` in the output) the run is flagged `machine_busy`."""
 NUM_CLASSES = 10
 ALPHA = 0.5
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 4e-5
@@ -96,14 +106,17 @@ class StepTimer(Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self.last = 0.0
+        self.cpu_begin = self.cpu_end = 0.0
 
     def on_epoch_begin(self, trainer: Trainer) -> None:
         """Start the clock of the epoch's first step."""
+        self.cpu_begin = time.process_time()
         self.last = time.perf_counter()
 
     def on_step_end(self, trainer: Trainer, loss: float) -> None:
         """Close the step that just ended."""
         now = time.perf_counter()
+        self.cpu_end = time.process_time()
         self.times.append(now - self.last)
         self.last = now
 
@@ -121,12 +134,14 @@ def build_model(seed: int) -> torch.nn.Module:
     return MobileNetV1(num_classes=NUM_CLASSES, alpha=ALPHA)
 
 
-def hand_epoch(batches: list[Batch], seed: int) -> list[float]:
-    """One epoch of the plain PyTorch loop on a fresh model; the per-step times in seconds."""
+def hand_epoch(batches: list[Batch], seed: int) -> tuple[list[float], float]:
+    """One epoch of the plain PyTorch loop on a fresh model: the step times and the process CPU
+    time over them, in seconds."""
     model = build_model(seed)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
     times: list[float] = []
+    cpu = time.process_time()
     last = time.perf_counter()
     for x, y in batches:
         out = model(x)
@@ -138,11 +153,12 @@ def hand_epoch(batches: list[Batch], seed: int) -> list[float]:
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    return times
+    return times, time.process_time() - cpu
 
 
-def hat_epoch(batches: list[Batch], val: list[Batch], seed: int, out_dir: Path) -> list[float]:
-    """One epoch of hat's `Trainer` (default callbacks, files under `out_dir`) on a fresh model."""
+def hat_epoch(batches: list[Batch], val: list[Batch], seed: int, out_dir: Path) -> tuple[list[float], float]:
+    """One epoch of hat's `Trainer` (default callbacks, files under `out_dir`) on a fresh model: the
+    step times and the process CPU time over them, in seconds."""
     spec = TrainSpec(
         epochs=1,
         optimizer=OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
@@ -154,7 +170,7 @@ def hat_epoch(batches: list[Batch], val: list[Batch], seed: int, out_dir: Path) 
     timer = StepTimer()
     trainer.callbacks.append(timer)  # last, so every other callback's per-step work is inside the timed step
     trainer.fit()
-    return timer.times
+    return timer.times, timer.cpu_end - timer.cpu_begin
 
 
 def main() -> int:
@@ -168,24 +184,33 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
 
     batches = make_batches(args.steps, args.batch_size, args.image_size, args.seed)
     val = make_batches(1, args.batch_size, args.image_size, args.seed + 1)
     times: dict[str, list[float]] = {"hand": [], "hat": []}
+    cpu: dict[str, float] = {"hand": 0.0, "hat": 0.0}
+    round_ratios: list[float] = []
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hat-bench-") as tmp:
         work = Path(tmp)
         hand_epoch(batches, args.seed)  # warm-up: allocator, kernels, lazy imports
         hat_epoch(batches, val, args.seed, work / "warmup")
         for r in range(args.rounds):
-            times["hand"] += hand_epoch(batches, args.seed)
-            times["hat"] += hat_epoch(batches, val, args.seed, work / f"round{r}")
+            for side, (steps, cpu_s) in (("hand", hand_epoch(batches, args.seed)),
+                                         ("hat", hat_epoch(batches, val, args.seed, work / f"round{r}"))):
+                times[side] += steps
+                cpu[side] += cpu_s
+            round_ratios.append(statistics.median(times["hat"][-args.steps:])
+                                / statistics.median(times["hand"][-args.steps:]))
     wall = time.perf_counter() - tic
 
     median = {side: statistics.median(values) for side, values in times.items()}
     mean = {side: statistics.fmean(values) for side, values in times.items()}
     ratio = median["hat"] / median["hand"]
+    # CPU time / (wall time x threads) over the timed steps: about 1 when the threads had the
+    # cores to themselves, well below when another process was running.
+    cpu_use = {side: cpu[side] / (sum(times[side]) * args.threads) for side in times}
+    busy = min(cpu_use.values()) < BUSY_CPU_USE
     result: dict[str, Any] = {
         "step_time_ratio": round(ratio, 4),
         "hat_step_ms": round(median["hat"] * 1e3, 3),
@@ -199,6 +224,9 @@ def main() -> int:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "timed_steps_per_side": len(times["hat"]),
+        "round_ratios": [round(x, 4) for x in round_ratios],
+        "cpu_use": {side: round(value, 3) for side, value in cpu_use.items()},
+        "machine_busy": busy,
         "wall_s": round(wall, 1),
         "target": TARGET,
         "target_met": ratio <= TARGET,
@@ -208,8 +236,14 @@ def main() -> int:
               f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps per side ({wall:.0f} s)")
         for side in ("hand", "hat"):
             print(f"{side:>5}: median {median[side] * 1e3:8.2f} ms/step, mean {mean[side] * 1e3:8.2f} ms/step")
+        print("per-round hat / hand medians: " + " ".join(f"{x:.3f}" for x in round_ratios))
         print(f"hat / hand: {ratio:.4f} (median), {mean['hat'] / mean['hand']:.4f} (mean); "
               f"target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'}")
+        print(f"CPU use over the timed steps (1 = all {args.threads} threads busy): "
+              f"hand {cpu_use['hand']:.2f}, hat {cpu_use['hat']:.2f}")
+        if busy:
+            print("warning: the threads did not have the cores to themselves (another process was running?); "
+                  "these timings are not representative, run again on an idle machine")
     print(json.dumps(result))
     return 0
 

@@ -63,8 +63,10 @@ class _PackedDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         if isinstance(key, tuple):
             epoch, index = key
+            # Only the CPU generator (the one the transforms draw from) is reseeded and restored;
+            # torch.manual_seed would also reset the CUDA generators that dropout uses.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.sample_seed, epoch, index))
+                torch.default_generator.manual_seed(_sample_seed(self.sample_seed, epoch, index))
                 return self._item(index)
         return self._item(key)
 
