@@ -297,6 +297,11 @@ class Trainer:
             self._close_progress()
             raise
         self._call("on_train_end")
+        if self.stop_reason is not None and self.dist.is_main:
+            from hatcli.progress import console
+
+            console.print(f"[yellow]{self.spec.stage}: stopped after epoch {self.epoch} of {self.spec.epochs}[/]: "
+                          f"{self.stop_reason}", soft_wrap=True)
         self._mode(self.raw_model, False)
         return {"metrics": self.metrics, "best": self.best, "epochs": self.epoch, "stopped": self.stop_reason,
                 "history": self.history,
