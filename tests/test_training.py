@@ -227,3 +227,16 @@ def test_the_builtin_early_stopping_callback_ends_a_stage_that_stopped_improving
     stages.train_float(lr)
     lines = [json.loads(x) for x in (lr.run_dir / "float" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]  # no gain of 100 points after epoch 1: stop after epoch 2
+
+
+class _Payload:
+    """Any class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused(tmp_path: Path) -> None:
+    from hatcli.errors import ArtifactError
+
+    path = tmp_path / "checkpoint-last.pt"
+    torch.save({"model": {}, "extra": _Payload()}, path)
+    with pytest.raises(ArtifactError, match="refusing to load .*pickled code"):
+        load_checkpoint(path)
