@@ -44,6 +44,20 @@ def test_run_the_whole_chain_on_tiny_data(hat, tiny_recipe, tiny_shapes, tmp_pat
         assert set(evals[stage]) == {"stage", "metrics"} and set(evals[stage]["metrics"]) == {"top1", "top5"}
         assert 0 <= evals[stage]["metrics"]["top1"] <= 100
 
+    # --compare runs several stages on the same images and reports their agreement
+    compared = hat("eval", tiny_recipe, "--stage", "deploy", "--compare", "qat,int_infer", "--json")
+    assert compared.code == 0, compared.err
+    report = compared.json()
+    assert report["stages"]["deploy"] == evals["deploy"]["metrics"]
+    assert report["stages"]["int_infer"] == evals["int_infer"]["metrics"]
+    pairs = {(p["a"], p["b"]): p for p in report["agreement"]}
+    assert set(pairs) == {("deploy", "qat"), ("deploy", "int_infer"), ("qat", "int_infer")}
+    assert all(p["images"] == 32 and 0 <= p["top1_agreement"] <= 100 for p in pairs.values())
+    assert report["output_step"]["min"] > 0  # the last linear's int32 accumulator step
+    assert pairs[("deploy", "int_infer")]["max_diff_steps"] >= 0
+    bad = hat("eval", tiny_recipe, "--stage", "deploy", "--compare", "qatt")
+    assert bad.code == 2 and "--compare takes stages" in bad.err
+
     # the exported files load without project code (torchao only registers the quantize ops)
     code = (
         "import torch, torchao, onnxruntime as ort, numpy as np, sys\n"

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json, print_metrics
+from hatcli.errors import UsageError
 
 EXAMPLES = """
 Examples:
@@ -17,6 +18,8 @@ Examples:
   hat eval recipes/quickstart.toml --stage int_infer --json
 
   hat eval recipes/quickstart.toml --stage deploy --artifact runs/quickstart/compile/nash_e-O3
+
+  hat eval recipes/quickstart.toml --stage deploy --compare qat,int_infer
 """
 
 
@@ -24,15 +27,49 @@ def evaluate(
     recipe: RecipeArg,
     stage: Annotated[str, typer.Option(help="float, calibration, qat, int_infer or deploy.")] = "float",
     artifact: Annotated[Path | None, typer.Option(help="Compiled artifact folder (deploy stage).")] = None,
+    compare: Annotated[str | None, typer.Option(
+        help="Other stages to run on the same images, comma-separated (e.g. qat,int_infer): "
+             "reports top-1 agreement and the largest output difference, in output steps.")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a stage: top-1/top-5 (classification) in percent."""
-    from hatcli.engine.stages import evaluate_stage
+    """Evaluate a stage: top-1/top-5 (classification) in percent; with --compare, how far stages agree."""
+    from hatcli.engine.stages import EVAL_STAGES, evaluate_stage
 
     lr = load(recipe, overrides)
-    result = evaluate_stage(lr, stage, artifact)
-    print_json(result) if json_out else print_metrics(stage, result["metrics"])
+    if compare is None:
+        result = evaluate_stage(lr, stage, artifact)
+        print_json(result) if json_out else print_metrics(stage, result["metrics"])
+        return
+    from hatcli.engine.compare import compare_stages
+
+    others = [s.strip() for s in compare.split(",") if s.strip()]
+    unknown = [s for s in [stage, *others] if s not in EVAL_STAGES]
+    if unknown or not others:
+        raise UsageError(f"--compare takes stages from {', '.join(EVAL_STAGES)}, comma-separated; got `{compare}`")
+    report = compare_stages(lr, [stage, *others], artifact)
+    if json_out:
+        print_json(report)
+        return
+    for name, metrics in report["stages"].items():
+        print_metrics(name, metrics)
+    _print_agreement(report)
+
+
+def _print_agreement(report: dict) -> None:
+    """The pairwise agreement table."""
+    from rich.table import Table
+
+    from hatcli.progress import stdout
+
+    steps = report["output_step"] is not None
+    table = Table("a", "b", "top-1 agreement", "max |diff|", *(["max diff (output steps)"] if steps else []))
+    for pair in report["agreement"]:
+        row = [pair["a"], pair["b"], f"{pair['top1_agreement']:.2f}% of {pair['images']}", f"{pair['max_abs_diff']:.3g}"]
+        if steps:
+            row.append(f"{pair['max_diff_steps']:.2f}")
+        table.add_row(*row)
+    stdout.print(table)
 
 
 def register(app: typer.Typer) -> None:
