@@ -149,7 +149,11 @@ class CalibrationStage(Strict):
     """`--stage calibration`: observers only, eval mode, from the float checkpoint."""
 
     num_batches: int = Field(16, gt=0)
-    observer: Literal["minmax"] = "minmax"
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    """Activation range statistic: `minmax` (observed extremes), `percentile` (clip at the
+    `percentile` of |x|, averaged over batches) or `mse` (clip where quantization MSE is lowest)."""
+    percentile: float = Field(99.99, gt=0, le=100)
+    """Percentile of |x| used by `observer = "percentile"` (0 < p <= 100)."""
 
 
 class QatStage(TrainingStage):

@@ -17,53 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
 
 from hatcli.engine import distributed
 from hatcli.engine.distributed import DistInfo, LaunchOutcome, launcher_command, run_launcher, sync_observers
 from hatcli.errors import UsageError
-from hatcli.family import ModelFamily
-from hatcli.quant.flow import prepare_quantized, set_mode
+from hatcli.quant.flow import prepare_quantized
 from hatcli.quant.march import load_march
+from tiny_nets import TinyFamily, rank_batches, run_two_ranks
+from tiny_nets import calibrate as _calibrate
 
 SIZE = (16, 16)
 THREADS = torch.get_num_threads()
 BATCHES = 2
-
-
-class TinyNet(nn.Module):
-    """conv-BN-ReLU (unsigned activations), a residual conv (signed), add+ReLU, pool, linear: every
-    kind of observer `MarchQuantizer` inserts, in a graph that exports in well under a second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.branch = nn.Conv2d(8, 8, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.stem(x)
-        y = torch.relu(y + self.branch(y))
-        return self.head(torch.flatten(self.pool(y), 1))
-
-
-class TinyFamily(ModelFamily):
-    name = "tiny_distributed"
-    task = "classification"
-
-    def build_float_model(self, config, num_classes):
-        return TinyNet()
-
-    def loss(self, outputs, targets):
-        raise NotImplementedError
-
-    def predict(self, outputs, topk=5):
-        raise NotImplementedError
-
-    def draw_predictions(self, image, prediction, class_names):
-        raise NotImplementedError
 
 
 def _prepared() -> torch.fx.GraphModule:
@@ -76,16 +41,7 @@ def _prepared() -> torch.fx.GraphModule:
 
 
 def _batches(rank: int) -> list[torch.Tensor]:
-    """Rank-dependent calibration data: rank r's inputs are (1 + 2r) times larger."""
-    gen = torch.Generator().manual_seed(100 + rank)
-    return [torch.randn(8, 3, *SIZE, generator=gen) * (1 + 2 * rank) for _ in range(BATCHES)]
-
-
-def _calibrate(prepared, batches) -> None:
-    set_mode(prepared, "calibrate")
-    with torch.no_grad():
-        for images in batches:
-            prepared(images)
+    return rank_batches(rank, SIZE, BATCHES)
 
 
 def _snapshot(module) -> dict[str, torch.Tensor]:
@@ -167,9 +123,7 @@ def _rank_main(rank: int, world_size: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
     """What each of two gloo ranks held before and after `sync_observers`."""
-    tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_rank_main, args=(2, str(tmp / "store"), str(tmp)), nprocs=2, join=True)
-    return torch.load(tmp / "rank0.pt"), torch.load(tmp / "rank1.pt")
+    return run_two_ranks(_rank_main, tmp_path_factory.mktemp("ranks"))
 
 
 def _ranges(snapshot: dict) -> dict[str, torch.Tensor]:

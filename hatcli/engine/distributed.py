@@ -17,7 +17,8 @@ evaluation counts are summed with `all_reduce_sum`, so every rank reports the sa
 Calibration is where plain data parallelism is not enough: each rank's observers see only its own
 shard, so each would end with its own activation ranges and its own scales, and the checkpoint
 would hold rank 0's. `sync_observers` all-reduces the observed ranges (MIN of the minimums, MAX of
-the maximums) and recomputes the fake-quant scales, so every rank holds exactly the scales one
+the maximums) and the clipping observers' threshold sums and counts (SUM), and recomputes the
+fake-quant scales, so every rank holds exactly the scales one
 process would have computed from all the batches. (HAT cannot calibrate under DDP; this is what
 it lacks.)
 
@@ -211,6 +212,13 @@ def _is_fake_quant(module: torch.nn.Module) -> bool:
             and callable(getattr(module, "calculate_qparams", None)))
 
 
+def _has_clip_stats(module: torch.nn.Module) -> bool:
+    """A clipping observer (`hatcli.quant.observers`): running `clip_sum` / `clip_count` of its
+    per-batch thresholds, to be summed over ranks."""
+    return isinstance(getattr(module, "clip_sum", None), torch.Tensor) and isinstance(
+        getattr(module, "clip_count", None), torch.Tensor)
+
+
 def find_observers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Every min/max observer in `module`, named, in module order (the same order on every rank)."""
     return [(name, m) for name, m in module.named_modules() if _is_observer(m)]
@@ -250,8 +258,13 @@ def sync_observers(module: torch.nn.Module) -> int:
     identical). An observer no rank has run (min +inf, or an empty per-channel range) is left as
     it is, on every rank alike; one that only some ranks ran takes those ranks' range.
 
+    Clipping observers (`calibration.observer` = percentile or mse) also hold the running sum and
+    count of their per-batch thresholds (`clip_sum`, `clip_count`): these are summed over ranks
+    before the scales are recomputed, so the threshold is the mean over every rank's batches.
+
     Returns the number of observers that hold a range (all of them synced). Three collectives in
-    all, whatever the model's size. In a single process nothing changes.
+    all (four with clipping observers), whatever the model's size. In a single process nothing
+    changes.
     """
     observers = find_observers(module)
     if not _initialized() or dist.get_world_size() == 1:
@@ -308,6 +321,18 @@ def sync_observers(module: torch.nn.Module) -> int:
                 buffer.resize_(shape)
             buffer.copy_(values.reshape(shape).to(buffer.device, buffer.dtype))
         synced.add(id(m))
+
+    # 4. clipping observers (percentile, mse): the threshold is a mean over batches, so SUM the
+    #    running sums and counts; every rank then holds the mean over all ranks' batches
+    clipping = [m for _, m in observers if _has_clip_stats(m)]
+    if clipping:
+        stats = torch.stack([torch.stack([m.clip_sum.to(device, torch.float64).reshape(()),
+                                          m.clip_count.to(device, torch.float64).reshape(())])
+                             for m in clipping])
+        all_reduce_sum(stats)
+        for m, (total, count) in zip(clipping, stats):
+            m.clip_sum.copy_(total.to(m.clip_sum.device, m.clip_sum.dtype))
+            m.clip_count.copy_(count.to(m.clip_count.device, m.clip_count.dtype))
     _refresh_fake_quants(module, synced)
     return len(synced)
 

@@ -180,7 +180,8 @@ def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[to
     model, state = load_float_model(lr, float_path)
     march = load_march(lr.recipe.quant.march)
     prepared, quantizer = prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
-                                            lr.recipe.quant.int16)
+                                            lr.recipe.quant.int16, observer=lr.recipe.calibration.observer,
+                                            percentile=lr.recipe.calibration.percentile)
     for op in quantizer.unquantized:
         warnings.warn(f"left in float (runs as CPU fallback): {op}", stacklevel=2)
     return prepared, state, quantizer.unquantized

@@ -57,12 +57,17 @@ def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
 
 
 def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_size: tuple[int, int],
-                      march: MarchProfile, int16: list[str]) -> tuple[GraphModule, MarchQuantizer]:
-    """Return the prepared (fake-quant) graph of the deploy model, and the quantizer used."""
+                      march: MarchProfile, int16: list[str], observer: str = "minmax",
+                      percentile: float = 99.99) -> tuple[GraphModule, MarchQuantizer]:
+    """Return the prepared (fake-quant) graph of the deploy model, and the quantizer used.
+
+    `observer` / `percentile` choose the activation observers (`calibration.observer`); the
+    calibration and QAT stages must pass the same ones, so a checkpoint loads into the rebuilt graph.
+    """
     if int16 and not march.quant.allow_int16:
         raise RecipeError(f"`quant.int16` asks for int16 but march `{march.name}` has no int16 "
                           f"activations; remove the patterns or choose another march")
-    quantizer = MarchQuantizer(march=march, int16=list(int16))
+    quantizer = MarchQuantizer(march=march, int16=list(int16), observer=observer, percentile=percentile)
     graph = export_deploy_graph(family, float_model, input_size)
     prepared = prepare_qat_pt2e(graph, quantizer)
     return prepared, quantizer

@@ -23,7 +23,6 @@ import torch
 from torch.fx import GraphModule, Node
 from torchao.quantization.pt2e import (
     FakeQuantize,
-    MinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
 )
 from torchao.quantization.pt2e.quantizer import (
@@ -35,6 +34,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from hatcli.quant.march import MarchProfile
+from hatcli.quant.observers import PercentileObserver, observer_class
 
 A = torch.ops.aten
 ANNOTATION_KEY = "quantization_annotation"
@@ -58,8 +58,14 @@ def _fake_quant(observer: type, **kwargs: object) -> object:
 
 
 @lru_cache(maxsize=None)
-def activation_spec(dtype: str = "int8", unsigned: bool = False) -> QuantizationSpec:
-    """Per-tensor activation spec with zero point 0: int8, uint8 (non-negative) or int16."""
+def activation_spec(dtype: str = "int8", unsigned: bool = False, observer: str = "minmax",
+                    percentile: float = 99.99) -> QuantizationSpec:
+    """Per-tensor activation spec with zero point 0: int8, uint8 (non-negative) or int16.
+
+    `observer` picks the range statistic (`hatcli.quant.observers`): `minmax`, `percentile`
+    (clips at the `percentile` of |x|) or `mse` (clips where quantization error is lowest).
+    Cached, so equal arguments give the same spec object (and one observer class per graph).
+    """
     if dtype == "int16":
         torch_dtype, qmin, qmax, scheme = torch.int16, -32768, 32767, torch.per_tensor_symmetric
     elif unsigned:
@@ -67,7 +73,9 @@ def activation_spec(dtype: str = "int8", unsigned: bool = False) -> Quantization
         torch_dtype, qmin, qmax, scheme = torch.uint8, 0, 255, torch.per_tensor_affine
     else:
         torch_dtype, qmin, qmax, scheme = torch.int8, -128, 127, torch.per_tensor_symmetric
-    ctr = _fake_quant(MinMaxObserver, dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme)
+    cls = observer_class(observer)
+    extra = {"percentile": float(percentile)} if cls is PercentileObserver else {}
+    ctr = _fake_quant(cls, dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme, **extra)
     return QuantizationSpec(dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme,
                             observer_or_fake_quant_ctr=ctr)
 
@@ -109,10 +117,16 @@ def module_path(node: Node) -> str:
 
 @dataclass
 class MarchQuantizer(Quantizer):
-    """Annotates a graph for one march; `int16` holds module-name patterns computed in int16."""
+    """Annotates a graph for one march; `int16` holds module-name patterns computed in int16.
+
+    `observer` (`minmax`, `percentile`, `mse`) and `percentile` choose the activation observers
+    (the recipe's `calibration.observer`); weights always use per-channel min/max.
+    """
 
     march: MarchProfile
     int16: list[str] = field(default_factory=list)
+    observer: str = "minmax"
+    percentile: float = 99.99
     unquantized: list[str] = field(default_factory=list)
     int16_nodes: list[str] = field(default_factory=list)
 
@@ -121,21 +135,24 @@ class MarchQuantizer(Quantizer):
         path = module_path(node)
         if self.int16 and any(fnmatch.fnmatch(path, p) for p in self.int16):
             self.int16_nodes.append(f"{path or node.name}")
-            return activation_spec("int16")
-        return activation_spec("int8", unsigned=non_negative and self.march.quant.unsigned_after_relu)
+            return self._activation_spec("int16")
+        return self._activation_spec("int8", unsigned=non_negative and self.march.quant.unsigned_after_relu)
+
+    def _activation_spec(self, dtype: str, unsigned: bool = False) -> QuantizationSpec:
+        percentile = self.percentile if self.observer == "percentile" else 99.99
+        return activation_spec(dtype, unsigned, self.observer, percentile)
 
     @staticmethod
     def _annotate(node: Node, inputs: dict | None = None, output: object = None) -> None:
         node.meta[ANNOTATION_KEY] = QuantizationAnnotation(
             input_qspec_map=inputs or {}, output_qspec=output, _annotated=True)
 
-    @staticmethod
-    def _input_spec(x: Node) -> QuantizationSpec | SharedQuantizationSpec:
+    def _input_spec(self, x: Node) -> QuantizationSpec | SharedQuantizationSpec:
         """Share the producer's quantizer when it has one, so no needless requantization."""
         annotation = x.meta.get(ANNOTATION_KEY)
         if annotation is not None and annotation.output_qspec is not None:
             return SharedQuantizationSpec(x)
-        return activation_spec("int8")
+        return self._activation_spec("int8")
 
     @staticmethod
     def _single_user(node: Node, ops: set) -> Node | None:
