@@ -23,7 +23,8 @@ from hatcli.data.datasets import (
     detection_collate,
     open_dataset,
 )
-from hatcli.data.lmdb_format import META_KEY, LmdbWriter, open_packed, record_key, verify_packed
+from hatcli.data.lmdb_format import META_KEY, open_packed, record_key, verify_packed
+from hatcli.data.lmdb_writer import LmdbWriter
 from hatcli.data.shapes import CLASSES, pack_shapes
 from hatcli.data.transforms import TRANSFORMS, build_transforms
 from hatcli.errors import DataError, RecipeError

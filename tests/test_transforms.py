@@ -20,9 +20,8 @@ from hatcli.data.transforms import (
     TRANSFORMS,
     build_batch_transforms,
     build_transforms,
-    hsv_to_rgb,
-    rgb_to_hsv,
 )
+from hatcli.data.transform_ops import hsv_to_rgb, rgb_to_hsv
 from hatcli.errors import RecipeError
 
 DEVICES = [

@@ -12,6 +12,7 @@ the same whichever worker or process loads it, and a resumed run repeats it exac
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
-class _PackedDataset(Dataset):
+class _PackedDataset(Dataset, ABC):
     """Common part: the reader, the kind check, `.meta`, `.classes`, `len`."""
 
     kind = ""
@@ -70,8 +71,9 @@ class _PackedDataset(Dataset):
                 return self._item(index)
         return self._item(key)
 
+    @abstractmethod
     def _item(self, index: int) -> Any:
-        raise NotImplementedError
+        """Record `index` decoded and transformed: what `__getitem__` returns."""
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hatcli.atomic import atomic_write_text
-from hatcli.data.lmdb_format import LmdbWriter
+from hatcli.data.lmdb_writer import LmdbWriter
 from hatcli.errors import DataError, Interrupted, UsageError
 from hatcli.family import PackResult
 

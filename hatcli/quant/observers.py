@@ -20,6 +20,7 @@ rebuilt graph) and can be summed across ranks. The threshold used is their mean.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 from torchao.quantization.pt2e import MinMaxObserver
@@ -59,9 +60,9 @@ class _ClippingObserver(MinMaxObserver):
         self.register_buffer("clip_sum", torch.tensor(0.0, dtype=torch.float64, device=device))
         self.register_buffer("clip_count", torch.tensor(0.0, dtype=torch.float64, device=device))
 
+    @abstractmethod
     def batch_threshold(self, x: torch.Tensor) -> torch.Tensor:
         """The clipping threshold (a 0-d tensor, > 0) chosen from one batch `x` (float32, non-empty)."""
-        raise NotImplementedError
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         """Record the running min / max, and add this batch's threshold to the running sum."""
