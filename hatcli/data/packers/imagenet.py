@@ -19,6 +19,7 @@ from hatcli.data.packing import (
     add_summary,
     check_image,
     db_path,
+    file_signature,
     fingerprint,
     read_file,
     rejection,
@@ -61,13 +62,8 @@ def list_images(folder: Path) -> tuple[list[str], list[Item], list[list[Any]], i
             if not entry.name.lower().endswith(IMAGE_SUFFIXES) or entry.is_dir():
                 ignored += 1
                 continue
-            try:
-                st = entry.stat()
-                signature = [f"{name}/{entry.name}", st.st_size, st.st_mtime_ns]
-            except OSError as exc:
-                signature = [f"{name}/{entry.name}", "error", exc.errno]
             items.append((entry.path, label, f"{name}/{entry.name}"))
-            signatures.append(signature)
+            signatures.append([f"{name}/{entry.name}", *file_signature(Path(entry.path))])
     if not items:
         raise DataError(f"{folder} has class folders but no {'/'.join(IMAGE_SUFFIXES)} images in them")
     return classes, items, signatures, ignored
