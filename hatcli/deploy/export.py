@@ -44,7 +44,7 @@ def export_onnx(program: torch.export.ExportedProgram, example: tuple, path: Pat
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
             warnings.simplefilter("ignore")
             torch.onnx.export(program, example, str(tmp), dynamo=True, input_names=[INPUT_NAME],
-                              output_names=output_names, external_data=False)
+                              output_names=output_names, external_data=False, opset_version=21)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         print(chatter.getvalue(), file=sys.stderr)

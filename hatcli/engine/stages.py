@@ -271,7 +271,10 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
         model, state = load_prepared(lr, stage)
         set_mode(model, "eval")
     elif stage == "int_infer":
-        model, state = integer_model(lr)
+        from hatcli.quant.integer import integer_program
+
+        reference, state = integer_model(lr)
+        model = integer_program(reference)
     elif stage == "deploy":
         from hatcli.deploy.runtime import load_artifact
 

@@ -1,0 +1,353 @@
+"""The `int_infer` model: the integer program computed with integer arithmetic, as deployed.
+
+`convert_pt2e` gives a *reference* program: every quantized op is written as
+dequantize -> float op -> quantize. That is the standard interchange form (it is what `hat export`
+writes to ONNX), but it does not compute what an integer accelerator computes: the float conv
+sums rounded products in some order, and torch's quantize multiplies by the reciprocal of the
+scale. Near a rounding boundary both differ from the integer result by one step, and one step in
+an early layer moves the logits by hundreds of output steps.
+
+`integer_program` rewrites a copy of the reference program so that each quantized op computes
+exactly what the deployed runtime computes:
+
+- quantize (the model input): ``q = clamp(round_half_even(x / s)) + z`` (a division, in float32);
+- conv / linear: the int32 accumulator ``sum((q_x - z_x) * q_w) + q_bias`` is computed exactly,
+  then requantized with the per-channel float32 multiplier ``m = (s_x * s_w) / s_y``:
+  ``q_y = clamp(round_half_even(float32(acc) * m)) + z_y`` (ReLU is the clamp at z_y). A conv or
+  linear that is a graph output returns ``float32(acc) * (s_x * s_w)`` (the dequantized int32);
+- global average pooling: the exact integer sum, requantized with ``s_x / (s_y * N)``;
+- add: ``(q_a - z_a) * (s_a / s_y) + (q_b - z_b) * (s_b / s_y)`` in float32, one rounding per
+  operation, then rounded half to even (the compiler lowers the add to exactly these ops).
+
+Those are the formulas of the kernels the compiled artifact runs (ONNX Runtime's QLinearConv,
+QGemm, QuantizeLinear, QLinearGlobalAveragePool: round half to even, float32 multiplier; and the
+explicit add of `hatcli.deploy.lowering`), so the integer program and the artifact agree bit for
+bit on these ops. Ops without a rule here keep their reference
+form (they run in float in the artifact too).
+
+The accumulator is computed as a float convolution of integer values, which is exact while every
+partial sum stays below 2**24 in float32 (checked from the operand ranges) and otherwise done in
+float64 (exact below 2**53).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+from torch.fx import GraphModule, Node
+
+QD = torch.ops.quantized_decomposed
+A = torch.ops.aten
+Q_TENSOR = {QD.quantize_per_tensor.default}
+DQ_TENSOR = {QD.dequantize_per_tensor.default}
+DQ_CHANNEL = {QD.dequantize_per_channel.default}
+CONV = {A.conv2d.default}
+LINEAR = {A.linear.default}
+RELU = {A.relu.default, A.relu_.default}
+ADD = {A.add.Tensor, A.add_.Tensor}
+GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
+EXACT_FLOAT32_LIMIT = 2**24
+
+
+def _f32(value: float | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32)
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties to even (what the runtime's float->int conversion does)."""
+    return torch.round(x)
+
+
+def quantize_input(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Quantize a float tensor as the runtime does: divide by the scale (float32), round half to
+    even, clamp, add the zero point."""
+    q = round_half_even(x.to(torch.float32) / _f32(scale))
+    return (q.clamp(qmin - zero_point, qmax - zero_point) + zero_point).to(dtype)
+
+
+def _accumulate(op: str, x: torch.Tensor, w: torch.Tensor, x_bound: int, conv_args: tuple) -> torch.Tensor:
+    """Exact integer accumulation of an int conv/linear, returned as float64 integer values."""
+    fan_in = w[0].numel()
+    w_bound = int(w.abs().max()) if w.numel() else 0
+    exact32 = fan_in * x_bound * w_bound < EXACT_FLOAT32_LIMIT
+    dtype = torch.float32 if exact32 else torch.float64
+    xf, wf = x.to(dtype), w.to(dtype)
+    with _exact_cuda_math(x.is_cuda):
+        if op == "conv2d":
+            acc = torch.nn.functional.conv2d(xf, wf, None, *conv_args)
+        else:
+            acc = torch.nn.functional.linear(xf, wf)
+    return acc.to(torch.float64)
+
+
+@contextlib.contextmanager
+def _exact_cuda_math(on_cuda: bool):
+    """TF32 rounds int16 operands; keep full float32 products for the duration of one op."""
+    if not on_cuda:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _channel_view(values: torch.Tensor, op: str) -> torch.Tensor:
+    return values.reshape(1, -1, 1, 1) if op == "conv2d" else values.reshape(1, -1)
+
+
+def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin: int, x_qmax: int,
+                 q_w: torch.Tensor, w_scale: torch.Tensor, q_bias: torch.Tensor | None,
+                 conv_args: tuple, y_scale: float | None, y_zero: int, y_qmin: int, y_qmax: int,
+                 y_dtype: torch.dtype | None, relu: bool) -> torch.Tensor:
+    """One quantized conv2d / linear in integer arithmetic (see the module docstring).
+
+    Returns the requantized output (dtype `y_dtype`), or, when `y_scale` is None (the op is a
+    graph output), the dequantized int32 accumulator in float32.
+    """
+    x = q_x.to(torch.int32) - x_zero
+    x_bound = max(abs(x_qmin - x_zero), abs(x_qmax - x_zero))
+    acc = _accumulate(op, x, q_w.to(torch.int32), x_bound, conv_args)
+    if q_bias is not None:
+        acc = acc + _channel_view(q_bias.to(torch.float64), op)
+    acc32 = acc.to(torch.float32)  # int32 -> float32, round to nearest even, as the runtime does
+    product = _f32(x_scale) * w_scale.to(torch.float32)
+    if y_scale is None:
+        out = acc32 * _channel_view(product, op)
+        return torch.relu(out) if relu else out
+    multiplier = _channel_view(product / _f32(y_scale), op)
+    lo = max(y_qmin, y_zero) if relu else y_qmin
+    q = round_half_even(acc32 * multiplier).clamp(lo - y_zero, y_qmax - y_zero) + y_zero
+    return q.to(y_dtype)
+
+
+def int_add(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
+            y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype,
+            relu: bool) -> torch.Tensor:
+    """Elementwise add of two quantized tensors, one float32 operation at a time:
+    ``(q_a - z_a) * (s_a / s_y) + (q_b - z_b) * (s_b / s_y)``, rounded half to even (the compiled
+    artifact runs the same sequence, see `hatcli.deploy.lowering.lower_quantized_add`)."""
+    y = _f32(y_scale)
+    a = (q_a.to(torch.int32) - a_zero).to(torch.float32) * (_f32(a_scale) / y)
+    b = (q_b.to(torch.int32) - b_zero).to(torch.float32) * (_f32(b_scale) / y)
+    total = a + b
+    if relu:
+        total = torch.relu(total)
+    return (round_half_even(total).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
+
+
+def int_global_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float, y_zero: int,
+                        y_qmin: int, y_qmax: int, y_dtype: torch.dtype, keepdim: bool) -> torch.Tensor:
+    """Global average pooling over H, W: exact integer sum, requantized with s_x / (s_y * N)."""
+    n = q_x.shape[-1] * q_x.shape[-2]
+    acc = (q_x.to(torch.float64) - x_zero).sum(dim=(-2, -1), keepdim=keepdim).to(torch.float32)
+    multiplier = _f32(x_scale) / (_f32(y_scale) * _f32(float(n)))
+    q = round_half_even(acc * multiplier).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero
+    return q.to(y_dtype)
+
+
+# -- graph rewriting ----------------------------------------------------------------------------
+
+
+@dataclass
+class _QParams:
+    """Per-tensor quantization parameters read off a quantize / dequantize node."""
+
+    source: Node
+    scale: float
+    zero: int
+    qmin: int
+    qmax: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, node: Node) -> "_QParams | None":
+        if not isinstance(node, Node) or node.op != "call_function":
+            return None
+        if node.target not in Q_TENSOR and node.target not in DQ_TENSOR:
+            return None
+        source, scale, zero, qmin, qmax, dtype = node.args[:6]
+        if not all(isinstance(v, (int, float)) for v in (scale, zero, qmin, qmax)):
+            return None  # tensor-valued qparams: not a converted static program
+        return cls(source, float(scale), int(zero), int(qmin), int(qmax), dtype)
+
+
+def _single_user(node: Node) -> Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _output_quantize(node: Node) -> tuple[Node | None, bool, Node | None]:
+    """(relu node or None, whether a ReLU follows, the quantize node or None if float output)."""
+    user = _single_user(node)
+    relu = None
+    if user is not None and user.op == "call_function" and user.target in RELU:
+        relu, user = user, _single_user(user)
+    if user is not None and user.op == "call_function" and user.target in Q_TENSOR:
+        return relu, relu is not None, user
+    return relu, relu is not None, None
+
+
+def _is_graph_output(node: Node) -> bool:
+    return any(u.op == "output" for u in node.users)
+
+
+def _weight_parts(gm: GraphModule, node: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 weight, per-channel scale) of a dequantize_per_channel of constant attributes."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in DQ_CHANNEL):
+        return None
+    q, scale, zero = node.args[:3]
+    if not all(isinstance(n, Node) and n.op == "get_attr" for n in (q, scale, zero)):
+        return None
+    zero_t = _attr(gm, zero.target)
+    if bool((zero_t != 0).any()):
+        return None
+    return _attr(gm, q.target), _attr(gm, scale.target)
+
+
+def _attr(gm: GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bias_part(gm: GraphModule, node: object) -> torch.Tensor | None | bool:
+    """The int32 bias of a dequantized int32 bias, None when there is no bias, False if unusable."""
+    if node is None:
+        return None
+    parts = _weight_parts(gm, node)
+    return False if parts is None else parts[0]
+
+
+class _Rewriter:
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.count = 0
+        self.rewritten: list[str] = []
+
+    def constant(self, value: torch.Tensor, stem: str) -> Node:
+        name = f"_int_{stem}_{self.count}"
+        self.count += 1
+        self.gm.register_buffer(name, value.detach().clone())
+        return self.gm.graph.get_attr(name)
+
+    def weighted(self, node: Node) -> bool:
+        op = "conv2d" if node.target in CONV else "linear"
+        xq = _QParams.of(node.args[0])
+        weights = _weight_parts(self.gm, node.args[1])
+        bias_arg = node.args[2] if len(node.args) > 2 else None
+        bias = _bias_part(self.gm, bias_arg)
+        if xq is None or weights is None or bias is False or node.args[0].target not in DQ_TENSOR:
+            return False
+        if op == "conv2d":
+            conv_args = tuple(node.args[3:]) + ([1, 1], [0, 0], [1, 1], 1)[len(node.args[3:]):]
+        else:
+            conv_args = ()
+        relu_node, relu, quant = _output_quantize(node)
+        last = quant or relu_node or node
+        if quant is None and not _is_graph_output(relu_node or node):
+            return False
+        yq = _QParams.of(quant) if quant is not None else None
+        if quant is not None and yq is None:
+            return False
+        q_w, w_scale = weights
+        graph = self.gm.graph
+        with graph.inserting_before(last):
+            args = (op, xq.source, xq.scale, xq.zero, xq.qmin, xq.qmax,
+                    self.constant(q_w, "weight"), self.constant(w_scale, "weight_scale"),
+                    None if bias is None else self.constant(bias, "bias"), conv_args,
+                    None if yq is None else yq.scale, 0 if yq is None else yq.zero,
+                    0 if yq is None else yq.qmin, 0 if yq is None else yq.qmax,
+                    None if yq is None else yq.dtype, relu)
+            new = graph.call_function(int_weighted, args)
+        last.replace_all_uses_with(new)
+        self.rewritten.append(f"{op} {node.name}")
+        return True
+
+    def global_pool(self, node: Node) -> bool:
+        xq = _QParams.of(node.args[0])
+        if xq is None or node.args[0].target not in DQ_TENSOR:
+            return False
+        if node.target == A.adaptive_avg_pool2d.default:
+            if list(node.args[1]) != [1, 1]:
+                return False
+            keepdim = True
+        else:
+            dims = sorted(d % 4 for d in node.args[1])
+            if dims != [2, 3]:
+                return False
+            keepdim = bool(node.args[2]) if len(node.args) > 2 else False
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        if yq is None:
+            return False
+        with self.gm.graph.inserting_before(quant):
+            new = self.gm.graph.call_function(int_global_avg_pool, (
+                xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, keepdim))
+        quant.replace_all_uses_with(new)
+        self.rewritten.append(f"global_avg_pool {node.name}")
+        return True
+
+    def add(self, node: Node) -> bool:
+        if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            return False
+        aq, bq = _QParams.of(node.args[0]), _QParams.of(node.args[1])
+        if aq is None or bq is None or node.args[0].target not in DQ_TENSOR or node.args[1].target not in DQ_TENSOR:
+            return False
+        relu_node, relu, quant = _output_quantize(node)
+        yq = _QParams.of(quant) if quant is not None else None
+        if yq is None:
+            return False
+        with self.gm.graph.inserting_before(quant):
+            new = self.gm.graph.call_function(int_add, (
+                aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
+                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu))
+        quant.replace_all_uses_with(new)
+        self.rewritten.append(f"add {node.name}")
+        return True
+
+    def input_quantize(self, node: Node) -> bool:
+        q = _QParams.of(node)
+        if q is None or not isinstance(q.source, Node) or q.source.op != "placeholder":
+            return False
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_function(quantize_input, (q.source, q.scale, q.zero, q.qmin, q.qmax, q.dtype))
+        node.replace_all_uses_with(new)
+        self.rewritten.append(f"quantize {node.name}")
+        return True
+
+
+def integer_program(reference: GraphModule) -> GraphModule:
+    """A copy of the converted (reference) program whose quantized ops compute in integers.
+
+    The copy's `integer_ops` attribute lists what was rewritten; everything else keeps its
+    reference (float) form.
+    """
+    gm = copy.deepcopy(reference)
+    rewriter = _Rewriter(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in Q_TENSOR:
+            rewriter.input_quantize(node)
+        elif node.target in CONV or node.target in LINEAR:
+            rewriter.weighted(node)
+        elif node.target in GLOBAL_POOL:
+            rewriter.global_pool(node)
+        elif node.target in ADD:
+            rewriter.add(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.integer_ops = list(rewriter.rewritten)
+    return gm
+
+
+__all__ = ["integer_program", "int_weighted", "int_global_avg_pool", "quantize_input", "round_half_even"]

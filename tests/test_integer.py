@@ -1,0 +1,113 @@
+"""The `int_infer` model computes in integers exactly what the compiled artifact computes."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from hatcli.deploy.compile import compile_model
+from hatcli.deploy.export import export_onnx
+from hatcli.deploy.runtime import load_artifact
+from hatcli.quant.flow import convert_to_integer, export_program, prepare_quantized
+from hatcli.quant.integer import _accumulate, int_add, integer_program, quantize_input
+from hatcli.quant.march import load_march
+from tiny_nets import TinyFamily, TinyNet, calibrate
+
+SIZE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    """(reference program, integer program, compiled artifact runner, compiled ONNX) of TinyNet."""
+    torch.manual_seed(0)
+    prepared, _ = prepare_quantized(TinyFamily(), TinyNet().eval(), SIZE, load_march("nash_e"), [])
+    calibrate(prepared, [torch.randn(8, 3, *SIZE) for _ in range(3)])
+    reference = convert_to_integer(prepared)
+    folder = tmp_path_factory.mktemp("integer")
+    example = (torch.randn(2, 3, *SIZE),)
+    export_onnx(export_program(reference, example), example, folder / "model.onnx", ["logits"])
+    compile_model(folder / "model.onnx", load_march("nash_e"), 3, folder / "compiled", {"shape": ["N", 3, *SIZE]})
+    return reference, integer_program(reference), load_artifact(folder / "compiled"), folder / "compiled" / "model.onnx"
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def test_every_quantized_op_of_the_program_is_rewritten_to_integer_arithmetic(programs):
+    _, integer, _, _ = programs
+    kinds = collections.Counter(op.split()[0] for op in integer.integer_ops)
+    assert kinds == {"quantize": 1, "conv2d": 2, "add": 1, "global_avg_pool": 1, "linear": 1}
+
+
+def test_integer_program_and_compiled_artifact_agree_bit_for_bit(programs):
+    reference, integer, runner, _ = programs
+    gen = torch.Generator().manual_seed(1)
+    # wide inputs saturate the input quantizer and the activations: the clamps must agree too
+    images = torch.cat([torch.randn(128, 3, *SIZE, generator=gen), 4 * torch.randn(128, 3, *SIZE, generator=gen)])
+    with torch.no_grad():
+        ours = _first(integer(images))
+        theirs = torch.from_numpy(runner.run(images.numpy())[0])
+        ref = _first(reference(images))
+    assert torch.equal(ours, theirs)
+    # the dequantize -> float op -> quantize reference does not: that is why int_infer exists
+    assert (ref - theirs).abs().max() > 0
+
+
+def test_the_compiler_lowers_add_and_global_pooling_to_exact_ops(programs):
+    *_, compiled = programs
+    ops = collections.Counter(node.op_type for node in onnx.load(str(compiled)).graph.node)
+    assert ops["QLinearGlobalAveragePool"] == 1
+    assert ops["QLinearAdd"] == 0 and ops["Cast"] == 2 and ops["QLinearConv"] == 2
+
+
+def test_quantize_divides_by_the_scale_and_rounds_ties_to_even():
+    scale = 0.1
+    x = torch.tensor([0.05, 0.15, 0.25, -0.05, -0.15, 100.0, -100.0])
+    q = quantize_input(x, scale, 0, -128, 127, torch.int8)
+    expected = torch.round(x / torch.tensor(scale)).clamp(-128, 127).to(torch.int8)
+    assert torch.equal(q, expected)
+    assert q[-2:].tolist() == [127, -128]
+    ties = quantize_input(torch.tensor([0.5, 1.5, 2.5, -0.5]), 1.0, 0, -128, 127, torch.int8)
+    assert ties.tolist() == [0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("fan_in_channels", [8, 600])
+def test_accumulation_is_exact_in_float32_and_in_float64(fan_in_channels):
+    gen = torch.Generator().manual_seed(fan_in_channels)
+    x = torch.randint(-128, 128, (2, fan_in_channels, 5, 5), generator=gen, dtype=torch.int32)
+    w = torch.randint(-127, 128, (4, fan_in_channels, 3, 3), generator=gen, dtype=torch.int32)
+    acc = _accumulate("conv2d", x, w, 128, ([1, 1], [1, 1], [1, 1], 1))
+    cols = torch.nn.functional.unfold(x.double(), 3, padding=1).to(torch.int64)  # exact integers
+    exact = torch.einsum("ok,nkl->nol", w.reshape(4, -1).to(torch.int64), cols).reshape(2, 4, 5, 5)
+    assert torch.equal(acc.to(torch.int64), exact)
+
+
+def test_add_rounds_each_float32_step_like_the_lowered_graph():
+    a = torch.tensor([10, -3, 127], dtype=torch.int8)
+    b = torch.tensor([5, 3, 127], dtype=torch.int8)
+    out = int_add(a, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8, relu=False)
+    expected = torch.round(a.float() * torch.tensor(0.4) + b.float() * torch.tensor(0.8)).clamp(-128, 127)
+    assert out.tolist() == expected.to(torch.int8).tolist()
+    assert int_add(a, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8, relu=True).min() >= 0
+
+
+def test_int_infer_stage_uses_the_integer_program(monkeypatch, tmp_path: Path):
+    from hatcli.engine import stages
+
+    calls = []
+    monkeypatch.setattr(stages, "integer_model", lambda lr: (calls.append(lr) or programs_stub(), {"classes": ["a"]}))
+    model, classes = stages.stage_model(object(), "int_infer")
+    assert calls and hasattr(model, "integer_ops") and classes == ["a"]
+
+
+def programs_stub() -> torch.fx.GraphModule:
+    """A converted program small enough to build in a test body."""
+    torch.manual_seed(0)
+    prepared, _ = prepare_quantized(TinyFamily(), TinyNet().eval(), (8, 8), load_march("nash_e"), [])
+    calibrate(prepared, [torch.randn(2, 3, 8, 8)])
+    return convert_to_integer(prepared)
