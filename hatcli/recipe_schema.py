@@ -162,6 +162,11 @@ class QatStage(TrainingStage):
     enabled: bool = True
     epochs: int = Field(1, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-3, schedule="constant", weight_decay=0.0)
+    activation_scales: Literal["frozen", "learned"] = "frozen"
+    """Activation quantization scales during QAT: `frozen` keeps the calibrated ones (HAT's
+    `averaging_constant = 0`); `learned` starts from them and trains them with the weights (LSQ,
+    `hatcli.quant.lsq`: straight-through rounding, gradient scale 1/sqrt(features x qmax), zero
+    point fixed at 0, no weight decay). The integer model uses the scales QAT ends with."""
 
 
 class QuantConfig(Strict):

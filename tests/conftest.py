@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from hatcli.main import run_cli
 
@@ -100,3 +101,13 @@ def fresh_plugins() -> Callable[[], None]:
 
     yield lambda: load_plugins(reload=True)
     load_plugins(reload=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is faster (no intra-op sync), bitwise reproducible, and matches the
+    kernels of spawned single-thread ranks. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

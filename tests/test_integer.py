@@ -15,7 +15,7 @@ from hatcli.deploy.runtime import load_artifact
 from hatcli.quant.flow import convert_to_integer, export_program, prepare_quantized
 from hatcli.quant.integer import _accumulate, int_add, integer_program, quantize_input
 from hatcli.quant.march import load_march
-from tiny_nets import TinyFamily, TinyNet, calibrate
+from tiny_nets import MiniEfficientDet, TinyFamily, TinyNet, calibrate
 
 SIZE = (16, 16)
 
@@ -111,3 +111,33 @@ def programs_stub() -> torch.fx.GraphModule:
     prepared, _ = prepare_quantized(TinyFamily(), TinyNet().eval(), (8, 8), load_march("nash_e"), [])
     calibrate(prepared, [torch.randn(2, 3, 8, 8)])
     return convert_to_integer(prepared)
+
+
+class _MiniDetFamily(TinyFamily):
+    def build_float_model(self, config, num_classes):
+        return MiniEfficientDet()
+
+
+def test_efficientnet_fpn_fcos_ops_agree_with_the_artifact(tmp_path: Path):
+    """SiLU, squeeze-excite (mean, sigmoid, mul), residual add, nearest and bilinear upsampling,
+    cat, a learnable head scale and exp: on `host` every one of them is integer in both programs."""
+    torch.manual_seed(0)
+    march = load_march("host")
+    prepared, _ = prepare_quantized(_MiniDetFamily(), MiniEfficientDet().eval(), SIZE, march, [])
+    calibrate(prepared, [torch.randn(8, 3, *SIZE) for _ in range(3)])
+    reference = convert_to_integer(prepared)
+    integer = integer_program(reference)
+    kinds = collections.Counter(op.split()[0] for op in integer.integer_ops)
+    assert kinds["table"] >= 6 and kinds["mul"] >= 4 and kinds["resample"] == 1 and kinds["add"] == 2
+    example = (torch.randn(2, 3, *SIZE),)
+    export_onnx(export_program(reference, example), example, tmp_path / "model.onnx", ["cls", "reg"])
+    compile_model(tmp_path / "model.onnx", march, 3, tmp_path / "compiled", {"shape": ["N", 3, *SIZE]})
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "compiled" / "model.onnx")).graph.node)
+    assert ops["Gather"] >= 6 and not ops["QLinearMul"] and not ops["QLinearSigmoid"]
+    images = 1.5 * torch.randn(64, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cls, reg = integer(images)
+    theirs = load_artifact(tmp_path / "compiled").run(images.numpy())
+    assert torch.equal(reg, torch.from_numpy(theirs[1]))  # exp table: an integer output, bit for bit
+    # the class head is a float output (dequantized accumulator): equal up to float32 rounding
+    assert torch.allclose(cls, torch.from_numpy(theirs[0]), rtol=0, atol=1e-6)

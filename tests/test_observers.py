@@ -35,13 +35,7 @@ SIZE = (16, 16)
 CLASSES = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MseObserver}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster (no intra-op sync), and matches the spawned ranks' kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _with_outliers(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hatcli.commands._options import JsonOpt, SetOpt, print_json
+from hatcli.commands._options import JsonOpt, SetOpt, load, print_json
 from hatcli.commands._targets import march_name, resolve_onnx
+from hatcli.errors import UsageError
 from hatcli.progress import stdout
 
 EXAMPLES = """
@@ -20,6 +21,10 @@ Examples:
   hat check --model model.onnx --march bayes --json
 
   hat check --list-marches
+
+  hat check recipes/quickstart.toml --sensitivity --batches 4
+
+  hat check recipes/quickstart.toml --sensitivity --json
 """
 
 
@@ -28,10 +33,17 @@ def check(
     model: Annotated[Path | None, typer.Option(help="An ONNX file to check instead of a recipe's export.")] = None,
     march: Annotated[str | None, typer.Option(help="bayes, nash_e, nash_m, nash_p or host (default: the recipe's).")] = None,
     list_marches: Annotated[bool, typer.Option("--list-marches", help="Show every march profile and exit.")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank quantized layers by what quantizing each "
+                                              "alone costs (needs the calibration stage).")] = False,
+    batches: Annotated[int | None, typer.Option(min=1, help="With --sensitivity: val batches to use "
+                                                         "(default all).")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check every op against the march profile; exit 1 when some fall back to the CPU."""
+    """Check every op against the march profile; exit 1 when some fall back to the CPU.
+
+    With --sensitivity: rank the recipe's quantized layers by what quantizing each alone costs.
+    """
     from hatcli.quant.march import list_marches as all_marches
     from hatcli.quant.march import load_march
 
@@ -47,6 +59,11 @@ def check(
                           "estimated" if p.estimated else "measured")
         stdout.print(table)
         return
+    if sensitivity:
+        _sensitivity(recipe, model, march, batches, overrides, json_out)
+        return
+    if batches is not None:
+        raise UsageError("--batches applies to --sensitivity")
     from hatcli.deploy.check import check_model
 
     onnx_path, lr = resolve_onnx(recipe, model, overrides)
@@ -64,6 +81,30 @@ def check(
         stdout.print(f"{onnx_path} on {profile.name}: {verdict}")
     if not report.supported:
         raise typer.Exit(1)
+
+
+def _sensitivity(recipe: Path | None, model: Path | None, march: str | None, batches: int | None,
+                 overrides: list[str] | None, json_out: bool) -> None:
+    """`hat check RECIPE --sensitivity`: the ranked table (or JSON) of per-layer quantization cost."""
+    from hatcli.quant.sensitivity import layer_sensitivity
+
+    if recipe is None or model is not None:
+        raise UsageError("--sensitivity needs a RECIPE (not --model): it measures the recipe's calibrated model")
+    lr = load(recipe, overrides)
+    if march and march != lr.recipe.quant.march:
+        raise UsageError(f"--sensitivity uses the recipe's march (`{lr.recipe.quant.march}`) and calibration; "
+                         f"to try `{march}`, use --set quant.march={march} and calibrate again")
+    report = layer_sensitivity(lr, batches)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    table = Table("rank", "layer", "op", "dtype", f"drop ({report.metric})", "SQNR dB",
+                  title=f"quantizing one layer alone, {report.images} val images")
+    for i, row in enumerate(report.layers, start=1):
+        colour = "red" if row.drop > 0 else "green" if row.drop < 0 else "default"
+        table.add_row(str(i), row.layer, row.op, row.dtype, f"[{colour}]{row.drop:+.2f}[/]", f"{row.sqnr_db:.1f}")
+    stdout.print(table)
+    stdout.print(f"reference (every fake quant off): {report.metric} {report.reference:.2f}")
 
 
 def register(app: typer.Typer) -> None:

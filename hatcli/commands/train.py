@@ -20,12 +20,15 @@ Examples:
 
   hat train recipes/quickstart.toml --stage qat --set qat.epochs=2
 
+  hat train recipes/quickstart.toml --stage calibration --auto-int16 --max-drop 0.3
+
   hat train recipes/quickstart.toml --stage float --nproc-per-node 2
 
   hat train recipes/quickstart.toml --stage float --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 --rdzv-id job1
 """
 
 LAUNCH_HELP = "Distributed (see docs/distributed.md)"
+MIXED_HELP = "Mixed precision (see docs/recipes.md#mixed-precision)"
 
 
 def _worker_argv(recipe: Path, stage: str, resume: bool, from_path: Path | None, overrides: list[str] | None,
@@ -61,6 +64,20 @@ def train(
                                                       help="HOST:PORT where the machines meet (the same on every machine).")] = None,
     rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", rich_help_panel=LAUNCH_HELP,
                                                 help="Job id, the same on every machine.")] = None,
+    auto_int16: Annotated[bool, typer.Option("--auto-int16", rich_help_panel=MIXED_HELP,
+                                             help="With --stage calibration: promote the most sensitive layers to "
+                                                  "int16 until the PTQ drop fits --max-drop, and write a recipe "
+                                                  "for that set.")] = False,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", min=0.0, rich_help_panel=MIXED_HELP,
+                                                   help="Largest accepted float - PTQ drop of the primary metric, "
+                                                        "in points (default 0.5).")] = None,
+    write_recipe: Annotated[Path | None, typer.Option("--write-recipe", rich_help_panel=MIXED_HELP,
+                                                      help="Where to write the recipe (default "
+                                                           "<recipe stem>.int16.toml next to it).")] = None,
+    sensitivity_batches: Annotated[int | None, typer.Option("--sensitivity-batches", min=1,
+                                                            rich_help_panel=MIXED_HELP,
+                                                            help="Val batches for the sensitivity ranking "
+                                                                 "(default all).")] = None,
 ) -> None:
     """Train one stage; each stage starts from the previous stage's best checkpoint."""
     if stage not in ("float", "calibration", "qat"):
@@ -68,6 +85,10 @@ def train(
     if stage == "float" and from_path is not None:
         raise UsageError("--from applies to calibration and qat (float training starts from scratch)")
     lr = load(recipe, overrides)  # a bad recipe fails here, once, before any process is started
+    if auto_int16 or max_drop is not None or write_recipe is not None or sensitivity_batches is not None:
+        _run_auto_int16(recipe, lr, stage, auto_int16, max_drop, write_recipe, sensitivity_batches, from_path,
+                        overrides, json_out, nproc_per_node, nnodes)
+        return
     if (nproc_per_node > 1 or nnodes != "1") and "LOCAL_RANK" not in os.environ:
         from hatcli.engine.distributed import run_launcher
 
@@ -93,6 +114,56 @@ def train(
             print_metrics(f"{stage} ({record['seconds']:.0f}s) -> {stages.stage_dir(lr, stage)}", record["metrics"])
     distributed.barrier()  # nobody leaves while rank 0 may still be writing
     distributed.destroy()
+
+
+def _run_auto_int16(recipe: Path, lr: object, stage: str, auto_int16: bool, max_drop: float | None,
+                    write_recipe: Path | None, sensitivity_batches: int | None, from_path: Path | None,
+                    overrides: list[str] | None, json_out: bool, nproc_per_node: int, nnodes: str) -> None:
+    """`--stage calibration --auto-int16`: the search, its summary table (or JSON), exit 1 when it falls short."""
+    from rich.table import Table
+
+    from hatcli.engine import distributed
+    from hatcli.progress import console, stdout
+    from hatcli.quant.auto_int16 import auto_int16 as search
+    from hatcli.quant.auto_int16 import check_march
+
+    if not auto_int16:
+        raise UsageError("--max-drop, --write-recipe and --sensitivity-batches apply to --auto-int16")
+    if stage != "calibration":
+        raise UsageError("--auto-int16 applies to --stage calibration")
+    if nproc_per_node > 1 or nnodes != "1":
+        raise UsageError("--auto-int16 runs in one process; drop --nproc-per-node / --nnodes")
+    check_march(lr.recipe.quant.march)
+    limit = 0.5 if max_drop is None else max_drop
+    distributed.init_from_env(getattr(lr.recipe, "device", "auto"))
+
+    def report(step: object) -> None:
+        what = "as given" if step.step == 0 else "+ " + ", ".join(step.added)
+        console.print(f"int16 step {step.step} ({what}): PTQ {step.ptq:.2f}, drop {step.drop:.2f}")
+
+    result = search(recipe, overrides, limit, output=write_recipe, from_path=from_path,
+                    sensitivity_batches=sensitivity_batches, on_step=report)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        table = Table("step", "layers in int16", "added", f"PTQ {result.metric}", "drop",
+                      title=f"float {result.metric} {result.float_metric:.2f}, max drop {result.max_drop:g}")
+        for i, step in enumerate(result.steps):
+            mark = " *" if i == result.chosen else ""
+            colour = "green" if step.drop <= result.max_drop else "yellow"
+            table.add_row(f"{step.step}{mark}", str(len(step.int16)), ", ".join(step.added) or "-",
+                          f"{step.ptq:.2f}", f"[{colour}]{step.drop:.2f}[/]")
+        stdout.print(table)
+        if result.calibration_up_to_date:
+            stdout.print(f"wrote {result.written} (* kept); its calibration stage is up to date: "
+                         f"`hat run {result.written}` goes on from there")
+        else:
+            stdout.print(f"wrote {result.written} (* kept); its calibration stage is not up to date "
+                         f"(`hat run` will calibrate it again)")
+    if not result.met:
+        console.print(f"[yellow]no int16 set reached a drop of {result.max_drop:g} or less; kept the smallest "
+                      f"drop ({result.steps[result.chosen].drop:.2f})[/]")
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,13 @@ import onnx
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json
 from hatcli.deploy.check import check_graph
-from hatcli.deploy.lowering import fuse_global_average_pool, lower_int8_to_uint8, lower_quantized_add
+from hatcli.deploy.lowering import (
+    fuse_global_average_pool,
+    lower_int8_to_uint8,
+    lower_linear_resize,
+    lower_lookup_tables,
+    lower_quantized_binary,
+)
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
@@ -95,7 +101,9 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     model_tmp = tmp_dir / f".{MODEL}.tmp"
     proto, _ = lower_int8_to_uint8(load_onnx(src))
     proto, _ = fuse_global_average_pool(proto)
-    proto, _ = lower_quantized_add(proto)
+    proto, _ = lower_quantized_binary(proto)
+    proto, _ = lower_lookup_tables(proto)
+    proto, _ = lower_linear_resize(proto)
     if proto.ByteSize() < INLINE_LIMIT:
         create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
     else:

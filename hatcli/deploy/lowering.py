@@ -117,16 +117,16 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
         q = mean_users[0]
         if q.op_type != "QuantizeLinear" or mean.output[0] in outputs or len(q.input) < 3 or len(dq.input) < 3:
             continue
-        if len(users.get(dq.output[0], [])) != 1 or dq.output[0] in outputs:
-            continue
         pool = onnx.helper.make_node(
             "QLinearGlobalAveragePool", [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]],
             [q.output[0]], name=f"{mean.name or mean.output[0]}_qlinear", domain=MS_DOMAIN, channels_last=0)
         position = list(graph.node).index(q)
         graph.node.insert(position, pool)
-        for node in (dq, mean, q):
+        for node in (mean, q):
             graph.node.remove(node)
         fused += 1
+    if fused:
+        _drop_unused_dequantize(graph)
     if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     return model, fused
@@ -152,70 +152,239 @@ def _dequantized_input(name: str, producers: dict[str, onnx.NodeProto],
     return dq.input[0], np.float32(scale.reshape(())), int(zero.reshape(()))
 
 
-def lower_quantized_add(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear x2 -> Add (-> Relu) -> QuantizeLinear by explicit elementwise ops
-    whose every step is one IEEE float32 operation:
-    ``q_c = Quantize(((float(q_a) - z_a) * (s_a / s_c) + (float(q_b) - z_b) * (s_b / s_c)), 1, z_c)``.
+def _requantize_chain(node: onnx.NodeProto, users: dict, outputs: set) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """(node [+ Relu], the QuantizeLinear that ends the chain) when `node`'s result is requantized."""
+    chain = [node]
+    nxt = users.get(node.output[0], [])
+    if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in outputs:
+        chain.append(nxt[0])
+        nxt = users.get(nxt[0].output[0], [])
+    if len(nxt) != 1 or nxt[0].op_type != "QuantizeLinear" or chain[-1].output[0] in outputs:
+        return None
+    if len(nxt[0].input) < 3:
+        return None
+    return chain, nxt[0]
 
-    ONNX Runtime would fuse the pattern into QLinearAdd, whose arithmetic depends on the CPU
-    (fused multiply-add where the CPU has it, a different rounding order where it has not), so no
-    reference could match it everywhere. These ops round the same way on every CPU, and the
-    integer program computes exactly the same sequence (`hatcli.quant.integer.int_add`).
-    Returns the model (modified in place) and the number of rewritten adds.
+
+def _replace(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], anchor: onnx.NodeProto) -> None:
+    position = list(graph.node).index(anchor)
+    for offset, node in enumerate(new):
+        graph.node.insert(position + offset, node)
+    for node in old:
+        graph.node.remove(node)
+
+
+def _const(graph: onnx.GraphProto, value: np.ndarray, name: str) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear x2 -> Add | Sub (-> Relu) | Mul -> QuantizeLinear by explicit
+    elementwise ops whose every step rounds once, the same way on every CPU:
+
+    - add / sub: ``Quantize((float(q_a) - z_a) * (s_a / s_c) ± (float(q_b) - z_b) * (s_b / s_c), 1, z_c)``;
+    - mul: ``Quantize(float((q_a - z_a) * (q_b - z_b)) * ((s_a s_b) / s_c), 1, z_c)``, the product
+      exact in int32.
+
+    ONNX Runtime would fuse these patterns into QLinearAdd / QLinearMul, whose arithmetic depends
+    on the CPU (fused multiply-add where it has one, another rounding order where not), so no
+    reference could match them everywhere. The integer program computes exactly these sequences
+    (`hatcli.quant.integer.int_add`, `int_mul`). Returns the model (modified in place) and the
+    number of rewritten ops.
     """
     graph = model.graph
     initializers, producers, users, outputs = _index(graph)
     rewritten = 0
-    for add in list(graph.node):
-        if add.op_type != "Add" or len(add.input) != 2:
+    for op in list(graph.node):
+        if op.op_type not in ("Add", "Sub", "Mul") or len(op.input) != 2:
             continue
-        a = _dequantized_input(add.input[0], producers, initializers)
-        b = _dequantized_input(add.input[1], producers, initializers)
-        chain = [add]
-        nxt = users.get(add.output[0], [])
-        if len(nxt) == 1 and nxt[0].op_type == "Relu" and add.output[0] not in outputs:
-            chain.append(nxt[0])
-            nxt = users.get(nxt[0].output[0], [])
-        if a is None or b is None or len(nxt) != 1 or nxt[0].op_type != "QuantizeLinear":
+        a = _dequantized_input(op.input[0], producers, initializers)
+        b = _dequantized_input(op.input[1], producers, initializers)
+        found = _requantize_chain(op, users, outputs)
+        if a is None or b is None or found is None or (op.op_type == "Mul" and len(found[0]) != 1):
             continue
-        quant = nxt[0]
-        if chain[-1].output[0] in outputs or len(quant.input) < 3:
-            continue
+        chain, quant = found
         out_scale = _scalar(initializers, quant.input[1])
         if out_scale is None:
             continue
-        stem = add.name or add.output[0]
-        new_nodes: list[onnx.NodeProto] = []
-        terms = []
-        for tag, (tensor, scale, zero) in (("a", a), ("b", b)):
-            ratio = np.float32(scale / np.float32(out_scale.reshape(())))
-            for suffix, value in ((f"{tag}_zero", np.float32(zero)), (f"{tag}_ratio", ratio)):
-                graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), f"{stem}_{suffix}"))
-            cast, centred, scaled = f"{stem}_{tag}_float", f"{stem}_{tag}_centred", f"{stem}_{tag}_scaled"
-            new_nodes += [
-                onnx.helper.make_node("Cast", [tensor], [cast], to=onnx.TensorProto.FLOAT, name=cast),
-                onnx.helper.make_node("Sub", [cast, f"{stem}_{tag}_zero"], [centred], name=centred),
-                onnx.helper.make_node("Mul", [centred, f"{stem}_{tag}_ratio"], [scaled], name=scaled),
-            ]
-            terms.append(scaled)
-        total = f"{stem}_sum"
-        new_nodes.append(onnx.helper.make_node("Add", terms, [total], name=total))
-        if len(chain) == 2:
-            new_nodes.append(onnx.helper.make_node("Relu", [total], [f"{total}_relu"], name=f"{total}_relu"))
-            total = f"{total}_relu"
-        one = f"{stem}_unit_scale"
-        graph.initializer.append(numpy_helper.from_array(np.asarray(1.0, np.float32), one))
-        new_nodes.append(onnx.helper.make_node("QuantizeLinear", [total, one, quant.input[2]], [quant.output[0]],
-                                               name=f"{stem}_requantize"))
-        position = list(graph.node).index(quant)
-        for offset, node in enumerate(new_nodes):
-            graph.node.insert(position + offset, node)
-        for node in (*chain, quant):
-            graph.node.remove(node)
+        out_scale = np.float32(out_scale.reshape(()))
+        stem = op.name or op.output[0]
+        make = onnx.helper.make_node
+        if op.op_type == "Mul":
+            nodes, centred = [], []
+            for tag, (tensor, _, zero) in (("a", a), ("b", b)):
+                zero_name = _const(graph, np.int32(zero), f"{stem}_{tag}_zero")
+                nodes += [make("Cast", [tensor], [f"{stem}_{tag}_int"], to=onnx.TensorProto.INT32, name=f"{stem}_{tag}_int"),
+                          make("Sub", [f"{stem}_{tag}_int", zero_name], [f"{stem}_{tag}_centred"], name=f"{stem}_{tag}_centred")]
+                centred.append(f"{stem}_{tag}_centred")
+            multiplier = _const(graph, np.float32(np.float32(a[1] * b[1]) / out_scale), f"{stem}_multiplier")
+            nodes += [make("Mul", centred, [f"{stem}_product"], name=f"{stem}_product"),
+                      make("Cast", [f"{stem}_product"], [f"{stem}_product_float"], to=onnx.TensorProto.FLOAT,
+                           name=f"{stem}_product_float"),
+                      make("Mul", [f"{stem}_product_float", multiplier], [f"{stem}_scaled"], name=f"{stem}_scaled")]
+            total = f"{stem}_scaled"
+        else:
+            nodes, terms = [], []
+            for tag, (tensor, scale, zero) in (("a", a), ("b", b)):
+                zero_name = _const(graph, np.float32(zero), f"{stem}_{tag}_zero")
+                ratio = _const(graph, np.float32(scale / out_scale), f"{stem}_{tag}_ratio")
+                cast, centred, scaled = f"{stem}_{tag}_float", f"{stem}_{tag}_centred", f"{stem}_{tag}_scaled"
+                nodes += [make("Cast", [tensor], [cast], to=onnx.TensorProto.FLOAT, name=cast),
+                          make("Sub", [cast, zero_name], [centred], name=centred),
+                          make("Mul", [centred, ratio], [scaled], name=scaled)]
+                terms.append(scaled)
+            total = f"{stem}_sum"
+            nodes.append(make(op.op_type, terms, [total], name=total))
+            if len(chain) == 2:
+                nodes.append(make("Relu", [total], [f"{total}_relu"], name=f"{total}_relu"))
+                total = f"{total}_relu"
+        one = _const(graph, np.float32(1.0), f"{stem}_unit_scale")
+        nodes.append(make("QuantizeLinear", [total, one, quant.input[2]], [quant.output[0]], name=f"{stem}_requantize"))
+        _replace(graph, [*chain, quant], nodes, quant)
         rewritten += 1
     if rewritten:
         _drop_unused_dequantize(graph)
     return model, rewritten
+
+
+def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> Resize (linear) -> QuantizeLinear with one scale by a Resize of
+    the integers ``q - z`` (as float32) and a QuantizeLinear of scale 1: for a factor of 2 every
+    weight is a multiple of 1/4 and every sum exact, so the result does not depend on how the
+    runtime orders its arithmetic, and equals the integer program's (`int_resample`). Returns the
+    model (modified in place) and the number of rewritten resizes."""
+    graph = model.graph
+    initializers, producers, users, outputs = _index(graph)
+    rewritten = 0
+    for op in list(graph.node):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+        if op.op_type != "Resize" or attrs.get("mode", b"nearest") not in (b"linear", "linear"):
+            continue
+        source = _dequantized_input(op.input[0], producers, initializers)
+        found = _requantize_chain(op, users, outputs)
+        if source is None or found is None or len(found[0]) != 1:
+            continue
+        quant = found[1]
+        dq = producers[op.input[0]]
+        if quant.input[1] != dq.input[1] and _scalar(initializers, quant.input[1]) != source[1]:
+            continue
+        if quant.input[2] != dq.input[2] and _scalar(initializers, quant.input[2]) != source[2]:
+            continue
+        stem = op.name or op.output[0]
+        make = onnx.helper.make_node
+        zero = _const(graph, np.float32(source[2]), f"{stem}_zero")
+        one = _const(graph, np.float32(1.0), f"{stem}_unit_scale")
+        resize = onnx.helper.make_node("Resize", [f"{stem}_centred", *op.input[1:]], [f"{stem}_resized"],
+                                       name=f"{stem}_integer")
+        resize.attribute.extend(op.attribute)
+        nodes = [make("Cast", [source[0]], [f"{stem}_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_float"),
+                 make("Sub", [f"{stem}_float", zero], [f"{stem}_centred"], name=f"{stem}_centred"),
+                 resize,
+                 make("QuantizeLinear", [f"{stem}_resized", one, quant.input[2]], [quant.output[0]],
+                      name=f"{stem}_requantize")]
+        _replace(graph, [op, quant], nodes, quant)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_dequantize(graph)
+    return model, rewritten
+
+
+def _constant_value(name: str, initializers: dict, producers: dict) -> np.ndarray | None:
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+    return None
+
+
+def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, producers: dict):
+    """The torch function an elementwise ONNX op computes, or None when it is not a table op."""
+    import torch
+
+    aten = torch.ops.aten
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+    simple = {"Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default, "HardSwish": aten.hardswish.default,
+              "Exp": aten.exp.default}
+    if op.op_type in simple and len(op.input) == 1:
+        return simple[op.op_type]
+    if op.op_type == "HardSigmoid":
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+        if abs(alpha - 1 / 6) < 1e-6 and beta == 0.5:
+            return aten.hardsigmoid.default  # what torch's hardsigmoid exports to: same formula, same bits
+        return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
+    if op.op_type in ("Mul", "Div") and len(op.input) == 2:
+        other = op.input[1] if op.input[0] == dq_output else op.input[0]
+        if op.op_type == "Div" and op.input[0] != dq_output:
+            return None
+        value = _constant_value(other, initializers, producers)
+        if value is None or value.size != 1:
+            return None
+        constant = torch.tensor(value.reshape(()).astype(np.float32))
+        target = aten.mul.Tensor if op.op_type == "Mul" else aten.div.Tensor
+        return lambda x: target(x, constant)
+    return None
+
+
+def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8-bit tensor by a
+    256-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
+
+    The table is built by `hatcli.quant.integer.lookup_table`, the function the integer program
+    builds its own tables with, so the artifact and `int_infer` hold the same entries (ONNX
+    Runtime's fused QLinearSigmoid would use its own approximation of the function instead).
+    Returns the model (modified in place) and the number of tables.
+    """
+    import torch
+
+    from hatcli.quant.integer import lookup_table
+
+    graph = model.graph
+    initializers, producers, users, outputs = _index(graph)
+    eight_bit = {onnx.TensorProto.UINT8: (torch.uint8, np.iinfo(np.uint8)),
+                 onnx.TensorProto.INT8: (torch.int8, np.iinfo(np.int8))}
+    tables = 0
+    for op in list(graph.node):
+        if not op.input:
+            continue
+        dq_name = next((name for name in op.input if _dequantized_input(name, producers, initializers)), None)
+        if dq_name is None:
+            continue
+        tensor, scale, zero = _dequantized_input(dq_name, producers, initializers)
+        fn = _table_function(op, dq_name, initializers, producers)
+        found = _requantize_chain(op, users, outputs)
+        if fn is None or found is None or len(found[0]) != 1:
+            continue
+        quant = found[1]
+        in_zero = initializers.get(producers[dq_name].input[2])
+        out_scale, out_zero = _scalar(initializers, quant.input[1]), initializers.get(quant.input[2])
+        if in_zero is None or out_zero is None or out_scale is None:
+            continue
+        if in_zero.data_type not in eight_bit or out_zero.data_type not in eight_bit:
+            continue
+        in_info = eight_bit[in_zero.data_type][1]
+        out_dtype, out_info = eight_bit[out_zero.data_type]
+        table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
+                             int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
+                             out_dtype).numpy()
+        stem = op.name or op.output[0]
+        make = onnx.helper.make_node
+        table_name = _const(graph, table, f"{stem}_table")
+        nodes = [make("Cast", [tensor], [f"{stem}_index"], to=onnx.TensorProto.INT32, name=f"{stem}_index")]
+        index = f"{stem}_index"
+        if in_info.min != 0:
+            offset = _const(graph, np.int32(-in_info.min), f"{stem}_offset")
+            nodes.append(make("Add", [index, offset], [f"{stem}_position"], name=f"{stem}_position"))
+            index = f"{stem}_position"
+        nodes.append(make("Gather", [table_name, index], [quant.output[0]], axis=0, name=f"{stem}_lookup"))
+        _replace(graph, [op, quant], nodes, quant)
+        tables += 1
+    if tables:
+        _drop_unused_dequantize(graph)
+    return model, tables
 
 
 def _drop_unused_dequantize(graph: onnx.GraphProto) -> None:

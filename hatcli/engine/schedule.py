@@ -35,12 +35,15 @@ def _no_decay(param: torch.Tensor) -> bool:
     return param.ndim <= 1
 
 
-def _split(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """One group, or a decay and a no-decay group when `cfg.weight_decay_weights_only`."""
-    if not cfg.weight_decay_weights_only:
+def _split(params: list[torch.nn.Parameter], cfg: OptimizerConfig,
+           exempt: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    """One group, or a decay and a no-decay group when `cfg.weight_decay_weights_only` (or when
+    some parameters, by `id` in `exempt`, must never decay)."""
+    if not cfg.weight_decay_weights_only and (cfg.weight_decay == 0 or not any(id(p) in exempt for p in params)):
         return [{"params": params, "weight_decay": cfg.weight_decay, "initial_lr": cfg.lr}]
-    decay = [p for p in params if not _no_decay(p)]
-    no_decay = [p for p in params if _no_decay(p)]
+    skip = (lambda p: id(p) in exempt or _no_decay(p)) if cfg.weight_decay_weights_only else (lambda p: id(p) in exempt)
+    decay = [p for p in params if not skip(p)]
+    no_decay = [p for p in params if skip(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "initial_lr": cfg.lr},
               {"params": no_decay, "weight_decay": 0.0, "initial_lr": cfg.lr}]
     return [g for g in groups if g["params"]]
@@ -54,9 +57,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict[str,
     linear weights) to a group with `cfg.weight_decay`; empty groups are left out. Otherwise there
     is one group. Every group has `initial_lr = cfg.lr`, which `LrSchedule.apply` scales.
     Parameters shared between modules appear once; frozen ones (`requires_grad=False`) not at all.
+    The parameters of modules whose class sets `no_weight_decay = True` (the learned activation
+    scales of `hatcli.quant.lsq.LsqFakeQuantize`) always go to the group with `weight_decay` 0.
     """
     params = [p for _, p in model.named_parameters() if p.requires_grad]
-    return _split(params, cfg)
+    exempt = frozenset(id(p) for m in model.modules() if getattr(type(m), "no_weight_decay", False) is True
+                       for p in m.parameters(recurse=False))
+    return _split(params, cfg, exempt)
 
 
 def build_optimizer(model_or_params: torch.nn.Module | Iterable[Any], cfg: OptimizerConfig) -> torch.optim.Optimizer:

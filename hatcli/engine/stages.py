@@ -181,7 +181,8 @@ def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[to
     march = load_march(lr.recipe.quant.march)
     prepared, quantizer = prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
                                             lr.recipe.quant.int16, observer=lr.recipe.calibration.observer,
-                                            percentile=lr.recipe.calibration.percentile)
+                                            percentile=lr.recipe.calibration.percentile,
+                                            activation_scales=lr.recipe.qat.activation_scales)
     for op in quantizer.unquantized:
         warnings.warn(f"left in float (runs as CPU fallback): {op}", stacklevel=2)
     return prepared, state, quantizer.unquantized
@@ -230,7 +231,8 @@ def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]
 
 def train_qat(lr: LoadedRecipe, resume: bool = False, from_path: Path | None = None,
               callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Fine-tune the calibrated graph with fake quantization (activation scales frozen)."""
+    """Fine-tune the calibrated graph with fake quantization (activation scales frozen, or
+    learned from the calibrated ones with `qat.activation_scales = "learned"`)."""
     from hatcli.quant.flow import set_mode
 
     if not lr.recipe.qat.enabled:

@@ -1,7 +1,8 @@
 """The quantization flow: deploy graph -> prepared (observers / fake quant) -> integer program.
 
 Calibration and QAT share one prepared graph (as in HAT): calibration runs it with observers on
-and fake quant off in eval mode; QAT trains it with fake quant on and activation scales frozen;
+and fake quant off in eval mode; QAT trains it with fake quant on and activation scales frozen
+(or learned, LSQ: `qat.activation_scales`, `hatcli.quant.lsq`);
 `int_infer` converts it. BatchNorm is folded into the convolutions before the graph is prepared,
 so QAT trains exactly the weights that are deployed (and conversion needs no pattern rewriting).
 
@@ -26,6 +27,7 @@ from torchao.quantization.pt2e import (
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
+from torchao.quantization.pt2e import export_utils as _export_utils
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
@@ -58,16 +60,23 @@ def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
 
 def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_size: tuple[int, int],
                       march: MarchProfile, int16: list[str], observer: str = "minmax",
-                      percentile: float = 99.99) -> tuple[GraphModule, MarchQuantizer]:
+                      percentile: float = 99.99, activation_scales: str = "frozen",
+                      ) -> tuple[GraphModule, MarchQuantizer]:
     """Return the prepared (fake-quant) graph of the deploy model, and the quantizer used.
 
     `observer` / `percentile` choose the activation observers (`calibration.observer`); the
     calibration and QAT stages must pass the same ones, so a checkpoint loads into the rebuilt graph.
+    `activation_scales` (`qat.activation_scales`) is `frozen` (torchao `FakeQuantize`: QAT keeps
+    the calibrated scales) or `learned` (`hatcli.quant.lsq.LsqFakeQuantize`: QAT trains them, LSQ);
+    both fake quants have the same state-dict keys, so either kind of checkpoint loads into either graph.
     """
+    if activation_scales not in ("frozen", "learned"):
+        raise RecipeError(f"`qat.activation_scales` is {activation_scales!r}; choose \"frozen\" or \"learned\"")
     if int16 and not march.quant.allow_int16:
         raise RecipeError(f"`quant.int16` asks for int16 but march `{march.name}` has no int16 "
                           f"activations; remove the patterns or choose another march")
-    quantizer = MarchQuantizer(march=march, int16=list(int16), observer=observer, percentile=percentile)
+    quantizer = MarchQuantizer(march=march, int16=list(int16), observer=observer, percentile=percentile,
+                               learned_scales=activation_scales == "learned")
     graph = export_deploy_graph(family, float_model, input_size)
     prepared = prepare_qat_pt2e(graph, quantizer)
     return prepared, quantizer
@@ -78,14 +87,35 @@ def _is_weight_fq(module: FakeQuantizeBase) -> bool:
         torch.per_channel_symmetric, torch.per_channel_affine)
 
 
+_EXPORTED_TRAINING_ATTR = getattr(_export_utils, "_EXPORTED_TRAINING_ATTR", "_exported_training")
+"""The flag torchao's `move_exported_model_to_train` / `_to_eval` keep on the graph."""
+
+
+def _has_mode_dependent_ops(prepared: GraphModule) -> bool:
+    """Whether the graph calls dropout or batch norm, the ops torchao rewrites between train and eval."""
+    return any(n.op == "call_function" and ("dropout" in str(n.target) or "batch_norm" in str(n.target))
+               for n in prepared.graph.nodes)
+
+
 def set_mode(prepared: GraphModule, mode: Mode) -> None:
     """Switch a prepared graph between calibration, QAT training and evaluation.
 
-    - calibrate: eval mode, every observer on, fake quant off (float outputs; ranges recorded);
-    - train: train mode, fake quant on, activation scales frozen, weight ranges follow weights;
-    - eval: eval mode, fake quant on, activation scales frozen, weight ranges follow weights.
+    - calibrate: eval mode, every observer on, fake quant off (float outputs; ranges recorded;
+      a learned-scale fake quant copies its observer's scale into its parameter);
+    - train: train mode, fake quant on, activation observers off, weight ranges follow weights;
+    - eval: eval mode, fake quant on, activation observers off, weight ranges follow weights.
+
+    With the activation observers off the activation scales only change through the optimizer:
+    never for `FakeQuantize` (frozen; a buffer), by gradient descent for `LsqFakeQuantize`
+    (learned; a parameter, which `calculate_qparams` then returns for conversion).
+
+    torchao's train/eval switch re-exports dropout and batch-norm patterns to rewrite them (a few
+    seconds on a small CPU, at every switch); a graph that holds neither op (BatchNorm is folded
+    before prepare) only has its mode flag set.
     """
-    if mode == "train":
+    if not _has_mode_dependent_ops(prepared):
+        setattr(prepared, _EXPORTED_TRAINING_ATTR, mode == "train")
+    elif mode == "train":
         move_exported_model_to_train(prepared)
     else:
         move_exported_model_to_eval(prepared)

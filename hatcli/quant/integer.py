@@ -16,8 +16,13 @@ exactly what the deployed runtime computes:
   ``q_y = clamp(round_half_even(float32(acc) * m)) + z_y`` (ReLU is the clamp at z_y). A conv or
   linear that is a graph output returns ``float32(acc) * (s_x * s_w)`` (the dequantized int32);
 - global average pooling: the exact integer sum, requantized with ``s_x / (s_y * N)``;
-- add: ``(q_a - z_a) * (s_a / s_y) + (q_b - z_b) * (s_b / s_y)`` in float32, one rounding per
-  operation, then rounded half to even (the compiler lowers the add to exactly these ops).
+- add / sub: ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)`` in float32, one rounding
+  per operation, then rounded half to even (the compiler lowers the op to exactly these ops);
+- mul of two 8-bit tensors: the exact integer product times ``(s_a s_b) / s_y``;
+- bilinear upsampling (same scale in and out): interpolation of the integers ``q - z`` in
+  float32, exact for a factor of 2, rounded half to even;
+- sigmoid, tanh, hardsigmoid, hardswish, exp, and mul / div by a constant, on an 8-bit input: a
+  256-entry lookup table, built by `lookup_table` here and by the compiler alike.
 
 Those are the formulas of the kernels the compiled artifact runs (ONNX Runtime's QLinearConv,
 QGemm, QuantizeLinear, QLinearGlobalAveragePool: round half to even, float32 multiplier; and the
@@ -49,6 +54,13 @@ CONV = {A.conv2d.default}
 LINEAR = {A.linear.default}
 RELU = {A.relu.default, A.relu_.default}
 ADD = {A.add.Tensor, A.add_.Tensor}
+SUB = {A.sub.Tensor, A.sub_.Tensor}
+MUL = {A.mul.Tensor, A.mul_.Tensor}
+DIV = {A.div.Tensor, A.div_.Tensor}
+TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default}
+"""Elementwise functions of one tensor, computed as a 256-entry table on 8-bit inputs."""
+EIGHT_BIT = (torch.int8, torch.uint8)
+RESAMPLE = {A.upsample_bilinear2d.vec}
 GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
 EXACT_FLOAT32_LIMIT = 2**24
 
@@ -130,17 +142,54 @@ def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin
 
 def int_add(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
             y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype,
-            relu: bool) -> torch.Tensor:
-    """Elementwise add of two quantized tensors, one float32 operation at a time:
-    ``(q_a - z_a) * (s_a / s_y) + (q_b - z_b) * (s_b / s_y)``, rounded half to even (the compiled
-    artifact runs the same sequence, see `hatcli.deploy.lowering.lower_quantized_add`)."""
+            relu: bool, subtract: bool = False) -> torch.Tensor:
+    """Elementwise add (or subtract) of two quantized tensors, one float32 operation at a time:
+    ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)``, rounded half to even (the compiled
+    artifact runs the same sequence, see `hatcli.deploy.lowering.lower_quantized_binary`)."""
     y = _f32(y_scale)
     a = (q_a.to(torch.int32) - a_zero).to(torch.float32) * (_f32(a_scale) / y)
     b = (q_b.to(torch.int32) - b_zero).to(torch.float32) * (_f32(b_scale) / y)
-    total = a + b
+    total = a - b if subtract else a + b
     if relu:
         total = torch.relu(total)
     return (round_half_even(total).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
+
+
+def int_mul(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
+            y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise product of two 8-bit tensors: the exact integer product
+    ``(q_a - z_a)(q_b - z_b)``, times the float32 multiplier ``(s_a s_b) / s_y``, rounded half to
+    even (the compiled artifact runs the same ops)."""
+    product = ((q_a.to(torch.int32) - a_zero) * (q_b.to(torch.int32) - b_zero)).to(torch.float32)
+    multiplier = (_f32(a_scale) * _f32(b_scale)) / _f32(y_scale)
+    q = round_half_even(product * multiplier)
+    return (q.clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
+
+
+def lookup_table(fn, scale: float, zero: int, qmin: int, qmax: int, y_scale: float, y_zero: int,
+                 y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
+    """The table of an elementwise function of one 8-bit tensor: entry ``i`` is the quantized
+    ``fn(dequantize(qmin + i))``. The compiler builds the artifact's table with this same function
+    (`hatcli.deploy.lowering.lower_lookup_tables`), so both hold identical entries."""
+    values = torch.arange(qmin, qmax + 1, dtype=torch.int32)
+    x = (values - zero).to(torch.float32) * _f32(scale)
+    with torch.no_grad():
+        y = fn(x).to(torch.float32)
+    return quantize_input(y, y_scale, y_zero, y_qmin, y_qmax, y_dtype)
+
+
+def int_lookup(q_x: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Apply a lookup table built by `lookup_table` to a quantized tensor."""
+    return table.to(q_x.device)[q_x.to(torch.int64) - qmin]
+
+
+def int_resample(q_x: torch.Tensor, zero: int, qmin: int, qmax: int, dtype: torch.dtype, op, args: tuple) -> torch.Tensor:
+    """A linear resampling (bilinear upsampling) that keeps the scale, computed on the integer
+    values ``q - z`` in float32 and rounded half to even. For the usual factor of 2 every weight is
+    a multiple of 1/4, so every partial sum is exact and any implementation gives the same bits
+    (the compiler lowers the artifact's Resize the same way)."""
+    y = op(((q_x.to(torch.int32) - zero).to(torch.float32)), *args)
+    return (round_half_even(y).clamp(qmin - zero, qmax - zero) + zero).to(dtype)
 
 
 def int_global_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float, y_zero: int,
@@ -296,22 +345,82 @@ class _Rewriter:
         self.rewritten.append(f"global_avg_pool {node.name}")
         return True
 
-    def add(self, node: Node) -> bool:
+    def _binary_inputs(self, node: Node) -> tuple[_QParams, _QParams] | None:
         if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-            return False
+            return None
         aq, bq = _QParams.of(node.args[0]), _QParams.of(node.args[1])
         if aq is None or bq is None or node.args[0].target not in DQ_TENSOR or node.args[1].target not in DQ_TENSOR:
-            return False
+            return None
+        return aq, bq
+
+    def add(self, node: Node) -> bool:
+        inputs = self._binary_inputs(node)
         relu_node, relu, quant = _output_quantize(node)
         yq = _QParams.of(quant) if quant is not None else None
-        if yq is None:
+        if inputs is None or yq is None:
             return False
+        (aq, bq), subtract = inputs, node.target in SUB
         with self.gm.graph.inserting_before(quant):
             new = self.gm.graph.call_function(int_add, (
                 aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
-                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu))
+                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu, subtract))
         quant.replace_all_uses_with(new)
-        self.rewritten.append(f"add {node.name}")
+        self.rewritten.append(f"{'sub' if subtract else 'add'} {node.name}")
+        return True
+
+    def mul(self, node: Node) -> bool:
+        inputs = self._binary_inputs(node)
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        if inputs is None or yq is None or any(q.dtype not in EIGHT_BIT for q in inputs):
+            return False
+        aq, bq = inputs
+        with self.gm.graph.inserting_before(quant):
+            new = self.gm.graph.call_function(int_mul, (
+                aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
+                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype))
+        quant.replace_all_uses_with(new)
+        self.rewritten.append(f"mul {node.name}")
+        return True
+
+    def table(self, node: Node) -> bool:
+        """An elementwise function of one 8-bit tensor (and constants) becomes a lookup table."""
+        args = [_attr(self.gm, a.target) if isinstance(a, Node) and a.op == "get_attr" else a for a in node.args]
+        if node.target in MUL and len(args) == 2 and not isinstance(args[0], Node):
+            args.reverse()  # constant * x: the same float32 product as x * constant
+        tensors = [a for a in args if isinstance(a, Node)]
+        if len(tensors) != 1 or args[0] is not tensors[0] or node.kwargs:
+            return False
+        xq = _QParams.of(tensors[0])
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        if xq is None or tensors[0].target not in DQ_TENSOR or xq.dtype not in EIGHT_BIT or yq is None:
+            return False
+        if node.target in MUL | DIV and not (isinstance(args[1], (int, float)) or
+                                             (isinstance(args[1], torch.Tensor) and args[1].numel() == 1)):
+            return False
+        target, rest = node.target, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
+        table = lookup_table(lambda x: target(x, *rest), xq.scale, xq.zero, xq.qmin, xq.qmax,
+                             yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype)
+        with self.gm.graph.inserting_before(quant):
+            new = self.gm.graph.call_function(int_lookup, (xq.source, self.constant(table, "table"), xq.qmin))
+        quant.replace_all_uses_with(new)
+        self.rewritten.append(f"table {node.name}")
+        return True
+
+    def resample(self, node: Node) -> bool:
+        xq = _QParams.of(node.args[0])
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        if xq is None or yq is None or node.args[0].target not in DQ_TENSOR or node.kwargs:
+            return False
+        if (xq.scale, xq.zero, xq.qmin, xq.qmax) != (yq.scale, yq.zero, yq.qmin, yq.qmax):
+            return False
+        with self.gm.graph.inserting_before(quant):
+            new = self.gm.graph.call_function(int_resample, (
+                xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, node.target, tuple(node.args[1:])))
+        quant.replace_all_uses_with(new)
+        self.rewritten.append(f"resample {node.name}")
         return True
 
     def input_quantize(self, node: Node) -> bool:
@@ -342,12 +451,19 @@ def integer_program(reference: GraphModule) -> GraphModule:
             rewriter.weighted(node)
         elif node.target in GLOBAL_POOL:
             rewriter.global_pool(node)
-        elif node.target in ADD:
+        elif node.target in ADD or node.target in SUB:
             rewriter.add(node)
+        elif node.target in MUL:
+            rewriter.mul(node) or rewriter.table(node)
+        elif node.target in TABLE_OPS or node.target in DIV:
+            rewriter.table(node)
+        elif node.target in RESAMPLE:
+            rewriter.resample(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.integer_ops = list(rewriter.rewritten)
     return gm
 
 
-__all__ = ["integer_program", "int_weighted", "int_global_avg_pool", "quantize_input", "round_half_even"]
+__all__ = ["integer_program", "int_weighted", "int_global_avg_pool", "int_add", "int_mul", "int_lookup",
+           "lookup_table", "quantize_input", "round_half_even"]

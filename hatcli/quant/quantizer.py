@@ -1,21 +1,52 @@
 """`MarchQuantizer`: our torchao PT2E quantizer, configured from a march profile.
 
-What it annotates (on the aten graph `torch.export` produces):
-- conv2d / linear, with an optional following ReLU/ReLU6: int8 input (per tensor, zero point 0),
-  int8 weight (symmetric, per output channel), int32 bias (scale = input scale x weight scale),
-  output requantized unless it is a graph output (then the int32 accumulator is dequantized);
-- add (+ReLU): int8 inputs, requantized output; cat: inputs and output share one scale;
-- pooling, flatten/view/reshape, upsample: the output keeps the input's scale (no requantization).
+What it annotates (on the aten graph `torch.export` produces, BatchNorm already folded):
 
-All zero points are 0. Non-negative tensors (after ReLU) use the unsigned 8-bit grid where the
-march allows it (`unsigned_after_relu`), which lets ONNX Runtime absorb the ReLU into QLinearConv.
-Outputs of modules matched by `int16` patterns use int16. An op it does not know stays float and
-is reported (`unquantized`); `hat check` shows it as a CPU fallback.
+- conv / linear (+ a fused activation): int8 input (per tensor, zero point 0), int8 weight
+  (symmetric, per output channel), int32 bias (scale = input scale x weight scale). The output is
+  requantized, unless it is a graph output (then the int32 accumulator is dequantized).
+- add / sub (+ a fused activation): each input keeps its producer's scale, the output gets its
+  own; mul / div by a constant (the FCOS per-level scale, `x * 2.0`): the input keeps its
+  producer's scale, the constant stays float (the runtime folds it into the output multiplier),
+  the output gets its own scale; mul of two activations (squeeze-excite, `x * sigmoid(x)`): both
+  inputs keep their scales, the output gets its own.
+- fused activation: ReLU / ReLU6 / hardtanh / clamp always (a clamp of the accumulator); sigmoid,
+  tanh, hardsigmoid, hardswish and SiLU when the march lists them in `fusible_activations` (a
+  look-up table applied to the accumulator, as the BPU does; `host` lists none, so ONNX Runtime
+  gets a QLinearConv and a separate integer activation). Fused means the op's own output is not
+  quantized: one quantizer, after the activation.
+- look-up-table ops on their own (sigmoid, tanh, hardsigmoid, hardswish, exp, SiLU): the input
+  keeps its producer's scale, the output is requantized (a table maps input codes to output
+  codes). A SiLU that cannot fuse is rewritten as `x * sigmoid(x)` before annotation, so both
+  halves are integer ops (ONNX has no SiLU: a lone SiLU would leave a float Sigmoid -> Mul).
+  Look-up-table outputs are quantized even at a graph output (a table yields integers).
+- cat: all inputs and the output share one scale. When the inputs disagree in grid (signed and
+  unsigned, int8 and int16) cat gets a signed (or int16) scale of its own and the inputs on the
+  other grid are requantized: an unsigned grid would clip the negative inputs.
+- scale-preserving ops, whose output shares the input's quantizer (no requantization): max pool
+  (also `max_pool2d_with_indices`, through its first output), flatten / view / reshape / permute /
+  squeeze / slice / split, nearest upsample, zero padding, and also average pooling, mean over H, W
+  and bilinear upsample. The last three compute new values, but each is a convex combination of
+  input values, so it stays inside the input's range: the input scale represents it without
+  clipping, and re-using it costs at most half a step of rounding, whereas a fresh, finer scale
+  would cost one more requantization and one more observer per tensor. ONNX Runtime's integer
+  average pool and Resize kernels work the same way (same scale in and out).
+
+All zero points are 0. Non-negative outputs (after ReLU / ReLU6 / clamp at >= 0, sigmoid,
+hardsigmoid, exp, sums and products of non-negative tensors) use the unsigned 8-bit grid where the
+march allows it (`unsigned_after_relu`), which doubles their resolution and lets ONNX Runtime
+absorb a ReLU into QLinearConv. Outputs of modules matched by `int16` patterns use int16, and the
+scale-preserving ops after them stay int16.
+
+An op it does not know stays float and is reported (`unquantized`; the stages warn), and
+`hat check` shows it as a CPU fallback. Ops that vanish in eval mode (dropout), compute on
+constants only, or do not return a tensor (shape arithmetic) are neither annotated nor reported.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import operator
 from functools import lru_cache
 from dataclasses import dataclass, field
 
@@ -33,23 +64,65 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
+from hatcli.quant.lsq import LsqFakeQuantize
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.observers import PercentileObserver, observer_class
 
 A = torch.ops.aten
 ANNOTATION_KEY = "quantization_annotation"
 
-CONV_OPS = {A.conv2d.default, A.conv1d.default}
-LINEAR_OPS = {A.linear.default}
-RELU_OPS = {A.relu.default, A.relu_.default, A.hardtanh.default, A.hardtanh_.default}
-ADD_OPS = {A.add.Tensor, A.add_.Tensor}
-CAT_OPS = {A.cat.default, A.concat.default}
-SCALE_PRESERVING_OPS = {
-    A.adaptive_avg_pool2d.default, A.avg_pool2d.default, A.mean.dim, A.max_pool2d.default,
-    A.flatten.using_ints, A.view.default, A.reshape.default, A.upsample_nearest2d.vec,
-    A.upsample_nearest2d.default, A.permute.default, A.squeeze.dim, A.unsqueeze.default,
+
+def _ops(*names: str) -> set:
+    """aten overloads by `name.overload`, skipping any this torch does not have."""
+    found = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(A, packet, None), overload or "default", None)
+        if op is not None:
+            found.add(op)
+    return found
+
+
+CONV_OPS = _ops("conv2d", "conv1d")
+LINEAR_OPS = _ops("linear")
+CLAMP_OPS = _ops("relu", "relu_", "relu6", "relu6_", "hardtanh", "hardtanh_", "clamp", "clamp_",
+                 "clamp_min", "clamp_min_")
+"""ReLU-like clamps: fused into the conv / linear / add before them, otherwise requantized."""
+SILU_OPS = _ops("silu", "silu_")
+LUT_OPS = SILU_OPS | _ops("sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardsigmoid_",
+                          "hardswish", "hardswish_", "exp", "exp_")
+"""Look-up-table ops: input shares its producer's scale, output requantized."""
+NON_NEGATIVE_LUTS = _ops("sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_")
+ONNX_ACTIVATION = {
+    **{op: "Relu" for op in _ops("relu", "relu_")},
+    **{op: "Clip" for op in CLAMP_OPS - _ops("relu", "relu_")},
+    **{op: "SiLU" for op in SILU_OPS},
+    **{op: "Sigmoid" for op in _ops("sigmoid", "sigmoid_")},
+    **{op: "Tanh" for op in _ops("tanh", "tanh_")},
+    **{op: "HardSigmoid" for op in _ops("hardsigmoid", "hardsigmoid_")},
+    **{op: "HardSwish" for op in _ops("hardswish", "hardswish_")},
 }
-NEUTRAL_OPS = {A.dropout.default, A.dropout_.default}
+"""What each activation is called in ONNX (the march's `fusible_activations` names)."""
+ADD_OPS = _ops("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "add.Scalar", "sub.Scalar")
+MUL_OPS = _ops("mul.Tensor", "mul_.Tensor", "mul.Scalar", "div.Tensor", "div_.Tensor", "div.Scalar")
+"""Products: of two activations, or of an activation and a constant (div: by a constant only)."""
+DIV_OPS = _ops("div.Tensor", "div_.Tensor", "div.Scalar")
+SUB_OPS = _ops("sub.Tensor", "sub_.Tensor", "sub.Scalar")
+CAT_OPS = _ops("cat", "concat")
+SCALE_PRESERVING_OPS = _ops(
+    "adaptive_avg_pool2d", "avg_pool2d", "mean.dim", "max_pool2d", "upsample_nearest2d.vec",
+    "upsample_nearest2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d",
+    "upsample_bilinear2d.vec", "upsample_bilinear2d", "flatten.using_ints", "view", "_unsafe_view",
+    "reshape", "permute", "transpose.int", "squeeze", "squeeze.dim", "squeeze.dims", "unsqueeze",
+    "slice.Tensor", "clone", "contiguous", "pixel_shuffle", "pixel_unshuffle", "constant_pad_nd", "pad",
+)
+MULTI_OUTPUT_OPS = {**{op: (0,) for op in _ops("max_pool2d_with_indices", "adaptive_max_pool2d")},
+                    **{op: None for op in _ops("split.Tensor", "split_with_sizes", "unbind.int",
+                                               "chunk")}}
+"""Scale-preserving ops returning a tuple: which outputs (None: all) carry the data."""
+CONSTANT_PAD_OPS = _ops("constant_pad_nd")
+PAD_OPS = CONSTANT_PAD_OPS | _ops("pad")
+NEUTRAL_OPS = _ops("dropout", "dropout_")
 """Ops that vanish in eval mode: neither annotated nor reported."""
 
 
@@ -59,11 +132,14 @@ def _fake_quant(observer: type, **kwargs: object) -> object:
 
 @lru_cache(maxsize=None)
 def activation_spec(dtype: str = "int8", unsigned: bool = False, observer: str = "minmax",
-                    percentile: float = 99.99) -> QuantizationSpec:
+                    percentile: float = 99.99, learned: bool = False) -> QuantizationSpec:
     """Per-tensor activation spec with zero point 0: int8, uint8 (non-negative) or int16.
 
     `observer` picks the range statistic (`hatcli.quant.observers`): `minmax`, `percentile`
     (clips at the `percentile` of |x|) or `mse` (clips where quantization error is lowest).
+    `learned` (`qat.activation_scales = "learned"`) wraps the observer in `LsqFakeQuantize`
+    (`hatcli.quant.lsq`), whose scale is a parameter QAT trains; otherwise torchao's
+    `FakeQuantize`, whose scale stays frozen once calibrated. Both have the same state-dict keys.
     Cached, so equal arguments give the same spec object (and one observer class per graph).
     """
     if dtype == "int16":
@@ -75,7 +151,11 @@ def activation_spec(dtype: str = "int8", unsigned: bool = False, observer: str =
         torch_dtype, qmin, qmax, scheme = torch.int8, -128, 127, torch.per_tensor_symmetric
     cls = observer_class(observer)
     extra = {"percentile": float(percentile)} if cls is PercentileObserver else {}
-    ctr = _fake_quant(cls, dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme, **extra)
+    if learned:
+        ctr = LsqFakeQuantize.with_args(observer=cls, dtype=torch_dtype, quant_min=qmin, quant_max=qmax,
+                                        qscheme=scheme, **extra)
+    else:
+        ctr = _fake_quant(cls, dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme, **extra)
     return QuantizationSpec(dtype=torch_dtype, quant_min=qmin, quant_max=qmax, qscheme=scheme,
                             observer_or_fake_quant_ctr=ctr)
 
@@ -127,6 +207,8 @@ class MarchQuantizer(Quantizer):
     int16: list[str] = field(default_factory=list)
     observer: str = "minmax"
     percentile: float = 99.99
+    learned_scales: bool = False
+    """`qat.activation_scales = "learned"`: activation fake quants are `LsqFakeQuantize`."""
     unquantized: list[str] = field(default_factory=list)
     int16_nodes: list[str] = field(default_factory=list)
 
@@ -140,7 +222,7 @@ class MarchQuantizer(Quantizer):
 
     def _activation_spec(self, dtype: str, unsigned: bool = False) -> QuantizationSpec:
         percentile = self.percentile if self.observer == "percentile" else 99.99
-        return activation_spec(dtype, unsigned, self.observer, percentile)
+        return activation_spec(dtype, unsigned, self.observer, percentile, self.learned_scales)
 
     @staticmethod
     def _annotate(node: Node, inputs: dict | None = None, output: object = None) -> None:
@@ -165,57 +247,204 @@ class MarchQuantizer(Quantizer):
     def _is_graph_output(node: Node) -> bool:
         return any(user.op == "output" for user in node.users)
 
+    @staticmethod
+    def _root_spec(x: Node) -> QuantizationSpec | None:
+        """The spec that quantizes `x`'s output (through shared specs), or None if it is float."""
+        annotation = x.meta.get(ANNOTATION_KEY)
+        spec = annotation.output_qspec if annotation is not None else None
+        for _ in range(1000):
+            if not isinstance(spec, SharedQuantizationSpec):
+                return spec
+            target = spec.edge_or_node
+            if isinstance(target, Node):
+                annotation = target.meta.get(ANNOTATION_KEY)
+                spec = annotation.output_qspec if annotation is not None else None
+            else:
+                src, user = target
+                spec = user.meta[ANNOTATION_KEY].input_qspec_map.get(src)
+        return None
+
+    def _unsigned(self, x: object) -> bool:
+        spec = self._root_spec(x) if isinstance(x, Node) else None
+        return spec is not None and spec.dtype == torch.uint8
+
+    def _fused_activation(self, head: Node) -> Node | None:
+        """The activation applied on `head`'s result before requantization, if the march fuses it
+        (ONNX has no fused form after a Sub, so none is fused there)."""
+        act = None if head.target in SUB_OPS else self._single_user(head, CLAMP_OPS | LUT_OPS)
+        if act is None or ONNX_ACTIVATION.get(act.target) not in self.march.fusible_activations:
+            return None
+        return act
+
+    @staticmethod
+    def _clamp_floor(node: Node) -> float | None:
+        """Lower bound of a ReLU-like clamp (None when unbounded or not a number)."""
+        name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else ""
+        if "relu" in name:
+            return 0.0
+        default = -1.0 if "hardtanh" in name else None
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val", default))
+        return float(low) if isinstance(low, (int, float)) else None
+
+    def _non_negative_activation(self, act: Node) -> bool:
+        if act.target in CLAMP_OPS:
+            floor = self._clamp_floor(act)
+            return floor is not None and floor >= 0
+        return act.target in NON_NEGATIVE_LUTS
+
+    def _annotate_head(self, node: Node, inputs: dict, non_negative: bool = False) -> None:
+        """Annotate conv / linear / add and the activation fused after it (one output quantizer)."""
+        act = self._fused_activation(node)
+        last = act or node
+        if act is not None:
+            non_negative = non_negative or self._non_negative_activation(act)
+        accumulator_out = act is None or act.target in CLAMP_OPS
+        out = None if accumulator_out and self._is_graph_output(last) else self._output_spec(last, non_negative)
+        if act is None:
+            self._annotate(node, inputs, out)
+        else:
+            self._annotate(node, inputs)
+            self._annotate(act, output=out)
+
     def _annotate_weighted(self, node: Node) -> None:
         x, w = node.args[0], node.args[1]
         inputs = {x: self._input_spec(x), w: weight_spec()}
         if len(node.args) > 2 and isinstance(node.args[2], Node):
             inputs[node.args[2]] = bias_spec(node, x, w)
-        last, relu = node, self._single_user(node, RELU_OPS)
-        if relu is not None:
-            last = relu
-        out = None if self._is_graph_output(last) else self._output_spec(last, relu is not None)
-        if last is node:
-            self._annotate(node, inputs, out)
+        self._annotate_head(node, inputs)
+
+    def _annotate_arithmetic(self, node: Node, constants: set[Node]) -> bool:
+        """add / sub / mul / div with one or two activation inputs; False when it cannot."""
+        operands = list(node.args[:2])
+        tensors = [a for a in operands if isinstance(a, Node) and a not in constants]
+        if not tensors or len(operands) < 2:
+            return False
+        if node.target in DIV_OPS and operands[1] in tensors:
+            return False  # division by an activation: no integer rule
+        inputs = {a: self._input_spec(a) for a in tensors}
+        # sums and products of non-negative tensors and numbers are non-negative; differences are not
+        non_negative = node.target not in SUB_OPS and all(self._unsigned(t) for t in tensors) and all(
+            isinstance(c, (int, float)) and c >= 0 for c in operands if c not in tensors)
+        if node.target in ADD_OPS:
+            self._annotate_head(node, inputs, non_negative)
         else:
-            self._annotate(node, inputs)
-            self._annotate(last, output=out)
+            out = None if self._is_graph_output(node) else self._output_spec(node, non_negative)
+            self._annotate(node, inputs, out)
+        return True
+
+    def _annotate_cat(self, node: Node) -> None:
+        """One scale for every input and the output; a fresh one when the inputs' grids differ."""
+        tensors = [t for t in node.args[0] if isinstance(t, Node)]
+        first = tensors[0]
+        dtypes = {spec.dtype if spec is not None else torch.int8
+                  for spec in (self._root_spec(t) for t in tensors)}
+        if len(dtypes) == 1 and self._root_spec(first) is not None:
+            first_spec = SharedQuantizationSpec(first)
+        else:
+            first_spec = self._activation_spec("int16" if torch.int16 in dtypes else "int8")
+        inputs = {first: first_spec}
+        inputs.update({t: SharedQuantizationSpec((first, node)) for t in tensors[1:]})
+        self._annotate(node, inputs, SharedQuantizationSpec((first, node)))
+
+    def _annotate_multi_output(self, node: Node) -> None:
+        """A tuple-returning op: the input edge here, the shared output on each data `getitem`."""
+        x = node.args[0]
+        self._annotate(node, {x: self._input_spec(x)})
+        indices = MULTI_OUTPUT_OPS[node.target]
+        for user in node.users:
+            if user.target is operator.getitem and (indices is None or user.args[1] in indices):
+                self._annotate(user, output=SharedQuantizationSpec((x, node)))
+
+    def _silu_fuses(self, silu: Node) -> bool:
+        head = silu.args[0]
+        return (isinstance(head, Node) and head.op == "call_function"
+                and head.target in CONV_OPS | LINEAR_OPS | ADD_OPS
+                and self._fused_activation(head) is silu)
 
     # -- Quantizer API ---------------------------------------------------------------------
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        """Rewrite each SiLU the march cannot fuse into its producer as `x * sigmoid(x)`."""
+        graph, changed = model.graph, False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in SILU_OPS or self._silu_fuses(node):
+                continue
+            x = node.args[0]
+            with graph.inserting_after(node):
+                sigmoid = graph.call_function(A.sigmoid.default, (x,))
+            with graph.inserting_after(sigmoid):
+                product = graph.call_function(A.mul.Tensor, (x, sigmoid))
+            sigmoid.meta, product.meta = dict(node.meta), dict(node.meta)
+            node.replace_all_uses_with(product)
+            graph.erase_node(node)
+            changed = True
+        if changed:
+            graph.lint()
+            model.recompile()
+        return model
+
     def annotate(self, model: GraphModule) -> GraphModule:
         """Attach quantization annotations to every node we know how to quantize."""
         self.unquantized.clear()
         self.int16_nodes.clear()
+        constants = _constant_nodes(model)
         for node in model.graph.nodes:
-            if node.op != "call_function" or ANNOTATION_KEY in node.meta:
+            if node.op != "call_function" or ANNOTATION_KEY in node.meta or node in constants:
                 continue
-            target = node.target
+            target, x = node.target, node.args[0] if node.args else None
+            handled = True
             if target in CONV_OPS or target in LINEAR_OPS:
                 self._annotate_weighted(node)
-            elif target in ADD_OPS and all(isinstance(a, Node) for a in node.args[:2]):
-                relu = self._single_user(node, RELU_OPS)
-                last = relu or node
-                out = None if self._is_graph_output(last) else self._output_spec(last, relu is not None)
-                inputs = {a: self._input_spec(a) for a in node.args[:2]}
-                if relu is None:
-                    self._annotate(node, inputs, out)
-                else:
-                    self._annotate(node, inputs)
-                    self._annotate(relu, output=out)
+            elif target in ADD_OPS or target in MUL_OPS:
+                handled = self._annotate_arithmetic(node, constants)
             elif target in CAT_OPS:
-                tensors = list(node.args[0])
-                first = tensors[0]
-                inputs = {first: self._input_spec(first)}
-                inputs.update({t: SharedQuantizationSpec((first, node)) for t in tensors[1:]})
-                self._annotate(node, inputs, SharedQuantizationSpec((first, node)))
-            elif target in SCALE_PRESERVING_OPS and isinstance(node.args[0], Node):
-                x = node.args[0]
+                self._annotate_cat(node)
+            elif not isinstance(x, Node):
+                handled = False
+            elif target in MULTI_OUTPUT_OPS:
+                self._annotate_multi_output(node)
+            elif target in SCALE_PRESERVING_OPS and _preserves_scale(node):
                 self._annotate(node, {x: self._input_spec(x)}, SharedQuantizationSpec((x, node)))
-            elif target in RELU_OPS:
-                x = node.args[0]
-                self._annotate(node, {x: self._input_spec(x)}, self._output_spec(node, True))
-            elif isinstance(target, torch._ops.OpOverload) and target not in NEUTRAL_OPS:
+            elif target in CLAMP_OPS:
+                self._annotate(node, {x: self._input_spec(x)},
+                               self._output_spec(node, self._non_negative_activation(node)))
+            elif target in LUT_OPS:
+                self._annotate(node, {x: self._input_spec(x)},
+                               self._output_spec(node, target in NON_NEGATIVE_LUTS))
+            else:
+                handled = False
+            if not handled and _reportable(node):
                 self.unquantized.append(f"{node.name} ({target}) in `{module_path(node) or 'top'}`")
         return model
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to validate beyond annotation: unsupported ops stay float by design."""
+
+
+def _constant_nodes(model: GraphModule) -> set[Node]:
+    """Parameters, buffers and whatever is computed from them alone (folded at export)."""
+    constants: set[Node] = set()
+    for node in model.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function"
+                                     and all(a in constants for a in node.all_input_nodes)):
+            constants.add(node)
+    return constants
+
+
+def _preserves_scale(node: Node) -> bool:
+    """Zero padding keeps the scale (0 is exact); other values and modes do not."""
+    if node.target not in PAD_OPS:
+        return True
+    if node.target in CONSTANT_PAD_OPS:  # constant_pad_nd(x, pad, value=0)
+        mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    else:  # pad(x, pad, mode="constant", value=None)
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return mode == "constant" and not value
+
+
+def _reportable(node: Node) -> bool:
+    """An op we leave in float that the user should hear about (it returns a tensor)."""
+    if not isinstance(node.target, torch._ops.OpOverload) or node.target in NEUTRAL_OPS:
+        return False
+    value = node.meta.get("val")
+    return value is None or isinstance(value, torch.Tensor)
