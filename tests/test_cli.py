@@ -60,6 +60,16 @@ def test_list_marches(hat):
     assert [m["name"] for m in result.json()] == ["bayes", "nash_e", "nash_m", "nash_p", "host"]
 
 
+def test_one_march_shows_its_rules_and_op_limits(hat):
+    profile = hat("check", "--list-marches", "--march", "nash_e", "--json").json()
+    assert profile["int8_tops"] == 80 and profile["quant"]["float_output"] is False
+    assert profile["quant"]["activation_dtypes"] == ["int8", "int16"]
+    assert profile["ops"]["Conv"]["max_kernel"] == 9
+    table = hat("check", "--list-marches", "--march", "bayes")
+    assert table.code == 0 and "max kernel" in table.out and "Conv" in table.out
+    assert hat("check", "--list-marches", "--march", "j5").code == 2
+
+
 def test_runtime_failure_exits_1_and_names_what_to_do(hat, tiny_recipe):
     result = hat("eval", tiny_recipe, "--stage", "float")
     assert result.code == 1

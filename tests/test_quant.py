@@ -93,6 +93,12 @@ def test_int16_where_the_recipe_asks():
     assert quantizer.int16_nodes and all(p.startswith("features.1.1") for p in quantizer.int16_nodes)
 
 
+def test_int16_may_name_the_conv_whose_activation_is_fused():
+    by_conv = calibrated(tiny_mobilenet(), int16=["features.1.0.0"])[1].int16_nodes
+    by_relu = calibrated(tiny_mobilenet(), int16=["features.1.0.2"])[1].int16_nodes
+    assert by_conv == by_relu == ["features.1.0.2"]  # one output quantizer, after the fused ReLU
+
+
 def test_int16_on_a_march_without_it_is_a_recipe_error():
     with pytest.raises(RecipeError, match="no int16"):
         prepare_quantized(MobileNetV1Family(), tiny_mobilenet(), SIZE, load_march("host"), ["features.*"])

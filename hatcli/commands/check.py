@@ -22,6 +22,8 @@ Examples:
 
   hat check --list-marches
 
+  hat check --list-marches --march nash_e      # rules, ops and their limits
+
   hat check recipes/quickstart.toml --sensitivity --batches 4
 
   hat check recipes/quickstart.toml --sensitivity --json
@@ -48,6 +50,9 @@ def check(
     from hatcli.quant.march import load_march
 
     if list_marches:
+        if march is not None:
+            _show_march(load_march(march), json_out)
+            return
         profiles = all_marches()
         if json_out:
             print_json([p.model_dump() for p in profiles])
@@ -105,6 +110,26 @@ def _sensitivity(recipe: Path | None, model: Path | None, march: str | None, bat
         table.add_row(str(i), row.layer, row.op, row.dtype, f"[{colour}]{row.drop:+.2f}[/]", f"{row.sqnr_db:.1f}")
     stdout.print(table)
     stdout.print(f"reference (every fake quant off): {report.metric} {report.reference:.2f}")
+
+
+def _show_march(profile, json_out: bool) -> None:
+    """Print one march's quantization rules and its supported ops with their limits."""
+    if json_out:
+        print_json(profile.model_dump())
+        return
+    rules = profile.quant
+    stdout.print(f"[bold]{profile.name}[/] ({profile.chip}): {profile.int8_tops:g} int8 TOPS, latency "
+                 f"{'estimated' if profile.estimated else 'measured'}")
+    stdout.print(f"  activations {'/'.join(rules.activation_dtypes)} per tensor, zero point 0; weights "
+                 f"{rules.weight_dtype} symmetric per output channel; float output: "
+                 f"{'yes' if rules.float_output else 'no (the last conv gives int32, then dequantized)'}; "
+                 f"unsigned grid after ReLU: {'yes' if rules.unsigned_after_relu else 'no'}")
+    table = Table("op", "max kernel", "max stride", "group channels multiple of", "note")
+    for name, rule in sorted(profile.ops.items()):
+        table.add_row(name, *(str(v) if v is not None else "-" for v in
+                              (rule.max_kernel, rule.max_stride, rule.group_channel_multiple)), rule.note)
+    stdout.print(table)
+    stdout.print(f"  fused after conv / matmul / add: {', '.join(profile.fusible_activations)}")
 
 
 def register(app: typer.Typer) -> None:

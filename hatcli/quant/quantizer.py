@@ -213,9 +213,12 @@ class MarchQuantizer(Quantizer):
     int16_nodes: list[str] = field(default_factory=list)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _output_spec(self, node: Node, non_negative: bool) -> QuantizationSpec:
+    def _output_spec(self, node: Node, non_negative: bool, head: Node | None = None) -> QuantizationSpec:
+        """The output quantizer of `node`; int16 when a pattern names its module, or the module of
+        `head` (the conv / linear / add whose fused activation `node` is)."""
         path = module_path(node)
-        if self.int16 and any(fnmatch.fnmatch(path, p) for p in self.int16):
+        paths = [path] + ([module_path(head)] if head is not None else [])
+        if self.int16 and any(fnmatch.fnmatch(q, p) for q in paths for p in self.int16):
             self.int16_nodes.append(f"{path or node.name}")
             return self._activation_spec("int16")
         return self._activation_spec("int8", unsigned=non_negative and self.march.quant.unsigned_after_relu)
@@ -299,7 +302,7 @@ class MarchQuantizer(Quantizer):
         if act is not None:
             non_negative = non_negative or self._non_negative_activation(act)
         accumulator_out = act is None or act.target in CLAMP_OPS
-        out = None if accumulator_out and self._is_graph_output(last) else self._output_spec(last, non_negative)
+        out = None if accumulator_out and self._is_graph_output(last) else self._output_spec(last, non_negative, node)
         if act is None:
             self._annotate(node, inputs, out)
         else:
