@@ -60,12 +60,26 @@ class ModelFamily(ABC):
         return (torch.randn(batch, 3, *input_size),)
 
     @abstractmethod
-    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
-        """Return the training loss for one batch of raw outputs and targets."""
+    def loss(self, outputs: Any, targets: Any, label_smoothing: float = 0.0,
+             config: FamilyConfig | None = None) -> torch.Tensor:
+        """Return the training loss for one batch of raw outputs and targets.
+
+        `config` is the recipe's `[model]` table (None: the family's defaults); the trainer
+        passes it, so losses that depend on model settings need no state of their own.
+        """
 
     @abstractmethod
-    def predict(self, outputs: Any, topk: int = 5) -> list[Any]:
-        """Decode raw outputs of a batch into per-image predictions."""
+    def predict(self, outputs: Any, topk: int = 5, config: FamilyConfig | None = None) -> list[Any]:
+        """Decode raw outputs of a batch into per-image predictions (at most `topk` each)."""
+
+    @abstractmethod
+    def build_metric(self, dataset: Any, config: FamilyConfig | None = None) -> Any:
+        """Return the metric that scores this family on packed `dataset`.
+
+        The object has `update(outputs, targets)` (one batch of raw outputs and the loader's
+        targets), `merge_across_ranks()` and `compute() -> {name: percent}`; the task's primary
+        metric (`top1`, `mAP`) is among the names.
+        """
 
     @abstractmethod
     def draw_predictions(self, image: Image.Image, prediction: Any, class_names: list[str]) -> Image.Image:

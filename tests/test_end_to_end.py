@@ -91,6 +91,11 @@ def test_run_the_whole_chain_on_tiny_data(hat, tiny_recipe, tiny_shapes, tmp_pat
     assert len(out.json()["predictions"]) == 5
     ops = hat("calops", tiny_recipe, "--json")
     assert ops.code == 0 and ops.json()["macs"] > 0 and ops.json()["flops"] == 2 * ops.json()["macs"]
+    # the integer program computes the same convolutions and matmuls as the float network
+    int_ops = hat("calops", tiny_recipe, "--stage", "int_infer", "--json")
+    assert int_ops.code == 0, int_ops.err
+    assert int_ops.json()["macs"] == ops.json()["macs"], (int_ops.json()["flops_by_op"], ops.json()["flops_by_op"])
+    assert int_ops.json()["params"] == ops.json()["params"]
 
     # a tampered artifact is refused
     (runs / "compile/nash_e-O3/model.onnx").write_bytes(b"tampered")

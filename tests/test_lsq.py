@@ -42,13 +42,6 @@ SIGNED = dict(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TrainableTinyFamily(TinyFamily):
-    """`TinyFamily` with a classification loss, so the trainer can run QAT on it."""
-
-    def loss(self, outputs, targets, label_smoothing: float = 0.0):
-        return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
-
-
 _BUILT: dict[str, torch.fx.GraphModule] = {}
 
 
@@ -282,7 +275,7 @@ def _qat(out_dir: Path, calibration_state: dict, callbacks=(), resume: bool = Fa
     spec = TrainSpec(epochs=2, optimizer=OptimizerConfig(lr=0.05, momentum=0.9, schedule="cosine"),
                      label_smoothing=0.0, val_every=1, out_dir=out_dir, stage="qat")
     loader = _Batches()
-    return fit(prepared, TrainableTinyFamily(), loader, loader, spec, set_mode=set_mode, resume=resume,
+    return fit(prepared, TinyFamily(), loader, loader, spec, set_mode=set_mode, resume=resume,
                callbacks=list(callbacks))
 
 

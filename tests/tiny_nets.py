@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hatcli.family import ModelFamily
+from hatcli.tasks.classification import ClassificationFamily
 
 
 class TinyNet(nn.Module):
@@ -25,23 +25,13 @@ class TinyNet(nn.Module):
         return self.head(torch.flatten(self.pool(y), 1))
 
 
-class TinyFamily(ModelFamily):
+class TinyFamily(ClassificationFamily):
     """Just enough of a family for `prepare_quantized`: it builds `TinyNet`."""
 
     name = "tiny_quant"
-    task = "classification"
 
     def build_float_model(self, config, num_classes):
         return TinyNet()
-
-    def loss(self, outputs, targets):
-        raise NotImplementedError
-
-    def predict(self, outputs, topk=5):
-        raise NotImplementedError
-
-    def draw_predictions(self, image, prediction, class_names):
-        raise NotImplementedError
 
 
 def rank_batches(rank: int, size: tuple[int, int], count: int = 2) -> list[torch.Tensor]:

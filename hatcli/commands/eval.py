@@ -29,11 +29,13 @@ def evaluate(
     artifact: Annotated[Path | None, typer.Option(help="Compiled artifact folder (deploy stage).")] = None,
     compare: Annotated[str | None, typer.Option(
         help="Other stages to run on the same images, comma-separated (e.g. qat,int_infer): "
-             "reports top-1 agreement and the largest output difference, in output steps.")] = None,
+             "reports top-1 agreement (detection: images with the same detections) and the "
+             "largest output difference, in output steps.")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a stage: top-1/top-5 (classification) in percent; with --compare, how far stages agree."""
+    """Evaluate a stage: top-1/top-5 (classification) or COCO mAP (detection) in percent; with
+    --compare, how far stages agree."""
     from hatcli.engine.stages import EVAL_STAGES, evaluate_stage
 
     lr = load(recipe, overrides)
@@ -63,9 +65,11 @@ def _print_agreement(report: dict) -> None:
     from hatcli.progress import stdout
 
     steps = report["output_step"] is not None
-    table = Table("a", "b", "top-1 agreement", "max |diff|", *(["max diff (output steps)"] if steps else []))
+    detection = any("same_detections" in pair for pair in report["agreement"])
+    key, title = ("same_detections", "same detections") if detection else ("top1_agreement", "top-1 agreement")
+    table = Table("a", "b", title, "max |diff|", *(["max diff (output steps)"] if steps else []))
     for pair in report["agreement"]:
-        row = [pair["a"], pair["b"], f"{pair['top1_agreement']:.2f}% of {pair['images']}", f"{pair['max_abs_diff']:.3g}"]
+        row = [pair["a"], pair["b"], f"{pair[key]:.2f}% of {pair['images']}", f"{pair['max_abs_diff']:.3g}"]
         if steps:
             row.append(f"{pair['max_diff_steps']:.2f}")
         table.add_row(*row)

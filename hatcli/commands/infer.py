@@ -17,6 +17,8 @@ Examples:
   hat infer recipes/quickstart.toml --input photo.jpg --out pred.png
 
   hat infer recipes/quickstart.toml --input photo.jpg --out pred.png --stage deploy
+
+  hat infer recipes/shapes_fcos.toml --input street.jpg --out boxes.png --min-score 0.4 --json
 """
 
 
@@ -25,20 +27,26 @@ def infer(
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file (JPEG/PNG).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the picture (PNG).")] = Path("prediction.png"),
     stage: Annotated[str, typer.Option(help="float, calibration, qat, int_infer or deploy.")] = "int_infer",
-    topk: Annotated[int, typer.Option(help="How many classes to show.")] = 5,
+    topk: Annotated[int | None, typer.Option(help="Classification: how many classes to show (default 5). "
+                                                  "Detection: at most this many boxes (default 100).")] = None,
+    min_score: Annotated[float, typer.Option(help="Detection: draw and list boxes scoring at least this.")] = 0.3,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run one image through a stage's model and draw the predictions on it."""
+    """Run one image through a stage's model and draw the predictions on it: the top-k classes
+    (classification) or boxes with class names and scores (detection)."""
     import torch
     from PIL import Image, UnidentifiedImageError
     from torchvision.io import ImageReadMode, decode_image
 
     from hatcli.atomic import atomic_write_bytes
-    from hatcli.engine.loaders import model_input
     from hatcli.engine.stages import stage_model
 
     lr = load(recipe, overrides)
+    if topk is not None and topk < 1:
+        raise UsageError(f"--topk must be at least 1 (got {topk})")
+    if not 0 <= min_score <= 1:
+        raise UsageError(f"--min-score must be between 0 and 1 (got {min_score})")
     if not input.is_file():
         raise UsageError(f"--input: no such image: {input}")
     try:
@@ -47,25 +55,60 @@ def infer(
         tensor = decode_image(torch.frombuffer(bytearray(input.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (UnidentifiedImageError, RuntimeError, OSError) as exc:
         raise UsageError(f"--input: {input} is not a readable image ({exc})") from None
-    inputs = model_input(lr, tensor)
     model, classes = stage_model(lr, stage)
-    with torch.no_grad():
-        outputs = model(inputs)
-    prediction = lr.family.predict(outputs, topk=topk)[0]
-    drawn = lr.family.draw_predictions(picture, prediction, classes)
+    detection = lr.family.task == "detection"
+    if detection:
+        rows, drawn = _detect(lr, model, tensor, picture, classes, topk or 100, min_score)
+    else:
+        rows, drawn = _classify(lr, model, tensor, picture, classes, topk or 5)
     import io
 
     buffer = io.BytesIO()
     drawn.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
-    labels = [classes[i] if i < len(classes) else str(i) for i in prediction.labels]
     if json_out:
-        print_json({"input": str(input), "out": str(out), "stage": stage,
-                    "predictions": [{"label": l, "score": s} for l, s in zip(labels, prediction.scores)]})
+        print_json({"input": str(input), "out": str(out), "stage": stage, "predictions": rows})
         return
-    for label, score in zip(labels, prediction.scores):
-        stdout.print(f"{label:>16}  {score * 100:6.2f}%")
+    for row in rows:
+        box = "  " + " ".join(f"{v:7.1f}" for v in row["box"]) if detection else ""
+        stdout.print(f"{row['label']:>16}  {row['score'] * 100:6.2f}%{box}")
+    if detection and not rows:
+        stdout.print(f"no detection scored {min_score:.2f} or more")
     stdout.print(f"[green]wrote[/] {out}")
+
+
+def _label(classes: list[str], index: int) -> str:
+    return classes[index] if index < len(classes) else str(index)
+
+
+def _classify(lr, model, tensor, picture, classes, topk) -> tuple[list[dict], object]:
+    """Top-k classes of one image, and the picture with them drawn."""
+    import torch
+
+    from hatcli.engine.loaders import model_input
+
+    with torch.no_grad():
+        outputs = model(model_input(lr, tensor))
+    prediction = lr.family.predict(outputs, topk=topk, config=lr.model)[0]
+    rows = [{"label": _label(classes, l), "score": s} for l, s in zip(prediction.labels, prediction.scores)]
+    return rows, lr.family.draw_predictions(picture, prediction, classes)
+
+
+def _detect(lr, model, tensor, picture, classes, topk, min_score) -> tuple[list[dict], object]:
+    """Detections of one image in its own pixels, and the picture with the boxes drawn."""
+    import torch
+
+    from hatcli.engine.loaders import detection_model_input
+    from hatcli.tasks.detection import to_original
+
+    inputs, target = detection_model_input(lr, tensor)
+    with torch.no_grad():
+        outputs = model(inputs)
+    found = to_original(lr.family.predict(outputs, topk=topk, config=lr.model)[0], target)
+    keep = found.scores >= min_score
+    rows = [{"label": _label(classes, int(l)), "score": float(s), "box": [round(float(v), 2) for v in b]}
+            for b, s, l in zip(found.boxes[keep], found.scores[keep], found.labels[keep])]
+    return rows, lr.family.draw_predictions(picture, found, classes, min_score=min_score)
 
 
 def register(app: typer.Typer) -> None:

@@ -107,11 +107,15 @@ class ClassificationDataset(_PackedDataset):
 
 class DetectionDataset(_PackedDataset):
     """Items are ``(image, target)`` with target ``{"boxes": float32 [N, 4] xyxy pixels,
-    "labels": int64 [N], "image_id": int, "orig_size": (h, w)}``.
+    "labels": int64 [N], "image_id": int, "orig_size": (h, w), "image_box": float32 [4]}``.
 
     Crowd annotations and boxes with no width or height are left out of the target. A transform
     is called as ``transform(image, target)`` with the boxes as `tv_tensors.BoundingBoxes`, so the
     geometric v2 transforms move them; boxes that end up empty are dropped afterwards.
+    ``image_box`` is where the original image's corners (0, 0) and (w, h) are after the
+    transforms (moved with the boxes; exact through resizing, padding and flips, clipped by a
+    crop): detections in model-input pixels map back to the original image through it
+    (`hatcli.tasks.detection.to_original`).
     """
 
     kind = "detection"
@@ -134,16 +138,30 @@ class DetectionDataset(_PackedDataset):
             "labels": labels,
             "image_id": int(record["image_id"]),
             "orig_size": (h, w),
+            "image_box": torch.tensor([0.0, 0.0, float(w), float(h)]),
         }
         if self.transform is None:
             return image, target
-        target["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
-        image, target = self.transform(tv_tensors.Image(image), target)
-        image = image.as_subclass(torch.Tensor)
-        boxes = target["boxes"].as_subclass(torch.Tensor)
-        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        target["boxes"], target["labels"] = boxes[valid], target["labels"][valid]
-        return image, target
+        return transform_detection(self.transform, image, target)
+
+
+def transform_detection(transform: Transform, image: torch.Tensor,
+                        target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Apply a detection transform to `image` (uint8 CHW) and `target` ("boxes" XYXY, "labels",
+    "image_box"); return the new image and target, with `image_box` moved like the boxes and
+    boxes that became empty dropped."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    target = dict(target)
+    # The image's own extent rides along as one more box, and is taken off again afterwards.
+    with_extent = torch.cat([target["boxes"].reshape(-1, 4), target["image_box"].reshape(1, 4)])
+    target["boxes"] = tv_tensors.BoundingBoxes(with_extent, format="XYXY", canvas_size=(h, w))
+    image, target = transform(tv_tensors.Image(image), target)
+    image = image.as_subclass(torch.Tensor)
+    moved = target["boxes"].as_subclass(torch.Tensor)
+    target["image_box"], boxes = moved[-1].clone(), moved[:-1]
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    target["boxes"], target["labels"] = boxes[valid], target["labels"][valid]
+    return image, target
 
 
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:

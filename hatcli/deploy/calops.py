@@ -4,6 +4,10 @@ Totals come from `torch.utils.flop_counter.FlopCounterMode`, which counts matmul
 attention FLOPs (2 per multiply-accumulate), so MACs = FLOPs / 2 as in HAT's calops. The per-layer
 table records, for each leaf module, the FLOPs counted while it ran (forward hooks). The model is
 run on the `meta` device when it can be copied there, so large inputs count without computing.
+
+`count_graph_ops` counts a graph instead (the integer program of `int_infer`): it runs the graph
+node by node under the same counter and gives each node's FLOPs to the module the node was
+traced from (`nn_module_stack`), so its table lines up with the float model's.
 """
 
 from __future__ import annotations
@@ -134,3 +138,41 @@ def count_ops(model: torch.nn.Module, example_input: torch.Tensor) -> OpsReport:
     finally:
         model.train(was_training)
     raise UsageError(f"cannot run the model on input {list(example_input.shape)}: {error}")
+
+
+def _node_layer(node: torch.fx.Node) -> tuple[str, str]:
+    """(module path, module type) a graph node was traced from; the node's own name otherwise."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, kind = list(stack.values())[-1]
+        kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        return str(path), kind_name.rsplit(".", 1)[-1]
+    return node.name, str(node.target).rsplit(".", 1)[-1]
+
+
+def count_graph_ops(graph: torch.fx.GraphModule, example_input: torch.Tensor, params: int) -> OpsReport:
+    """Count MACs and FLOPs of a graph module (e.g. the integer program) on `example_input`,
+    per traced module; `params` is reported as given (the network's parameter count)."""
+    counter = FlopCounterMode(display=False)
+    rows: dict[str, LayerOps] = {}
+
+    class _Counting(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            before = counter.get_total_flops()
+            out = super().run_node(node)
+            flops = counter.get_total_flops() - before
+            if flops:
+                name, kind = _node_layer(node)
+                row = rows.setdefault(name, LayerOps(name, kind, 0, 0, _shape(out)))
+                row.macs += flops // 2
+            return out
+
+    try:
+        with torch.no_grad(), counter:
+            _Counting(graph).run(example_input)
+    except Exception as exc:  # noqa: BLE001 - any failure of the forward pass is the user's input
+        raise UsageError(f"cannot run the integer program on input {list(example_input.shape)}: {exc}") from None
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    flops = int(counter.get_total_flops())
+    return OpsReport(input_shape=list(example_input.shape), macs=flops // 2, flops=flops, params=params,
+                     device="cpu", flops_by_op=by_op, layers=list(rows.values()))

@@ -2,14 +2,19 @@
 
 `hat eval R --stage deploy --compare qat,int_infer` feeds every validation batch to each stage's
 model (the QAT graph, the integer program, the compiled artifact on ONNX Runtime, ...) and
-reports, for every pair, the share of images with the same top-1 class and the largest output
-difference, also in units of the output's quantization step: the integer program and the
-deployed artifact should agree on every top-1 and differ by at most one step.
+reports each stage's metrics and, for every pair:
 
-The step comes from the exported model: when the output is dequantized from an integer tensor it
-is that tensor's scale; when the last layer is a conv/linear on dequantized int8 input and weights
-(the int32 accumulator is dequantized, as on nash_e/nash_m) it is input scale x weight scale, per
-output channel.
+- classification: the share of images with the same top-1 class;
+- detection: the share of images whose decoded detections are the same (`same_detections`:
+  as many boxes, and each matched to one of the other's with the same class at IoU >= 0.95);
+- the largest output difference over all outputs, absolute and in units of the output's
+  quantization step: the integer program and the deployed artifact should agree on every image
+  and differ by at most one step.
+
+The steps come from the exported model, per output: when an output is dequantized from an
+integer tensor it is that tensor's scale; when the last layer is a conv/linear on dequantized
+int8 input and weights (the int32 accumulator is dequantized, as on nash_e/nash_m) it is input
+scale x weight scale, per output channel.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ import torch
 
 from hatcli.errors import UsageError
 
+SAME_BOX_IOU = 0.95
+"""Two detections are the same when their classes are equal and their boxes overlap this much."""
 
-def output_step(onnx_path: Path) -> np.ndarray | None:
-    """Quantization step of the model's first output (per output channel), or None if it is float."""
+
+def output_steps(onnx_path: Path) -> list[np.ndarray | None]:
+    """Quantization step of each model output (per output channel), None for a float output."""
     import onnx
     from onnx import numpy_helper
 
@@ -39,19 +47,68 @@ def output_step(onnx_path: Path) -> np.ndarray | None:
             return None
         return np.asarray(inits[node.input[1]], dtype=np.float64)
 
-    node = producers.get(graph.output[0].name)
-    if node is None:
+    def step(name: str) -> np.ndarray | None:
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "DequantizeLinear":
+            return dq_scale(name)
+        if node.op_type in ("Gemm", "MatMul", "Conv"):
+            sx, sw = dq_scale(node.input[0]), dq_scale(node.input[1])
+            if sx is not None and sw is not None:
+                return (sx * sw).reshape(-1)
         return None
-    if node.op_type == "DequantizeLinear":
-        return dq_scale(graph.output[0].name)
-    if node.op_type in ("Gemm", "MatMul", "Conv"):
-        sx, sw = dq_scale(node.input[0]), dq_scale(node.input[1])
-        if sx is not None and sw is not None:
-            return (sx * sw).reshape(-1)
-    return None
+
+    return [step(output.name) for output in graph.output]
+
+
+def output_step(onnx_path: Path) -> np.ndarray | None:
+    """Quantization step of the model's first output (see `output_steps`)."""
+    steps = output_steps(onnx_path)
+    return steps[0] if steps else None
+
+
+def flat_outputs(outputs: Any) -> list[torch.Tensor]:
+    """A stage's outputs as a list of float tensors (one tensor, or a tuple/list of them)."""
+    items = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+    return [torch.as_tensor(item).float() for item in items]
+
+
+def _broadcast_step(step: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel step shaped to divide an output: channels are the last dim of a [N, C]
+    output and dim 1 of an [N, C, H, W] one; a single step divides everything."""
+    values = torch.from_numpy(np.asarray(step, dtype=np.float64).reshape(-1))
+    if values.numel() == 1:
+        return values.reshape(())
+    if like.dim() <= 2:
+        return values
+    return values.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+def same_detections(a: Any, b: Any, iou: float = SAME_BOX_IOU) -> bool:
+    """Whether two images' `Detections` are the same: equal counts, and a one-to-one matching in
+    which every pair has the same class and boxes overlapping at least `iou`."""
+    from torchvision.ops import box_iou
+
+    if len(a) != len(b):
+        return False
+    if len(a) == 0:
+        return True
+    overlap = box_iou(a.boxes.double(), b.boxes.double())
+    overlap[a.labels.reshape(-1, 1) != b.labels.reshape(1, -1)] = 0
+    taken = torch.zeros(len(b), dtype=torch.bool)
+    for i in torch.argsort(a.scores, descending=True).tolist():
+        row = overlap[i].masked_fill(taken, -1)
+        j = int(row.argmax())
+        if row[j] < iou:
+            return False
+        taken[j] = True
+    return True
 
 
 class _Pair:
+    """Running agreement of two stages."""
+
     def __init__(self, a: str, b: str) -> None:
         self.a, self.b = a, b
         self.same = 0
@@ -59,18 +116,26 @@ class _Pair:
         self.max_abs = 0.0
         self.max_steps = 0.0
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, step: torch.Tensor | None) -> None:
-        self.same += int((x.argmax(-1) == y.argmax(-1)).sum())
-        self.count += x.shape[0]
-        diff = (x.double() - y.double()).abs()
-        self.max_abs = max(self.max_abs, float(diff.max()))
-        if step is not None:
-            self.max_steps = max(self.max_steps, float((diff / step).max()))
+    def update_outputs(self, xs: list[torch.Tensor], ys: list[torch.Tensor], steps: list[np.ndarray | None]) -> None:
+        """Fold one batch's largest output differences in."""
+        for index, (x, y) in enumerate(zip(xs, ys)):
+            diff = (x.double() - y.double()).abs()
+            if diff.numel() == 0:
+                continue
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            step = steps[index] if index < len(steps) else None
+            if step is not None:
+                self.max_steps = max(self.max_steps, float((diff / _broadcast_step(step, diff)).max()))
 
-    def result(self, with_steps: bool) -> dict[str, Any]:
+    def update_same(self, same: list[bool]) -> None:
+        """Count the images of one batch on which the two stages agree."""
+        self.same += sum(same)
+        self.count += len(same)
+
+    def result(self, agreement_key: str, with_steps: bool) -> dict[str, Any]:
+        """The pair's row of the report."""
         out: dict[str, Any] = {"a": self.a, "b": self.b, "images": self.count,
-                               "top1_agreement": 100.0 * self.same / max(1, self.count),
-                               "max_abs_diff": self.max_abs}
+                               agreement_key: 100.0 * self.same / max(1, self.count), "max_abs_diff": self.max_abs}
         if with_steps:
             out["max_diff_steps"] = self.max_steps
         return out
@@ -80,31 +145,38 @@ def compare_stages(lr: Any, stages: list[str], artifact: Path | None = None) -> 
     """Metrics of each stage and pairwise agreement over the val set (see the module docstring)."""
     from hatcli.engine.loaders import build_loader
     from hatcli.engine.stages import default_export_dir, stage_model
-    from hatcli.metrics.classification import TopKAccuracy
     from hatcli.progress import make_progress
 
     if len(set(stages)) != len(stages):
         raise UsageError(f"--compare names a stage twice: {', '.join(stages)}")
-    if lr.family.task != "classification":
-        raise UsageError(f"--compare is available for classification models, not {lr.family.task}")
+    detection = lr.family.task == "detection"
     models = {stage: stage_model(lr, stage, artifact if stage == "deploy" else None)[0] for stage in stages}
     export = default_export_dir(lr) / "model.onnx"
-    step_array = output_step(export) if export.exists() else None
-    step = torch.from_numpy(step_array) if step_array is not None else None
-    metrics = {stage: TopKAccuracy() for stage in stages}
-    pairs = [_Pair(a, b) for a, b in itertools.combinations(stages, 2)]
+    steps = output_steps(export) if export.exists() else []
+    with_steps = any(step is not None for step in steps)
     loader = build_loader(lr, "val")
+    metrics = {stage: lr.family.build_metric(loader.dataset, lr.model) for stage in stages}
+    pairs = [_Pair(a, b) for a, b in itertools.combinations(stages, 2)]
     with torch.no_grad(), make_progress() as progress:
         task = progress.add_task(f"compare {', '.join(stages)}", total=len(loader))
-        for images, labels in loader:
-            outputs = {stage: torch.as_tensor(model(images)).float() for stage, model in models.items()}
-            for stage, out in outputs.items():
-                metrics[stage].update(out, labels)
+        for images, targets in loader:
+            raw = {stage: model(images) for stage, model in models.items()}
+            flat = {stage: flat_outputs(out) for stage, out in raw.items()}
+            for stage, out in raw.items():
+                metrics[stage].update(out, targets)
+            if detection:
+                decoded = {stage: lr.family.predict(out, config=lr.model) for stage, out in raw.items()}
             for pair in pairs:
-                pair.update(outputs[pair.a], outputs[pair.b], step)
+                pair.update_outputs(flat[pair.a], flat[pair.b], steps)
+                if detection:
+                    pair.update_same([same_detections(x, y) for x, y in zip(decoded[pair.a], decoded[pair.b])])
+                else:
+                    pair.update_same((flat[pair.a][0].argmax(-1) == flat[pair.b][0].argmax(-1)).tolist())
             progress.advance(task)
+    known = [np.asarray(step).reshape(-1) for step in steps if step is not None]
     return {
         "stages": {stage: metric.compute() for stage, metric in metrics.items()},
-        "agreement": [pair.result(step is not None) for pair in pairs],
-        "output_step": None if step_array is None else {"min": float(step_array.min()), "max": float(step_array.max())},
+        "agreement": [pair.result("same_detections" if detection else "top1_agreement", with_steps) for pair in pairs],
+        "output_step": None if not known else {"min": float(min(s.min() for s in known)),
+                                               "max": float(max(s.max() for s in known))},
     }

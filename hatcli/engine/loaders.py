@@ -74,6 +74,20 @@ def model_input(lr: LoadedRecipe, image: torch.Tensor, device: torch.device | st
     return batch_transform(lr)(sample.unsqueeze(0).to(device))
 
 
+def detection_model_input(lr: LoadedRecipe, image: torch.Tensor,
+                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
+    """One decoded uint8 CHW image as a detection model receives it (a batch of one), and the
+    target that maps its detections back onto the image (`image_box`, `orig_size`, `img_size`)."""
+    from hatcli.data.datasets import transform_detection
+
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "image_box": torch.tensor([0.0, 0.0, float(w), float(h)]), "orig_size": (h, w)}
+    sample, target = transform_detection(image_transform(lr, "val"), image, target)
+    target["img_size"] = (int(sample.shape[-2]), int(sample.shape[-1]))
+    return batch_transform(lr)(sample.unsqueeze(0).to(device)), target
+
+
 def build_dataset(lr: LoadedRecipe, split: str) -> Any:
     """Open the packed `split` with its per-image transforms; a missing database is a clear error."""
     path = data_path(lr, split)

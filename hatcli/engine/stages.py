@@ -116,7 +116,8 @@ def _train_spec(lr: LoadedRecipe, stage: str, cfg: Any, extra: dict[str, Any]) -
     return TrainSpec(epochs=cfg.epochs, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
                      val_every=cfg.val_every, out_dir=stage_dir(lr, stage), stage=stage, extra=extra,
                      ema=cfg.ema, grad_clip=cfg.grad_clip, amp=getattr(cfg, "amp", False),
-                     checkpoint_every_steps=cfg.checkpoint_every_steps, sync_bn=getattr(cfg, "sync_bn", False))
+                     checkpoint_every_steps=cfg.checkpoint_every_steps, sync_bn=getattr(cfg, "sync_bn", False),
+                     model_config=lr.model)
 
 
 def _checkpoint_meta(lr: LoadedRecipe, stage: str, classes: list[str], num_classes: int) -> dict[str, Any]:
@@ -220,7 +221,8 @@ def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]
     # all ranks hold the same quantization parameters.
     distributed.sync_observers(prepared)
     set_mode(prepared, "eval")
-    metrics = evaluate(prepared, build_loader(lr, "val", device=device), lr.family, description="calibration val")
+    metrics = evaluate(prepared, build_loader(lr, "val", device=device), lr.family, description="calibration val",
+                       config=lr.model)
     out = stage_dir(lr, "calibration") / "checkpoint.pt"
     meta = _checkpoint_meta(lr, "calibration", state["classes"], state["num_classes"])
     if distributed.current().is_main:
@@ -285,10 +287,20 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
             raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
         runner = load_artifact(folder)
         classes = runner.manifest.get("extra", {}).get("classes") or runner.manifest.get("classes", [])
-        return (lambda images: torch.from_numpy(runner.run(images.numpy())[0])), classes
+        return _onnx_callable(runner), classes
     else:
         raise UsageError(f"unknown stage `{stage}`; choose one of {', '.join(EVAL_STAGES)}")
     return model, state["classes"]
+
+
+def _onnx_callable(runner: Any) -> Callable:
+    """batch -> outputs through ONNX Runtime: one tensor for a single-output model, else a tuple in
+    the deploy model's output order (what the torch stages return)."""
+    def run(images: torch.Tensor) -> Any:
+        outputs = [torch.from_numpy(out) for out in runner.run(images.detach().cpu().numpy())]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run
 
 
 def evaluate_int_infer(lr: LoadedRecipe) -> dict[str, Any]:
@@ -311,5 +323,5 @@ def default_compile_dir(lr: LoadedRecipe, march: str, opt: int) -> Path:
 def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> dict[str, Any]:
     """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}`."""
     model, _ = stage_model(lr, stage, artifact)
-    metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval")
+    metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval", config=lr.model)
     return {"stage": stage, "metrics": metrics}

@@ -32,8 +32,7 @@ from hatcli.engine.callbacks import Callback, ProgressBar, default_callbacks
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from hatcli.engine.schedule import LrSchedule, build_optimizer
 from hatcli.errors import ArtifactError, HatError, Interrupted
-from hatcli.family import ModelFamily
-from hatcli.metrics.classification import TopKAccuracy
+from hatcli.family import FamilyConfig, ModelFamily
 from hatcli.progress import make_progress
 from hatcli.recipe_schema import EmaConfig, OptimizerConfig
 
@@ -59,18 +58,22 @@ class TrainSpec:
     """Mixed precision (autocast + loss scaling); CUDA only."""
     checkpoint_every_steps: int = 0
     sync_bn: bool = False
+    model_config: FamilyConfig | None = None
+    """The recipe's `[model]` table, handed to the family's loss and metric."""
 
 
-def evaluate(model: Callable, loader: Iterable, family: ModelFamily, description: str = "eval") -> dict[str, float]:
-    """Run `model` over `loader` and return the task's metrics (percentages), merged across ranks."""
-    if family.task != "classification":
-        raise HatError(f"evaluation of {family.task} models is not available in this version")
-    metric = TopKAccuracy()
+def evaluate(model: Callable, loader: Any, family: ModelFamily, description: str = "eval",
+             config: FamilyConfig | None = None) -> dict[str, float]:
+    """Run `model` over `loader` and return the family's metrics (percentages), merged across ranks.
+
+    `config` is the recipe's `[model]` table, for families whose decoding depends on it.
+    """
+    metric = family.build_metric(getattr(loader, "dataset", None), config)
     info = distributed.current()
     with torch.no_grad(), make_progress() as progress:
         task = progress.add_task(description, total=len(loader), visible=info.is_main)  # type: ignore[arg-type]
-        for images, labels in loader:
-            metric.update(model(images), labels)
+        for images, targets in loader:
+            metric.update(model(images), targets)
             progress.advance(task)
     metric.merge_across_ranks()
     return metric.compute()
@@ -229,7 +232,8 @@ class Trainer:
         """Evaluate the eval model on the validation data (all ranks), then go back to training."""
         model = self.eval_model()
         self._mode(model, False)
-        self.metrics = evaluate(model, self.val_loader, self.family, description=f"{self.spec.stage} val")
+        self.metrics = evaluate(model, self.val_loader, self.family, description=f"{self.spec.stage} val",
+                                config=self.spec.model_config)
         self._mode(self.raw_model, True)
         return self.metrics
 
@@ -241,7 +245,8 @@ class Trainer:
         self.lr = self.schedule.apply(self.optimizer, self.step)
         autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp else nullcontext()
         with autocast:
-            loss = self.family.loss(self.model(images), targets, label_smoothing=self.spec.label_smoothing)
+            loss = self.family.loss(self.model(images), targets, label_smoothing=self.spec.label_smoothing,
+                                    config=self.spec.model_config)
         if not torch.isfinite(loss):
             where = f"; last good checkpoint: {self.last_path}" if self.last_path.exists() else ""
             raise HatError(f"{self.spec.stage}: loss is {loss.item()} at step {self.step + 1} "

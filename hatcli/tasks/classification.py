@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from hatcli.family import ModelFamily, TaskKind
+from hatcli.family import FamilyConfig, ModelFamily, TaskKind
+from hatcli.metrics.classification import TopKAccuracy
 
 
 @dataclass
@@ -26,11 +27,16 @@ class ClassificationFamily(ModelFamily):
     task: ClassVar[TaskKind] = "classification"
     output_names: ClassVar[list[str]] = ["logits"]
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+             config: FamilyConfig | None = None) -> torch.Tensor:
         """Cross-entropy on logits, with optional label smoothing."""
         return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
 
-    def predict(self, outputs: Any, topk: int = 5) -> list[TopK]:
+    def build_metric(self, dataset: Any, config: FamilyConfig | None = None) -> TopKAccuracy:
+        """Top-1 / top-5 accuracy."""
+        return TopKAccuracy()
+
+    def predict(self, outputs: Any, topk: int = 5, config: FamilyConfig | None = None) -> list[TopK]:
         """Softmax the logits and keep the `topk` best classes of every image."""
         logits = torch.as_tensor(outputs)
         k = min(topk, logits.shape[-1])
