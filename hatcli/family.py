@@ -45,6 +45,15 @@ class ModelFamily(ABC):
 
     description: ClassVar[str] = ""
 
+    min_input_size: ClassVar[tuple[int, int]] = (32, 32)
+    """The smallest input (H, W) the family's networks take; the tests parametrized over every
+    registered family run it at this size."""
+
+    def tiny_config(self) -> FamilyConfig:
+        """A small configuration of the family that builds and exports in seconds, for the tests
+        that run every registered family (default: the schema's defaults)."""
+        return self.config_class(name=self.name)
+
     @abstractmethod
     def build_float_model(self, config: FamilyConfig, num_classes: int) -> torch.nn.Module:
         """Return the float (trainable) network; its forward returns raw outputs, never a loss."""

@@ -225,7 +225,7 @@ def test_compile_opt0_and_opt3_agree(plain: Path, tmp_path: Path) -> None:
     m3 = json.loads((a3 / "manifest.json").read_text())
     assert m3["opt"] == 3 and m3["session_graph_optimization_level"] == "ORT_ENABLE_ALL"
     assert m3["saved_graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
-    assert set(m3["files"]) == {"model.onnx", "perf.json"} and m3["input_spec"] == spec
+    assert set(m3["files"]) == {"model.onnx", "perf.json", "perf.html"} and m3["input_spec"] == spec
     assert m3["outputs"][0]["shape"] == ["N", 10] and m3["versions"]["onnxruntime"]
     assert r0.manifest["extra"] == {"task": "t"} and r3.input_spec == spec
     perf0 = json.loads((a0 / "perf.json").read_text())
@@ -235,6 +235,21 @@ def test_compile_opt0_and_opt3_agree(plain: Path, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
     compile_model(plain, load_march("bayes"), 1, a0, spec)  # recompiling replaces an artifact
     assert json.loads((a0 / "manifest.json").read_text())["opt"] == 1
+
+
+def test_perf_html_is_a_self_contained_report_of_perf_json(plain: Path, tmp_path: Path) -> None:
+    art = compile_model(plain, load_march("bayes"), 3, tmp_path / "art", {"shape": [1, 3, 32, 32]})
+    page = (art / "perf.html").read_text()
+    perf = json.loads((art / "perf.json").read_text())
+    estimate = perf["estimate"]
+    assert page.startswith("<!doctype html>") and "<script" not in page and "http" not in page
+    assert "estimated" in page and "Journey 5" in page  # a BPU figure says it is an estimate
+    assert f"{estimate['latency_ms']:,.3f} ms" in page and f"{estimate['fps']:,.1f}" in page
+    assert page.count("<rect ") == min(15, sum(1 for l in estimate["layers"] if l["time_us"] > 0))
+    for layer in estimate["layers"]:  # the per-layer table lists every layer with its share of the time
+        assert f"<td class='l'>{layer['name']}</td>" in page and f"<td>{layer['percent']:.2f}</td>" in page
+    host = compile_model(plain, load_march("host"), 3, tmp_path / "host", {"shape": [1, 3, 32, 32]})
+    assert "Measured on this host" in (host / "perf.html").read_text()
 
 
 def test_runtime_refuses_tampered_artifact(plain: Path, tmp_path: Path) -> None:

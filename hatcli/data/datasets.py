@@ -113,8 +113,8 @@ class DetectionDataset(_PackedDataset):
     is called as ``transform(image, target)`` with the boxes as `tv_tensors.BoundingBoxes`, so the
     geometric v2 transforms move them; boxes that end up empty are dropped afterwards.
     ``image_box`` is where the original image's corners (0, 0) and (w, h) are after the
-    transforms (moved with the boxes; exact through resizing, padding and flips, clipped by a
-    crop): detections in model-input pixels map back to the original image through it
+    transforms (x0 > x1 after a horizontal flip; exact through resizing, padding and flips,
+    clipped by a crop): detections in model-input pixels map back to the original image through it
     (`hatcli.tasks.detection.to_original`).
     """
 
@@ -152,13 +152,22 @@ def transform_detection(transform: Transform, image: torch.Tensor,
     boxes that became empty dropped."""
     h, w = int(image.shape[-2]), int(image.shape[-1])
     target = dict(target)
-    # The image's own extent rides along as one more box, and is taken off again afterwards.
-    with_extent = torch.cat([target["boxes"].reshape(-1, 4), target["image_box"].reshape(1, 4)])
-    target["boxes"] = tv_tensors.BoundingBoxes(with_extent, format="XYXY", canvas_size=(h, w))
+    extent = target["image_box"].reshape(1, 4)
+    x0, y0, x1, y1 = extent[0].tolist()
+    # Two marker boxes ride along with the real ones and are taken off again afterwards: the
+    # image's extent, and its top-left quarter, which tells where a flip sent the first corner
+    # (a flipped box comes back with x0 < x1, so the extent alone cannot say).
+    quarter = torch.tensor([[x0, y0, (x0 + x1) / 2, (y0 + y1) / 2]])
+    with_markers = torch.cat([target["boxes"].reshape(-1, 4), extent, quarter])
+    target["boxes"] = tv_tensors.BoundingBoxes(with_markers, format="XYXY", canvas_size=(h, w))
     image, target = transform(tv_tensors.Image(image), target)
     image = image.as_subclass(torch.Tensor)
     moved = target["boxes"].as_subclass(torch.Tensor)
-    target["image_box"], boxes = moved[-1].clone(), moved[:-1]
+    (e0, f0, e1, f1), (q0, r0, q1, r1) = moved[-2].tolist(), moved[-1].tolist()
+    flip_x, flip_y = q0 + q1 > e0 + e1, r0 + r1 > f0 + f1
+    target["image_box"] = torch.tensor([e1 if flip_x else e0, f1 if flip_y else f0,
+                                        e0 if flip_x else e1, f0 if flip_y else f1])
+    boxes = moved[:-2]
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     target["boxes"], target["labels"] = boxes[valid], target["labels"][valid]
     return image, target

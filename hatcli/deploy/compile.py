@@ -9,6 +9,7 @@ so an interrupted compile never leaves a half artifact.
 Artifact layout:
     out_dir/model.onnx     optimized graph (loads with plain onnxruntime)
     out_dir/perf.json      estimate on the march (+ measured latency when the march is `host`)
+    out_dir/perf.html      the same as a self-contained page: figures, slowest layers, per-layer table
     out_dir/manifest.json  march, opt, input spec, outputs, sha256 of every file, versions,
                            session options to load it with
 """
@@ -25,22 +26,25 @@ from typing import Any
 import onnx
 
 from hatcli import __version__
-from hatcli.atomic import atomic_write_json
+from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.lowering import (
     fuse_global_average_pool,
     lower_int8_to_uint8,
     lower_linear_resize,
     lower_lookup_tables,
+    lower_output_conv,
     lower_quantized_binary,
 )
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
+from hatcli.deploy.perf_html import render_perf_html
 from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
 from hatcli.errors import ArtifactError, HatError, UsageError
 from hatcli.quant.march import MarchProfile
 
 PERF = "perf.json"
+PERF_HTML = "perf.html"
 INLINE_LIMIT = 1_800_000_000
 """Models below this many bytes are written as one self-contained model.onnx."""
 ARTIFACT_FORMAT = "hat-artifact"
@@ -100,6 +104,7 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     """
     model_tmp = tmp_dir / f".{MODEL}.tmp"
     proto, _ = lower_int8_to_uint8(load_onnx(src))
+    proto, _ = lower_output_conv(proto)
     proto, _ = fuse_global_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto)
@@ -184,6 +189,8 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         do_measure = (not march.estimated) if measure is None else measure
         perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure)
         atomic_write_json(tmp_dir / PERF, perf)
+        atomic_write_text(tmp_dir / PERF_HTML, render_perf_html(
+            {**perf, "opt": opt}, title=f"{src.stem} on {march.name} ({march.chip}), opt {opt}"))
         notes = [OPT_3_NOTE] if level == "ORT_ENABLE_ALL" else []
         if march.estimated:
             notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "

@@ -387,6 +387,75 @@ def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, tables
 
 
+def _constant_dequantize(name: str, producers: dict, initializers: dict) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto] | None:
+    """(quantized values, scale, zero-point tensor) of a DequantizeLinear of initializers."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return None
+    if not all(i in initializers for i in dq.input[:3]):
+        return None
+    return (numpy_helper.to_array(initializers[dq.input[0]]), numpy_helper.to_array(initializers[dq.input[1]]),
+            initializers[dq.input[2]])
+
+
+def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> Conv (8-bit weights, int32 bias) whose result is a graph output by
+    ``Mul(Cast(ConvInteger(q_x, q_w) + q_bias, float), s_x * s_w)`` (the sum in int64): the
+    dequantized accumulator.
+
+    ONNX Runtime runs that pattern as a float Conv of the dequantized values, whose sums round in
+    an order of its own (one unit in the last place off the exact result). The integer program
+    computes the exact accumulator, rounds it to float32 once and multiplies by the float32
+    per-channel ``s_x * s_w`` (`hatcli.quant.integer.int_weighted`); so do these ops, bit for bit.
+    Runs after `lower_int8_to_uint8` (ConvInteger's exact U8U8 kernel). Returns the model
+    (modified in place) and the number of rewritten convs.
+    """
+    graph = model.graph
+    initializers, producers, _, outputs = _index(graph)
+    eight_bit = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+    rewritten = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or conv.output[0] not in outputs or len(conv.input) < 2:
+            continue
+        source = _dequantized_input(conv.input[0], producers, initializers)
+        weight = _constant_dequantize(conv.input[1], producers, initializers)
+        bias = _constant_dequantize(conv.input[2], producers, initializers) if len(conv.input) > 2 and conv.input[2] else None
+        if source is None or weight is None or (len(conv.input) > 2 and conv.input[2] and bias is None):
+            continue
+        x_zero = initializers.get(producers[conv.input[0]].input[2])
+        q_w, w_scale, w_zero = weight
+        w_zeros = numpy_helper.to_array(w_zero).reshape(-1)
+        if x_zero is None or x_zero.data_type not in eight_bit or w_zero.data_type not in eight_bit:
+            continue
+        if w_zeros.size == 0 or not np.all(w_zeros == w_zeros[0]):
+            continue  # ConvInteger takes one weight zero point
+        if bias is not None and (bias[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(bias[2]))):
+            continue
+        channels = q_w.shape[0]
+        stem = conv.name or conv.output[0]
+        make = onnx.helper.make_node
+        w_zero_name = _const(graph, w_zeros[:1].reshape(()), f"{stem}_w_zero")
+        integer = make("ConvInteger", [source[0], producers[conv.input[1]].input[0], producers[conv.input[0]].input[2],
+                                       w_zero_name], [f"{stem}_acc"], name=f"{stem}_integer")
+        integer.attribute.extend(conv.attribute)
+        nodes, acc = [integer], f"{stem}_acc"
+        if bias is not None:
+            # in int64: accumulator + a (saturated) int32 bias can leave int32, the integer program's sum does not wrap
+            q_bias = _const(graph, bias[0].astype(np.int64).reshape(1, channels, 1, 1), f"{stem}_bias")
+            nodes += [make("Cast", [acc], [f"{stem}_acc64"], to=onnx.TensorProto.INT64, name=f"{stem}_acc64"),
+                      make("Add", [f"{stem}_acc64", q_bias], [f"{stem}_biased"], name=f"{stem}_biased")]
+            acc = f"{stem}_biased"
+        multiplier = (np.float32(source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
+        multiplier_name = _const(graph, multiplier.reshape(1, channels, 1, 1), f"{stem}_multiplier")
+        nodes += [make("Cast", [acc], [f"{stem}_acc_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_acc_float"),
+                  make("Mul", [f"{stem}_acc_float", multiplier_name], [conv.output[0]], name=f"{stem}_dequantize")]
+        _replace(graph, [conv], nodes, conv)
+        rewritten += 1
+    if rewritten:
+        _drop_unused_dequantize(graph)
+    return model, rewritten
+
+
 def _drop_unused_dequantize(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:

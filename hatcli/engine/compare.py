@@ -74,7 +74,7 @@ def flat_outputs(outputs: Any) -> list[torch.Tensor]:
     return [torch.as_tensor(item).float() for item in items]
 
 
-def _broadcast_step(step: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+def broadcast_step(step: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A per-channel step shaped to divide an output: channels are the last dim of a [N, C]
     output and dim 1 of an [N, C, H, W] one; a single step divides everything."""
     values = torch.from_numpy(np.asarray(step, dtype=np.float64).reshape(-1))
@@ -125,7 +125,7 @@ class _Pair:
             self.max_abs = max(self.max_abs, float(diff.max()))
             step = steps[index] if index < len(steps) else None
             if step is not None:
-                self.max_steps = max(self.max_steps, float((diff / _broadcast_step(step, diff)).max()))
+                self.max_steps = max(self.max_steps, float((diff / broadcast_step(step, diff)).max()))
 
     def update_same(self, same: list[bool]) -> None:
         """Count the images of one batch on which the two stages agree."""

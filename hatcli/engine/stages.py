@@ -24,7 +24,7 @@ from hatcli.engine.callbacks import Callback, plugin_callbacks
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from hatcli.engine.loaders import build_loader, data_path
 from hatcli.engine.trainer import TrainSpec, evaluate, fit
-from hatcli.errors import ArtifactError, UsageError
+from hatcli.errors import ArtifactError, DataError, UsageError
 from hatcli.quant.march import load_march
 from hatcli.recipe import LoadedRecipe, recipe_hash
 
@@ -174,6 +174,15 @@ def load_float_model(lr: LoadedRecipe, path: Path | None = None) -> tuple[torch.
 # -- calibration and QAT -----------------------------------------------------------------------
 
 
+def int16_patterns(lr: LoadedRecipe, march: Any) -> list[str]:
+    """The modules quantized to int16: the recipe's `quant.int16`, then the family's own wishes
+    (`int16_outputs`) where the march has int16 activations (elsewhere they are preferences only)."""
+    patterns = list(lr.recipe.quant.int16)
+    if march.quant.allow_int16:
+        patterns += [p for p in lr.family.int16_outputs(lr.model) if p not in patterns]
+    return patterns
+
+
 def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[torch.fx.GraphModule, dict, list[str]]:
     """The prepared (fake-quant) deploy graph built from the float checkpoint."""
     from hatcli.quant.flow import prepare_quantized
@@ -181,7 +190,7 @@ def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[to
     model, state = load_float_model(lr, float_path)
     march = load_march(lr.recipe.quant.march)
     prepared, quantizer = prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
-                                            lr.recipe.quant.int16, observer=lr.recipe.calibration.observer,
+                                            int16_patterns(lr, march), observer=lr.recipe.calibration.observer,
                                             percentile=lr.recipe.calibration.percentile,
                                             activation_scales=lr.recipe.qat.activation_scales)
     for op in quantizer.unquantized:
@@ -195,6 +204,15 @@ def load_prepared(lr: LoadedRecipe, stage: str, path: Path | None = None) -> tup
     state = load_checkpoint(path or _best_or_last(stage_dir(lr, stage)))
     prepared.load_state_dict(state["model"])
     return prepared, state
+
+
+def _check_input_size(lr: LoadedRecipe, images: torch.Tensor) -> None:
+    """The quantized graph is exported at `data.input_size`: refuse other batch sizes clearly."""
+    want = tuple(lr.recipe.data.input_size)
+    if tuple(images.shape[-2:]) != want:
+        raise DataError(f"training batches are {images.shape[-2]}x{images.shape[-1]} but the quantized graph "
+                        f"takes `data.input_size` {list(want)}: make `data.train_transforms` end at that size "
+                        f"(e.g. Resize, or RandomCrop / Pad to {list(want)})")
 
 
 def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]:
@@ -216,6 +234,7 @@ def calibrate(lr: LoadedRecipe, from_path: Path | None = None) -> dict[str, Any]
         if distributed.current().is_main:
             batches = track(batches, num, "calibration")
         for images, _ in batches:
+            _check_input_size(lr, images)
             prepared(images)
     # Every rank saw its own shard: agree on the ranges (min of minimums, max of maximums) so
     # all ranks hold the same quantization parameters.

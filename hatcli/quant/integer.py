@@ -276,6 +276,11 @@ def _bias_part(gm: GraphModule, node: object) -> torch.Tensor | None | bool:
     return False if parts is None else parts[0]
 
 
+def _traced_from(node: Node) -> dict:
+    """The metadata that says which module a node was traced from, for the node replacing it."""
+    return {key: node.meta[key] for key in ("nn_module_stack", "stack_trace") if key in node.meta}
+
+
 class _Rewriter:
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
@@ -317,6 +322,7 @@ class _Rewriter:
                     0 if yq is None else yq.qmin, 0 if yq is None else yq.qmax,
                     None if yq is None else yq.dtype, relu)
             new = graph.call_function(int_weighted, args)
+        new.meta.update(_traced_from(node))
         last.replace_all_uses_with(new)
         self.rewritten.append(f"{op} {node.name}")
         return True
@@ -341,6 +347,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(quant):
             new = self.gm.graph.call_function(int_global_avg_pool, (
                 xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, keepdim))
+        new.meta.update(_traced_from(node))
         quant.replace_all_uses_with(new)
         self.rewritten.append(f"global_avg_pool {node.name}")
         return True
@@ -364,6 +371,7 @@ class _Rewriter:
             new = self.gm.graph.call_function(int_add, (
                 aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
                 yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu, subtract))
+        new.meta.update(_traced_from(node))
         quant.replace_all_uses_with(new)
         self.rewritten.append(f"{'sub' if subtract else 'add'} {node.name}")
         return True
@@ -379,6 +387,7 @@ class _Rewriter:
             new = self.gm.graph.call_function(int_mul, (
                 aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
                 yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype))
+        new.meta.update(_traced_from(node))
         quant.replace_all_uses_with(new)
         self.rewritten.append(f"mul {node.name}")
         return True
@@ -404,6 +413,7 @@ class _Rewriter:
                              yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype)
         with self.gm.graph.inserting_before(quant):
             new = self.gm.graph.call_function(int_lookup, (xq.source, self.constant(table, "table"), xq.qmin))
+        new.meta.update(_traced_from(node))
         quant.replace_all_uses_with(new)
         self.rewritten.append(f"table {node.name}")
         return True
@@ -419,6 +429,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(quant):
             new = self.gm.graph.call_function(int_resample, (
                 xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, node.target, tuple(node.args[1:])))
+        new.meta.update(_traced_from(node))
         quant.replace_all_uses_with(new)
         self.rewritten.append(f"resample {node.name}")
         return True
@@ -429,9 +440,23 @@ class _Rewriter:
             return False
         with self.gm.graph.inserting_before(node):
             new = self.gm.graph.call_function(quantize_input, (q.source, q.scale, q.zero, q.qmin, q.qmax, q.dtype))
+        new.meta.update(_traced_from(node))
         node.replace_all_uses_with(new)
         self.rewritten.append(f"quantize {node.name}")
         return True
+
+
+def _dead_in_place(node: Node) -> bool:
+    """An in-place aten op (`relu_` after a rewritten conv) whose mutated input nothing else reads.
+
+    fx keeps every mutating op alive, so without this the float conv + `relu_` that a rewritten
+    conv replaced would still run (unused) on every call.
+    """
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+        return False
+    first = node.args[0] if node.args else None
+    return isinstance(first, Node) and len(first.users) == 1
 
 
 def integer_program(reference: GraphModule) -> GraphModule:
@@ -459,7 +484,7 @@ def integer_program(reference: GraphModule) -> GraphModule:
             rewriter.table(node)
         elif node.target in RESAMPLE:
             rewriter.resample(node)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _dead_in_place(n))
     gm.recompile()
     gm.integer_ops = list(rewriter.rewritten)
     return gm

@@ -127,7 +127,8 @@ class DetectionFamily(ModelFamily):
         font = ImageFont.load_default(size=max(11, canvas.width // 40))
         draw = ImageDraw.Draw(canvas, "RGBA")
         line = max(2, canvas.width // 200)
-        order = torch.argsort(prediction.scores, descending=True)
+        # lowest score first, so the best box and its label are drawn on top
+        order = torch.argsort(prediction.scores)
         for i in order.tolist():
             score = float(prediction.scores[i])
             if score < min_score:

@@ -90,6 +90,10 @@ class MixVarGENetFamily(ClassificationFamily):
     config_class: ClassVar[type[FamilyConfig]] = MixVarGENetConfig
     description: ClassVar[str] = "MixVarGENet (Journey 5 reference backbone), classification"
 
+    def tiny_config(self) -> FamilyConfig:
+        """The ImageNet layout at half width with a narrow head, for tests that run every family."""
+        return MixVarGENetConfig(name=self.name, width=0.5, fc_channels=128)
+
     def build_float_model(self, config: FamilyConfig, num_classes: int) -> torch.nn.Module:
         """Build MixVarGENet from the recipe's `[model]` table."""
         assert isinstance(config, MixVarGENetConfig)

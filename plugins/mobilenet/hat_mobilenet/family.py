@@ -40,6 +40,10 @@ class MobileNetV1Family(ClassificationFamily):
     config_class: ClassVar[type[FamilyConfig]] = MobileNetV1Config
     description: ClassVar[str] = "MobileNetV1 (width multiplier alpha), classification"
 
+    def tiny_config(self) -> FamilyConfig:
+        """MobileNetV1 at a quarter width, for tests that run every family."""
+        return MobileNetV1Config(name=self.name, alpha=0.25)
+
     def build_float_model(self, config: FamilyConfig, num_classes: int) -> torch.nn.Module:
         """Build MobileNetV1 from the recipe's `[model]` table."""
         assert isinstance(config, MobileNetV1Config)
