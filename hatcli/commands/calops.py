@@ -63,8 +63,9 @@ def calops(
         from hatcli.quant.integer import integer_program
 
         reference, _ = integer_model(lr)
+        own = {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in model.named_modules()}
         report = count_graph_ops(integer_program(reference), torch.zeros(shape),
-                                 params=sum(p.numel() for p in model.parameters()))
+                                 params=sum(p.numel() for p in model.parameters()), module_params=own)
     if json_out:
         print_json({"stage": stage, **report.to_dict()})
         return

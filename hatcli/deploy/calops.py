@@ -150,9 +150,11 @@ def _node_layer(node: torch.fx.Node) -> tuple[str, str]:
     return node.name, str(node.target).rsplit(".", 1)[-1]
 
 
-def count_graph_ops(graph: torch.fx.GraphModule, example_input: torch.Tensor, params: int) -> OpsReport:
+def count_graph_ops(graph: torch.fx.GraphModule, example_input: torch.Tensor, params: int,
+                    module_params: dict[str, int] | None = None) -> OpsReport:
     """Count MACs and FLOPs of a graph module (e.g. the integer program) on `example_input`,
-    per traced module; `params` is reported as given (the network's parameter count)."""
+    per traced module; `params` (the network's parameter count) and `module_params` (per module
+    path, for the table) are reported as given."""
     counter = FlopCounterMode(display=False)
     rows: dict[str, LayerOps] = {}
 
@@ -163,7 +165,8 @@ def count_graph_ops(graph: torch.fx.GraphModule, example_input: torch.Tensor, pa
             flops = counter.get_total_flops() - before
             if flops:
                 name, kind = _node_layer(node)
-                row = rows.setdefault(name, LayerOps(name, kind, 0, 0, _shape(out)))
+                own = (module_params or {}).get(name, 0)
+                row = rows.setdefault(name, LayerOps(name, kind, 0, own, _shape(out)))
                 row.macs += flops // 2
             return out
 
