@@ -1,0 +1,142 @@
+"""How good is `hat perf`'s latency model? Estimated against measured latency on this host.
+
+    .venv/bin/python bench/perf_model.py [--threads T] [--rounds 5] [--runs 10] [--recalibrate]
+
+Models (random weights; latency does not depend on them): hat's three families from their
+plugins - MobileNetV1 (alpha 1.0, 224x224), MixVarGENet (224x224) and FCOS-EfficientNet-B0
+(512x512) - and torchvision's resnet18, mobilenet_v2 and efficientnet_b0 (224x224), batch 1.
+Each is quantized by hat's flow for the `host` march (MarchQuantizer, calibrated on random
+batches, ONNX QDQ) and compiled by `hat compile`'s function at `--opt 3`.
+
+- estimated: `estimate_latency` on the QDQ model with the `host` profile calibrated on this
+  machine (`calibrate_host`, the micro-benchmarks of hatcli/deploy/host_profile.py; cached in
+  ~/.cache/hatcli, `--recalibrate` measures again);
+- measured: the compiled artifact on ONNX Runtime with its own session options, `--threads`
+  intra-op threads; after warm-up the models take turns, `--runs` runs each per round for
+  `--rounds` rounds (the machine is noisy), and each model's median is used.
+
+error = estimated / measured - 1. Target: median |error| <= 0.25. A family whose plugin is not
+installed is left out with a note on stderr. The last line is one JSON object with
+`median_abs_error` (a fraction), `models` (a list of `{name, estimated_ms, measured_ms, error,
+fallback_layers}`), `threads`, `target_met` and `machine_busy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _quantize import compiled, quantized_onnx  # noqa: E402
+
+TARGET = 0.25
+BUSY_CPU_USE = 0.85
+FAMILIES = (("mobilenet_v1", {"alpha": 1.0}, 1000, 224), ("mixvargenet", {}, 1000, 224),
+            ("fcos_efficientnet_b0", {}, 80, 512))
+TORCHVISION = ("resnet18", "mobilenet_v2", "efficientnet_b0")
+
+
+def build_models() -> list[tuple[str, torch.nn.Module, Any, int]]:
+    """(name, float model, family or None, input side) for every model that can be built here."""
+    import torchvision
+
+    from hatcli.plugins import families
+
+    registry = families()
+    models: list[tuple[str, torch.nn.Module, Any, int]] = []
+    for name, options, classes, side in FAMILIES:
+        if name not in registry:
+            print(f"note: family `{name}` is not installed; left out", file=sys.stderr)
+            continue
+        family = registry.get(name)
+        torch.manual_seed(0)
+        config = family.config_class(name=name, **options)
+        models.append((name, family.build_float_model(config, classes).eval(), family, side))
+    for name in TORCHVISION:
+        torch.manual_seed(0)
+        models.append((name, getattr(torchvision.models, name)().eval(), None, 224))
+    return models
+
+
+def main() -> int:
+    """Quantize, compile, estimate and measure every model; print the table and the JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--recalibrate", action="store_true", help="measure the host profile again")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from hatcli.deploy.host_profile import calibrate_host
+    from hatcli.deploy.perf import estimate_latency, random_feed
+    from hatcli.deploy.runtime import load_artifact
+
+    print("calibrating the host profile ...", file=sys.stderr)
+    host = calibrate_host(threads=args.threads, force=args.recalibrate)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, model, family, side in build_models():
+            print(f"quantizing and compiling {name} ...", file=sys.stderr)
+            size = (side, side)
+            qdq = quantized_onnx(model, size, "host", Path(tmp) / f"{name}.onnx", family=family)
+            compiled(qdq, "host", Path(tmp) / name, size)
+            estimate = estimate_latency(qdq, host, batch=1, input_shape=[1, 3, side, side])
+            artifact = load_artifact(Path(tmp) / name, threads=args.threads)
+            sessions[name] = (artifact, random_feed(artifact.session, 1, [1, 3, side, side]))
+            rows.append({"name": name, "input": [1, 3, side, side], "estimated_ms": estimate.latency_ms,
+                         "fallback_layers": sum(1 for layer in estimate.layers if layer.fallback)})
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        cpu, wall = 0.0, 0.0
+        for artifact, feed in sessions.values():
+            for _ in range(args.warmup):
+                artifact.session.run(None, feed)
+        for _ in range(args.rounds):
+            for name, (artifact, feed) in sessions.items():
+                cpu_tic, wall_tic = time.process_time(), time.perf_counter()
+                for _ in range(args.runs):
+                    tic = time.perf_counter()
+                    artifact.session.run(None, feed)
+                    times[name].append((time.perf_counter() - tic) * 1e3)
+                cpu += time.process_time() - cpu_tic
+                wall += time.perf_counter() - wall_tic
+    for row in rows:
+        row["measured_ms"] = round(statistics.median(times[row["name"]]), 3)
+        row["estimated_ms"] = round(row["estimated_ms"], 3)
+        row["error"] = round(row["estimated_ms"] / row["measured_ms"] - 1, 4)
+    median_abs = float(np.median([abs(row["error"]) for row in rows])) if rows else float("nan")
+    cpu_use = cpu / (wall * args.threads) if wall else 0.0
+    print(f"{'model':<22}{'estimated':>12}{'measured':>12}{'error':>9}{'fallback':>10}", file=sys.stderr)
+    for row in rows:
+        print(f"{row['name']:<22}{row['estimated_ms']:>10.2f}ms{row['measured_ms']:>10.2f}ms"
+              f"{100 * row['error']:>+8.1f}%{row['fallback_layers']:>10}", file=sys.stderr)
+    print(f"median |error| {100 * median_abs:.1f}% (target <= {100 * TARGET:.0f}%)", file=sys.stderr)
+    result = {
+        "median_abs_error": round(median_abs, 4),
+        "models": rows,
+        "threads": args.threads,
+        "host_profile": {"int8_tops": host.int8_tops, "utilisation": host.cost.utilisation,
+                         "depthwise_utilisation": host.cost.depthwise_utilisation,
+                         "ddr_gbytes_per_s": host.cost.ddr_gbytes_per_s,
+                         "per_layer_overhead_us": host.cost.per_layer_overhead_us},
+        "target_met": median_abs <= TARGET,
+        "cpu_use": round(cpu_use, 3),
+        "machine_busy": cpu_use < BUSY_CPU_USE,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
