@@ -33,6 +33,22 @@ class PlainFamily:
         return (torch.randn(batch, 3, *input_size),)
 
 
+def realistic_statistics(model: nn.Module, input_size: tuple[int, int], seed: int = 0) -> nn.Module:
+    """Set every BatchNorm's running statistics from one random batch (momentum 1), so that
+    activations keep unit scale through the randomly initialised network, as in a trained one
+    (with plain random init they shrink layer by layer, towards values no real model computes).
+    Returns the model in eval mode."""
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for m in momenta:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, *input_size, generator=torch.Generator().manual_seed(seed)))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    return model.eval()
+
+
 def quantized_onnx(model: nn.Module, input_size: tuple[int, int], march: str, path: Path,
                    calibration: list[torch.Tensor] | None = None, family: object | None = None) -> Path:
     """Quantize `model` for `march` with hat's flow and write its ONNX QDQ model to `path`.

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/deploy_speed.py [--threads T] [--rounds 7] [--runs 20] [--alpha 1.0]
 
-Model: MobileNetV1 (the `mobilenet_v1` plugin, alpha 1.0, 1000 classes, random weights) at
-1x3x224x224, batch 1. Three sides run the same float weights:
+Model: MobileNetV1 (the `mobilenet_v1` plugin, alpha 1.0, 1000 classes, random weights, BatchNorm
+statistics from one random batch so activations keep their scale) at 1x3x224x224, batch 1. Three sides run the same float weights:
 
 - int8: the network quantized by hat's flow for `host` (MarchQuantizer, calibrated on random
   batches, converted, exported to ONNX QDQ) and compiled by `hat compile`'s function at
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _quantize import compiled, float_onnx, quantized_onnx  # noqa: E402
+from _quantize import compiled, float_onnx, quantized_onnx, realistic_statistics  # noqa: E402
 
 INPUT = (224, 224)
 TARGETS = {"int8_vs_torch_fp32": 4.0, "int8_vs_ort_fp32": 1.3}
@@ -46,12 +46,14 @@ BUSY_CPU_USE = 0.85
 
 
 def build_model(alpha: float) -> torch.nn.Module:
-    """MobileNetV1 from the plugin, ImageNet layout, 1000 classes, seeded random weights."""
+    """MobileNetV1 from the plugin, ImageNet layout, 1000 classes, seeded random weights and
+    BatchNorm statistics that keep the activations at unit scale."""
     from hat_mobilenet.family import MobileNetV1Config, MobileNetV1Family
 
     torch.manual_seed(0)
     family = MobileNetV1Family()
-    return family.build_float_model(MobileNetV1Config(name="mobilenet_v1", alpha=alpha), 1000).eval()
+    model = family.build_float_model(MobileNetV1Config(name="mobilenet_v1", alpha=alpha), 1000)
+    return realistic_statistics(model, INPUT)
 
 
 def main() -> int:

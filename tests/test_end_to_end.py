@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 
+@pytest.mark.slow
 def test_run_the_whole_chain_on_tiny_data(hat, tiny_recipe, tiny_shapes, tmp_path):
     result = hat("run", tiny_recipe, "--json")
     assert result.code == 0, result.err

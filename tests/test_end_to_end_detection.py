@@ -60,6 +60,7 @@ def det_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_detector_goes_through_every_stage_and_deploys_what_int_infer_computes(hat, det_recipe, tmp_path):
     result = hat("run", det_recipe, "--json")
     assert result.code == 0, result.err

@@ -141,3 +141,26 @@ def test_efficientnet_fpn_fcos_ops_agree_with_the_artifact(tmp_path: Path):
     assert torch.equal(reg, torch.from_numpy(theirs[1]))  # exp table: an integer output, bit for bit
     # the class head is a float output (dequantized accumulator): equal up to float32 rounding
     assert torch.allclose(cls, torch.from_numpy(theirs[0]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("signed_weights", [False, True], ids=["uint8 weights", "int8 weights"])
+def test_both_weight_formats_compile_to_the_integer_program_bit_for_bit(programs, tmp_path, monkeypatch, signed_weights):
+    """uint8 weights (zero point 128) are exact on every CPU; int8 weights (zero point 0, ONNX
+    Runtime's faster symmetric kernels) only where u8 x s8 products add up in 32 bits (VNNI)."""
+    from hatcli.deploy import compile as compile_module
+    from hatcli.deploy.cpu import exact_u8s8
+
+    if signed_weights and not exact_u8s8():
+        pytest.skip("this CPU's U8S8 kernels can saturate (no VNNI): the compiler keeps uint8 weights here")
+    monkeypatch.setattr(compile_module, "exact_u8s8", lambda: signed_weights)
+    _, integer, _, compiled = programs
+    source = compiled.parent.parent / "model.onnx"
+    out = compile_model(source, load_march("nash_e"), 3, tmp_path / "art", {"shape": ["N", 3, *SIZE]})
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = [init for init in graph.initializer if len(init.dims) == 4]
+    want = onnx.TensorProto.INT8 if signed_weights else onnx.TensorProto.UINT8
+    assert weights and all(w.data_type == want for w in weights)
+    images = 3 * torch.randn(64, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = _first(integer(images))
+    assert torch.equal(ours, torch.from_numpy(load_artifact(out).run(images.numpy())[0]))

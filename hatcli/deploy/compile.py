@@ -28,6 +28,7 @@ import onnx
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.check import check_graph
+from hatcli.deploy.cpu import exact_u8s8
 from hatcli.deploy.lowering import (
     fuse_global_average_pool,
     lower_int8_to_uint8,
@@ -95,6 +96,19 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def lower_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py): what ONNX
+    Runtime is then given to optimize. Int8 weights stay int8 where this CPU's U8S8 kernels are
+    exact (`hatcli.deploy.cpu.exact_u8s8`), else they move to uint8 with the activations."""
+    proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
+    proto, _ = lower_output_conv(proto)
+    proto, _ = fuse_global_average_pool(proto)
+    proto, _ = lower_quantized_binary(proto)
+    proto, _ = lower_lookup_tables(proto)
+    proto, _ = lower_linear_resize(proto)
+    return proto
+
+
 def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     """Lower int8 to uint8 (exact, see lowering.py), then have ONNX Runtime write the graph
     optimized at `level` as tmp_dir/model.onnx.
@@ -103,12 +117,7 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.
     """
     model_tmp = tmp_dir / f".{MODEL}.tmp"
-    proto, _ = lower_int8_to_uint8(load_onnx(src))
-    proto, _ = lower_output_conv(proto)
-    proto, _ = fuse_global_average_pool(proto)
-    proto, _ = lower_quantized_binary(proto)
-    proto, _ = lower_lookup_tables(proto)
-    proto, _ = lower_linear_resize(proto)
+    proto = lower_graph(load_onnx(src))
     if proto.ByteSize() < INLINE_LIMIT:
         create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
     else:

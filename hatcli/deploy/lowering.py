@@ -22,11 +22,15 @@ def _shifted(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(values.astype(np.uint8), name)
 
 
-def lower_int8_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def lower_int8_to_uint8(model: onnx.ModelProto, weights: bool = True) -> tuple[onnx.ModelProto, int]:
     """Rewrite every int8 Q/DQ (and the int8 weights they read) as uint8 with zero point + 128.
 
-    Returns the model (modified in place) and how many Q/DQ nodes were rewritten. Shared
-    initializers are copied, never changed in place, so other readers keep their int8 view.
+    With `weights=False` only activations move to uint8: constant int8 weights keep zero point
+    0, so ONNX Runtime runs its symmetric U8S8 kernels (several times faster than U8U8), which
+    are exact where the CPU sums u8 x s8 products in 32 bits (VNNI, Arm dot products; see
+    `hatcli.deploy.cpu.exact_u8s8`). Returns the model (modified in place) and how many Q/DQ
+    nodes were rewritten. Shared initializers are copied, never changed in place, so other
+    readers keep their int8 view.
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -47,6 +51,8 @@ def lower_int8_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if zero_point is None or zero_point.data_type != onnx.TensorProto.INT8:
             continue
         if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            if not weights:
+                continue
             node.input[0] = uint8_copy(node.input[0])
         node.input[2] = uint8_copy(node.input[2])
         rewritten += 1
@@ -407,7 +413,8 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     an order of its own (one unit in the last place off the exact result). The integer program
     computes the exact accumulator, rounds it to float32 once and multiplies by the float32
     per-channel ``s_x * s_w`` (`hatcli.quant.integer.int_weighted`); so do these ops, bit for bit.
-    Runs after `lower_int8_to_uint8` (ConvInteger's exact U8U8 kernel). Returns the model
+    Runs after `lower_int8_to_uint8`; int8 weights it left in place are shifted to uint8 here
+    (ConvInteger's exact U8U8 kernel). Returns the model
     (modified in place) and the number of rewritten convs.
     """
     graph = model.graph
@@ -434,8 +441,13 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         channels = q_w.shape[0]
         stem = conv.name or conv.output[0]
         make = onnx.helper.make_node
+        weight_name = producers[conv.input[1]].input[0]
+        if w_zero.data_type == onnx.TensorProto.INT8:
+            # ConvInteger's U8U8 kernel is exact and several times faster than its U8S8 one
+            weight_name = _const(graph, (q_w.astype(np.int16) + 128).astype(np.uint8), f"{stem}_weight_u8")
+            w_zeros = (w_zeros.astype(np.int16) + 128).astype(np.uint8)
         w_zero_name = _const(graph, w_zeros[:1].reshape(()), f"{stem}_w_zero")
-        integer = make("ConvInteger", [source[0], producers[conv.input[1]].input[0], producers[conv.input[0]].input[2],
+        integer = make("ConvInteger", [source[0], weight_name, producers[conv.input[0]].input[2],
                                        w_zero_name], [f"{stem}_acc"], name=f"{stem}_integer")
         integer.attribute.extend(conv.attribute)
         nodes, acc = [integer], f"{stem}_acc"

@@ -3,7 +3,10 @@ with ONNX Runtime (`measure_latency`).
 
 The estimate is a roofline per layer (see docs/perf_model.md):
 
-    compute = 2 * MACs / (int8_tops * 1e12 * utilisation)    (depthwise: depthwise_utilisation)
+    compute = 2 * MACs / (int8_tops * 1e12 * utilisation)    (depthwise, narrow-input and
+              + output elements * ns per element          graph-output convs have their own
+                                                          utilisation; adds, pooling and
+                                                          unfused table activations their ns)
     memory  = (activation bytes read + written + constant bytes) / (ddr_gbytes_per_s * 1e9)
     layer   = max(compute, memory) + per_layer_overhead_us      (reshape-like views cost nothing)
 
@@ -12,6 +15,7 @@ On a march we cannot run (`estimated = true`) every figure it gives is an estima
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,13 +105,55 @@ class PerfMeasurement:
         return asdict(self)
 
 
+TABLE_ACTIVATIONS = {"Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "Exp", "SiLU"}
+"""Activations an integer runtime computes with a 256-entry table."""
+
+
+def conv_class(layer: Layer) -> str:
+    """Which kernel class a layer with MACs falls in: `depthwise`, `output` (a conv / matmul whose
+    int32 accumulator is a graph output), `narrow` (input channels per group not a multiple of
+    4, e.g. the stem on an RGB image) or `dense`."""
+    if layer.is_depthwise:
+        return "depthwise"
+    if layer.graph_output and layer.op_type in ("Conv", "Gemm", "MatMul"):
+        return "output"
+    per_group = layer.weight_shape[1] if layer.op_type == "Conv" and layer.weight_shape else None
+    if per_group is not None and per_group % 4:
+        return "narrow"
+    return "dense"
+
+
+def utilisation(layer: Layer, march: MarchProfile) -> float:
+    """The fraction of `march`'s peak int8 rate that `layer` reaches, by its `conv_class`
+    (a class the march gives no figure for runs at `utilisation`)."""
+    cost = march.cost
+    by_class = {"depthwise": cost.depthwise_utilisation, "output": cost.output_conv_utilisation,
+                "narrow": cost.narrow_input_utilisation}
+    return by_class.get(conv_class(layer)) or cost.utilisation
+
+
+def elementwise_us(layer: Layer, march: MarchProfile) -> float:
+    """Compute time of a layer's elementwise work on `march`: every output element of a layer
+    without MACs, and a table per output element for each activation the march does not fuse."""
+    cost = march.cost
+    elements = sum(math.prod(shape) for shape in layer.output_shapes if shape)
+    ns = 0.0
+    if layer.macs and conv_class(layer) == "narrow":
+        ns += cost.narrow_input_ns_per_element
+    if layer.macs == 0:
+        ns += cost.table_ns_per_element if layer.op_type in TABLE_ACTIVATIONS else cost.elementwise_ns_per_element
+    ns += sum(cost.table_ns_per_element for act in layer.fused
+              if act in TABLE_ACTIVATIONS and act not in march.fusible_activations)
+    return elements * ns / 1e3
+
+
 def layer_cost(layer: Layer, march: MarchProfile, assume: str | None = None) -> LayerEstimate:
     """Return the estimated cost of one layer on `march` (see the module docstring)."""
     read, written = layer.activation_bytes(assume)
     ddr = 0 if layer.is_view else read + written + layer.weight_bytes(assume)
     cost = march.cost
-    util = cost.depthwise_utilisation if layer.is_depthwise else cost.utilisation
-    compute_us = 2 * layer.macs / (march.int8_tops * 1e12 * util) * 1e6
+    compute_us = 2 * layer.macs / (march.int8_tops * 1e12 * utilisation(layer, march)) * 1e6
+    compute_us += 0.0 if layer.is_view else elementwise_us(layer, march)
     memory_us = ddr / (cost.ddr_gbytes_per_s * 1e9) * 1e6
     if layer.is_view:
         return LayerEstimate(layer.name, layer.op_type, list(layer.fused), layer.macs, 0,

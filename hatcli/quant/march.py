@@ -60,6 +60,20 @@ class CostModel(_Strict):
     """Sustained DRAM bandwidth in GB/s."""
     per_layer_overhead_us: float = 0.0
     """Fixed cost per layer (dispatch, synchronisation)."""
+    narrow_input_utilisation: float | None = Field(None, gt=0, le=1)
+    """Fraction of peak reached by a conv whose input channels per group are not a multiple of
+    4 (the stem on an RGB image); None: `utilisation`."""
+    narrow_input_ns_per_element: float = Field(0.0, ge=0)
+    """Extra time per output element of a narrow-input conv (its im2col and requantization)."""
+    output_conv_utilisation: float | None = Field(None, gt=0, le=1)
+    """Fraction of peak reached by a conv / matmul whose int32 accumulator is a graph output;
+    None: `utilisation`."""
+    elementwise_ns_per_element: float = Field(0.0, ge=0)
+    """Compute time per output element of a layer without MACs (add, mul, pooling, resize...),
+    on top of its memory traffic; 0: those layers are memory-bound."""
+    table_ns_per_element: float = Field(0.0, ge=0)
+    """Compute time per output element of a look-up-table activation (sigmoid, tanh, hard-swish,
+    exp) the march cannot fuse into the layer before it; 0: fused or memory-bound."""
 
 
 class MarchProfile(_Strict):
