@@ -164,3 +164,15 @@ def test_both_weight_formats_compile_to_the_integer_program_bit_for_bit(programs
     with torch.no_grad():
         ours = _first(integer(images))
     assert torch.equal(ours, torch.from_numpy(load_artifact(out).run(images.numpy())[0]))
+
+
+def test_an_int8_weight_artifact_warns_on_a_cpu_without_exact_u8s8(programs, monkeypatch):
+    import hatcli.deploy.cpu as cpu
+
+    *_, compiled = programs
+    manifest = load_artifact(compiled.parent).manifest
+    if manifest["weights"] != "int8":
+        pytest.skip("compiled here with uint8 weights")
+    monkeypatch.setattr(cpu, "exact_u8s8", lambda: False)
+    with pytest.warns(UserWarning, match="VNNI"):
+        load_artifact(compiled.parent)

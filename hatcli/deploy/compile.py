@@ -46,6 +46,9 @@ from hatcli.quant.march import MarchProfile
 
 PERF = "perf.json"
 PERF_HTML = "perf.html"
+SIGNED_WEIGHTS_NOTE = ("weights are int8 (zero point 0) for ONNX Runtime's symmetric U8S8 kernels, exact on CPUs "
+                       "that add u8 x s8 products in 32 bits (x86 VNNI, Arm dot product); compile on a CPU "
+                       "without them for an artifact that is exact everywhere")
 INLINE_LIMIT = 1_800_000_000
 """Models below this many bytes are written as one self-contained model.onnx."""
 ARTIFACT_FORMAT = "hat-artifact"
@@ -204,6 +207,9 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         if march.estimated:
             notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "
                          "its perf.json latency for the march is an estimate")
+        signed_weights = exact_u8s8()
+        if signed_weights:
+            notes.append(SIGNED_WEIGHTS_NOTE)
         manifest = {
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
             "march": march.name, "chip": march.chip, "estimated": march.estimated, "opt": opt,
@@ -217,6 +223,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             "check": check,
             "versions": _versions(),
             "notes": notes,
+            "weights": "int8" if signed_weights else "uint8",
             "extra": extra_manifest or {},
             "files": {p.name: sha256_file(p) for p in sorted(tmp_dir.iterdir()) if p.is_file()},
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,13 @@ def load_artifact(artifact: str | Path, threads: int | None = None) -> Artifact:
         raise ArtifactError(f"{model_path}: model file missing")
     level = ((manifest or {}).get("session_options") or {}).get("graph_optimization_level",
                                                                  "ORT_ENABLE_ALL")
+    if (manifest or {}).get("weights") == "int8":
+        from hatcli.deploy.cpu import exact_u8s8
+
+        if not exact_u8s8():
+            warnings.warn(f"{path}: compiled with int8 weights for CPUs with VNNI; this CPU's U8S8 kernels can "
+                          "saturate, so its outputs may differ from int_infer in rare cases (compile it here "
+                          "for an exact artifact)", stacklevel=2)
     session = create_session(model_path, level, threads=threads, source=str(model_path))
     spec = (manifest or {}).get("input_spec") or (manifest or {}).get("input") or _derived_spec(session)
     return Artifact(path=path, model_path=model_path, manifest=manifest, session=session, input_spec=spec)
