@@ -73,6 +73,10 @@ def test_run_the_whole_chain_on_tiny_data(hat, tiny_recipe, tiny_shapes, tmp_pat
     diff, scale = map(float, env_free.stdout.split())
     assert diff <= 0.05 * max(scale, 1e-3)
 
+    exported = json.loads((runs / "export/manifest.json").read_text())
+    assert exported["output_spec"] == [{"name": "logits", "shape": ["N", 6], "dtype": "float32"}]
+    assert exported["input"]["shape"] == ["N", 3, 32, 32] and exported["kind"] == "classification"
+
     # the compiled artifact runs on onnxruntime alone and matches the export
     manifest = json.loads((runs / "compile/nash_e-O3/manifest.json").read_text())
     assert manifest["march"] == "nash_e" and manifest["opt"] == 3

@@ -36,6 +36,20 @@ def input_spec(lr: LoadedRecipe) -> dict[str, Any]:
             "scale": "pixel values 0..255, then (x - mean) / std per channel"}
 
 
+def output_specs(onnx_path: Path) -> list[dict[str, Any]]:
+    """Name, shape (`"N"` for the free batch) and dtype of every output of an ONNX model."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    specs = []
+    for output in graph.output:
+        tensor = output.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else "N" for d in tensor.shape.dim]
+        specs.append({"name": output.name, "shape": dims,
+                      "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name})
+    return specs
+
+
 def export_onnx(program: torch.export.ExportedProgram, example: tuple, path: Path, output_names: list[str]) -> None:
     """Write the ONNX QDQ model of an exported integer program (exporter chatter kept off stdout)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -72,7 +86,8 @@ def export_stage(lr: LoadedRecipe, out_dir: Path) -> dict[str, Any]:
     manifest = {
         "format": "hat-export", "version": 1, "task": lr.recipe.task, "family": lr.family.name,
         "source_stage": quant_source(lr), "march": lr.recipe.quant.march, "input": input_spec(lr),
-        "outputs": output_names, "classes": state["classes"], "fingerprint": fingerprint(lr, "export"),
+        "outputs": output_names, "output_spec": output_specs(onnx_path), "kind": lr.family.task,
+        "classes": state["classes"], "fingerprint": fingerprint(lr, "export"),
         "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
         "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},
     }
