@@ -335,9 +335,47 @@ def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, prod
     return None
 
 
+RUNTIME_TABLE_OPS = {"Sigmoid": "QLinearSigmoid"}
+"""Elementwise ops that ONNX Runtime fuses, between DequantizeLinear and QuantizeLinear, into a
+kernel computing a 256-entry table of its own (much faster than our Cast + Gather)."""
+
+
+def runtime_table_matches(op_type: str, in_zero: onnx.TensorProto, in_scale: float, out_zero: onnx.TensorProto,
+                          out_scale: float, table: np.ndarray) -> bool:
+    """Whether ONNX Runtime, given DequantizeLinear -> `op_type` -> QuantizeLinear with these
+    quantization parameters, fuses them into its table kernel and that kernel returns exactly
+    `table` for every one of the 256 codes (which proves it equal for any input: the op is
+    elementwise and the fused kernel is a lookup)."""
+    import tempfile
+    from pathlib import Path
+
+    from hatcli.deploy.runtime import create_session
+
+    helper = onnx.helper
+    codes = np.arange(256, dtype=np.int16) + (-128 if in_zero.data_type == onnx.TensorProto.INT8 else 0)
+    in_type = helper.tensor_dtype_to_np_dtype(in_zero.data_type)
+    inits = [numpy_helper.from_array(np.float32(in_scale), "s"), numpy_helper.from_array(numpy_helper.to_array(in_zero).reshape(()), "z"),
+             numpy_helper.from_array(np.float32(out_scale), "ys"), numpy_helper.from_array(numpy_helper.to_array(out_zero).reshape(()), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]), helper.make_node(op_type, ["d"], ["f"]),
+             helper.make_node("QuantizeLinear", ["f", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "table_check", [helper.make_tensor_value_info("x", in_zero.data_type, [256])],
+                              [helper.make_tensor_value_info("y", out_zero.data_type, [256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        session = create_session(model.SerializeToString(), "ORT_ENABLE_EXTENDED", threads=1, optimized_path=optimized)
+        fused = [n.op_type for n in onnx.load(str(optimized)).graph.node] == [RUNTIME_TABLE_OPS[op_type]]
+    if not fused:
+        return False
+    out = session.run(None, {"x": codes.astype(in_type)})[0]
+    return bool(np.array_equal(out, table))
+
+
 def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8-bit tensor by a
     256-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
+    A pattern that ONNX Runtime fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left
+    as it is when that kernel is checked to hold the same 256 entries (`runtime_table_matches`).
 
     The table is built by `hatcli.quant.integer.lookup_table`, the function the integer program
     builds its own tables with, so the artifact and `int_infer` hold the same entries (ONNX
@@ -376,6 +414,9 @@ def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
                              int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
                              out_dtype).numpy()
+        if op.op_type in RUNTIME_TABLE_OPS and runtime_table_matches(
+                op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
+            continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
         stem = op.name or op.output[0]
         make = onnx.helper.make_node
         table_name = _const(graph, table, f"{stem}_table")
