@@ -46,6 +46,11 @@ def test_elementwise_and_table_layers_cost_per_output_element_where_the_march_sa
     fused.fused = ["Sigmoid"]
     assert elementwise_us(fused, host) == pytest.approx(3200 * host.cost.table_ns_per_element / 1e3)
     assert elementwise_us(fused, load_march("nash_e")) == 0
+    # SiLU, x * sigmoid(x), unfused: the table and then a quantized multiply
+    fused.fused = ["SiLU"]
+    per_element = host.cost.table_ns_per_element + host.cost.elementwise_ns_per_element
+    assert elementwise_us(fused, host) == pytest.approx(3200 * per_element / 1e3)
+    assert elementwise_us(fused, load_march("nash_e")) == 0
     assert layer_cost(add, load_march("bayes")).compute_us == 0  # BPU marches: memory-bound only
 
 
@@ -69,7 +74,7 @@ def test_this_machine_reports_its_flags() -> None:
 def test_the_host_benchmark_graphs_are_lowered_like_a_compiled_artifact(monkeypatch) -> None:
     import collections
 
-    from hatcli.deploy import host_graphs, lowering
+    from hatcli.deploy import host_graphs, table_lowering
     from hatcli.deploy.compile import lower_graph
 
     def ops(model):
@@ -80,7 +85,7 @@ def test_the_host_benchmark_graphs_are_lowered_like_a_compiled_artifact(monkeypa
     # its 256 entries are checked equal to ours, else our Cast + Gather; never float arithmetic.
     tables = ops(host_graphs.table_chain(2, 16, 8).model())
     assert tables["Gather"] + tables["Sigmoid"] == 2
-    monkeypatch.setattr(lowering, "RUNTIME_TABLE_OPS", {})
+    monkeypatch.setattr(table_lowering, "RUNTIME_TABLE_OPS", {})
     assert ops(host_graphs.table_chain(2, 16, 8).model())["Gather"] == 2
     model, macs, outputs = host_graphs.stem_conv(32, kernel=7, cout=16)
     assert macs == outputs * 3 * 49 and outputs == 16 * 16 * 16

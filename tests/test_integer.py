@@ -183,7 +183,7 @@ def test_an_int8_weight_artifact_warns_on_a_cpu_without_exact_u8s8(programs, mon
 def test_a_runtime_table_kernel_is_used_only_where_its_entries_are_ours():
     from onnx import numpy_helper
 
-    from hatcli.deploy.lowering import runtime_table_matches
+    from hatcli.deploy.table_lowering import runtime_table_matches
     from hatcli.quant.integer import lookup_table
 
     zero_in = numpy_helper.from_array(np.uint8(128), "z")

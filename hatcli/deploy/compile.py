@@ -33,10 +33,10 @@ from hatcli.deploy.lowering import (
     fuse_global_average_pool,
     lower_int8_to_uint8,
     lower_linear_resize,
-    lower_lookup_tables,
     lower_output_conv,
     lower_quantized_binary,
 )
+from hatcli.deploy.table_lowering import lower_lookup_tables
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.perf_html import render_perf_html
@@ -100,7 +100,7 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def lower_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py): what ONNX
+    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py and table_lowering.py): what ONNX
     Runtime is then given to optimize. Int8 weights stay int8 where this CPU's U8S8 kernels are
     exact (`hatcli.deploy.cpu.exact_u8s8`), else they move to uint8 with the activations."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())

@@ -134,7 +134,8 @@ def utilisation(layer: Layer, march: MarchProfile) -> float:
 
 def elementwise_us(layer: Layer, march: MarchProfile) -> float:
     """Compute time of a layer's elementwise work on `march`: every output element of a layer
-    without MACs, and a table per output element for each activation the march does not fuse."""
+    without MACs, and a table per output element for each activation the march does not fuse
+    (SiLU, `x * sigmoid(x)`, also a quantized multiply)."""
     cost = march.cost
     elements = sum(math.prod(shape) for shape in layer.output_shapes if shape)
     ns = 0.0
@@ -142,8 +143,11 @@ def elementwise_us(layer: Layer, march: MarchProfile) -> float:
         ns += cost.narrow_input_ns_per_element
     if layer.macs == 0:
         ns += cost.table_ns_per_element if layer.op_type in TABLE_ACTIVATIONS else cost.elementwise_ns_per_element
-    ns += sum(cost.table_ns_per_element for act in layer.fused
-              if act in TABLE_ACTIVATIONS and act not in march.fusible_activations)
+    for act in layer.fused:
+        if act in TABLE_ACTIVATIONS and act not in march.fusible_activations:
+            ns += cost.table_ns_per_element
+            if act == "SiLU":  # x * sigmoid(x): the table, then a quantized multiply
+                ns += cost.elementwise_ns_per_element
     return elements * ns / 1e3
 
 

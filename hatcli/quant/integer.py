@@ -170,7 +170,7 @@ def lookup_table(fn, scale: float, zero: int, qmin: int, qmax: int, y_scale: flo
                  y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
     """The table of an elementwise function of one 8-bit tensor: entry ``i`` is the quantized
     ``fn(dequantize(qmin + i))``. The compiler builds the artifact's table with this same function
-    (`hatcli.deploy.lowering.lower_lookup_tables`), so both hold identical entries."""
+    (`hatcli.deploy.table_lowering.lower_lookup_tables`), so both hold identical entries."""
     values = torch.arange(qmin, qmax + 1, dtype=torch.int32)
     x = (values - zero).to(torch.float32) * _f32(scale)
     with torch.no_grad():

@@ -1,0 +1,94 @@
+"""Small graph-editing helpers that the compile-time rewrites (`hatcli.deploy.lowering`,
+`hatcli.deploy.table_lowering`) share: index a graph, read a tensor's quantization parameters,
+splice nodes in and out."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor, by tensor name."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def index_graph(graph: onnx.GraphProto) -> tuple[dict, dict, dict, set]:
+    """(initializers by name, producer of each tensor, consumers of each tensor, graph outputs)."""
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    return initializers, producers, consumers(graph), {o.name for o in graph.output}
+
+
+def scalar_initializer(initializers: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    """The value of a one-element initializer `name`, or None when it is absent or not a scalar."""
+    tensor = initializers.get(name)
+    if tensor is None:
+        return None
+    value = numpy_helper.to_array(tensor)
+    return value if value.size == 1 else None
+
+
+def dequantized_input(name: str, producers: dict[str, onnx.NodeProto],
+                      initializers: dict[str, onnx.TensorProto]) -> tuple[str, np.float32, int] | None:
+    """(quantized tensor, scale, zero point) behind a per-tensor DequantizeLinear output."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return None
+    scale, zero = scalar_initializer(initializers, dq.input[1]), scalar_initializer(initializers, dq.input[2])
+    if scale is None or zero is None:
+        return None
+    return dq.input[0], np.float32(scale.reshape(())), int(zero.reshape(()))
+
+
+def requantize_chain(node: onnx.NodeProto, users: dict, outputs: set) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """(node [+ Relu], the QuantizeLinear that ends the chain) when `node`'s result is requantized."""
+    chain = [node]
+    nxt = users.get(node.output[0], [])
+    if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in outputs:
+        chain.append(nxt[0])
+        nxt = users.get(nxt[0].output[0], [])
+    if len(nxt) != 1 or nxt[0].op_type != "QuantizeLinear" or chain[-1].output[0] in outputs:
+        return None
+    if len(nxt[0].input) < 3:
+        return None
+    return chain, nxt[0]
+
+
+def replace_nodes(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], anchor: onnx.NodeProto) -> None:
+    """Put `new` where `anchor` stands in the node list (keeping the topological order) and remove `old`."""
+    position = list(graph.node).index(anchor)
+    for offset, node in enumerate(new):
+        graph.node.insert(position + offset, node)
+    for node in old:
+        graph.node.remove(node)
+
+
+def add_constant(graph: onnx.GraphProto, value: np.ndarray, name: str) -> str:
+    """Add `value` as an initializer called `name`; returns the name, for use as a node input."""
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def drop_unused_dequantize(graph: onnx.GraphProto) -> None:
+    """Remove every DequantizeLinear whose output nothing reads any more (left over by a rewrite)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+        graph.node.remove(node)
+
+
+def constant_value(name: str, initializers: dict, producers: dict) -> np.ndarray | None:
+    """The value of tensor `name` when it is an initializer or a Constant node's output, else None."""
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+    return None

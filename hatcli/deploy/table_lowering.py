@@ -1,0 +1,146 @@
+"""Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, exp, a
+constant scale) to 256-entry tables, as an accelerator computes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hatcli.deploy.graph_edit import (
+    add_constant,
+    constant_value,
+    dequantized_input,
+    drop_unused_dequantize,
+    index_graph,
+    replace_nodes,
+    requantize_chain,
+    scalar_initializer,
+)
+
+
+def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, producers: dict):
+    """The torch function an elementwise ONNX op computes, or None when it is not a table op."""
+    import torch
+
+    aten = torch.ops.aten
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+    simple = {"Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default, "HardSwish": aten.hardswish.default,
+              "Exp": aten.exp.default}
+    if op.op_type in simple and len(op.input) == 1:
+        return simple[op.op_type]
+    if op.op_type == "HardSigmoid":
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+        if abs(alpha - 1 / 6) < 1e-6 and beta == 0.5:
+            return aten.hardsigmoid.default  # what torch's hardsigmoid exports to: same formula, same bits
+        return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
+    if op.op_type in ("Mul", "Div") and len(op.input) == 2:
+        other = op.input[1] if op.input[0] == dq_output else op.input[0]
+        if op.op_type == "Div" and op.input[0] != dq_output:
+            return None
+        value = constant_value(other, initializers, producers)
+        if value is None or value.size != 1:
+            return None
+        constant = torch.tensor(value.reshape(()).astype(np.float32))
+        target = aten.mul.Tensor if op.op_type == "Mul" else aten.div.Tensor
+        return lambda x: target(x, constant)
+    return None
+
+
+RUNTIME_TABLE_OPS = {"Sigmoid": "QLinearSigmoid"}
+"""Elementwise ops that ONNX Runtime fuses, between DequantizeLinear and QuantizeLinear, into a
+kernel computing a 256-entry table of its own (much faster than our Cast + Gather)."""
+
+
+def runtime_table_matches(op_type: str, in_zero: onnx.TensorProto, in_scale: float, out_zero: onnx.TensorProto,
+                          out_scale: float, table: np.ndarray) -> bool:
+    """Whether ONNX Runtime, given DequantizeLinear -> `op_type` -> QuantizeLinear with these
+    quantization parameters, fuses them into its table kernel and that kernel returns exactly
+    `table` for every one of the 256 codes (which proves it equal for any input: the op is
+    elementwise and the fused kernel is a lookup)."""
+    import tempfile
+    from pathlib import Path
+
+    from hatcli.deploy.runtime import create_session
+
+    helper = onnx.helper
+    codes = np.arange(256, dtype=np.int16) + (-128 if in_zero.data_type == onnx.TensorProto.INT8 else 0)
+    in_type = helper.tensor_dtype_to_np_dtype(in_zero.data_type)
+    inits = [numpy_helper.from_array(np.float32(in_scale), "s"), numpy_helper.from_array(numpy_helper.to_array(in_zero).reshape(()), "z"),
+             numpy_helper.from_array(np.float32(out_scale), "ys"), numpy_helper.from_array(numpy_helper.to_array(out_zero).reshape(()), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]), helper.make_node(op_type, ["d"], ["f"]),
+             helper.make_node("QuantizeLinear", ["f", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "table_check", [helper.make_tensor_value_info("x", in_zero.data_type, [256])],
+                              [helper.make_tensor_value_info("y", out_zero.data_type, [256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        session = create_session(model.SerializeToString(), "ORT_ENABLE_EXTENDED", threads=1, optimized_path=optimized)
+        fused = [n.op_type for n in onnx.load(str(optimized)).graph.node] == [RUNTIME_TABLE_OPS[op_type]]
+    if not fused:
+        return False
+    out = session.run(None, {"x": codes.astype(in_type)})[0]
+    return bool(np.array_equal(out, table))
+
+
+def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8-bit tensor by a
+    256-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
+    A pattern that ONNX Runtime fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left
+    as it is when that kernel is checked to hold the same 256 entries (`runtime_table_matches`).
+
+    The table is built by `hatcli.quant.integer.lookup_table`, the function the integer program
+    builds its own tables with, so the artifact and `int_infer` hold the same entries (ONNX
+    Runtime's fused QLinearSigmoid would use its own approximation of the function instead).
+    Returns the model (modified in place) and the number of tables.
+    """
+    import torch
+
+    from hatcli.quant.integer import lookup_table
+
+    graph = model.graph
+    initializers, producers, users, outputs = index_graph(graph)
+    eight_bit = {onnx.TensorProto.UINT8: (torch.uint8, np.iinfo(np.uint8)),
+                 onnx.TensorProto.INT8: (torch.int8, np.iinfo(np.int8))}
+    tables = 0
+    for op in list(graph.node):
+        if not op.input:
+            continue
+        dq_name = next((name for name in op.input if dequantized_input(name, producers, initializers)), None)
+        if dq_name is None:
+            continue
+        tensor, scale, zero = dequantized_input(dq_name, producers, initializers)
+        fn = _table_function(op, dq_name, initializers, producers)
+        found = requantize_chain(op, users, outputs)
+        if fn is None or found is None or len(found[0]) != 1:
+            continue
+        quant = found[1]
+        in_zero = initializers.get(producers[dq_name].input[2])
+        out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
+        if in_zero is None or out_zero is None or out_scale is None:
+            continue
+        if in_zero.data_type not in eight_bit or out_zero.data_type not in eight_bit:
+            continue
+        in_info = eight_bit[in_zero.data_type][1]
+        out_dtype, out_info = eight_bit[out_zero.data_type]
+        table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
+                             int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
+                             out_dtype).numpy()
+        if op.op_type in RUNTIME_TABLE_OPS and runtime_table_matches(
+                op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
+            continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
+        stem = op.name or op.output[0]
+        make = onnx.helper.make_node
+        table_name = add_constant(graph, table, f"{stem}_table")
+        nodes = [make("Cast", [tensor], [f"{stem}_index"], to=onnx.TensorProto.INT32, name=f"{stem}_index")]
+        index = f"{stem}_index"
+        if in_info.min != 0:
+            offset = add_constant(graph, np.int32(-in_info.min), f"{stem}_offset")
+            nodes.append(make("Add", [index, offset], [f"{stem}_position"], name=f"{stem}_position"))
+            index = f"{stem}_position"
+        nodes.append(make("Gather", [table_name, index], [quant.output[0]], axis=0, name=f"{stem}_lookup"))
+        replace_nodes(graph, [op, quant], nodes, quant)
+        tables += 1
+    if tables:
+        drop_unused_dequantize(graph)
+    return model, tables
