@@ -14,7 +14,8 @@ from hatcli.deploy.compile import compile_model
 from hatcli.deploy.export import export_onnx
 from hatcli.deploy.runtime import load_artifact
 from hatcli.quant.flow import convert_to_integer, export_program, prepare_quantized
-from hatcli.quant.integer import _accumulate, int_add, integer_program, quantize_input
+from hatcli.quant.integer import integer_program
+from hatcli.quant.integer_kernels import _accumulate, int_add, quantize_input
 from hatcli.quant.march import load_march
 from tiny_nets import MiniEfficientDet, TinyFamily, TinyNet, calibrate
 
@@ -184,7 +185,7 @@ def test_a_runtime_table_kernel_is_used_only_where_its_entries_are_ours():
     from onnx import numpy_helper
 
     from hatcli.deploy.table_lowering import runtime_table_matches
-    from hatcli.quant.integer import lookup_table
+    from hatcli.quant.integer_kernels import lookup_table
 
     zero_in = numpy_helper.from_array(np.uint8(128), "z")
     zero_out = numpy_helper.from_array(np.uint8(0), "yz")

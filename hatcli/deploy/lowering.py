@@ -144,7 +144,7 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
     ONNX Runtime would fuse these patterns into QLinearAdd / QLinearMul, whose arithmetic depends
     on the CPU (fused multiply-add where it has one, another rounding order where not), so no
     reference could match them everywhere. The integer program computes exactly these sequences
-    (`hatcli.quant.integer.int_add`, `int_mul`). Returns the model (modified in place) and the
+    (`hatcli.quant.integer_kernels.int_add`, `int_mul`). Returns the model (modified in place) and the
     number of rewritten ops.
     """
     graph = model.graph
@@ -263,7 +263,7 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     ONNX Runtime runs that pattern as a float Conv of the dequantized values, whose sums round in
     an order of its own (one unit in the last place off the exact result). The integer program
     computes the exact accumulator, rounds it to float32 once and multiplies by the float32
-    per-channel ``s_x * s_w`` (`hatcli.quant.integer.int_weighted`); so do these ops, bit for bit.
+    per-channel ``s_x * s_w`` (`hatcli.quant.integer_kernels.int_weighted`); so do these ops, bit for bit.
     Runs after `lower_int8_to_uint8`; int8 weights it left in place are shifted to uint8 here
     (ConvInteger's exact U8U8 kernel). Returns the model
     (modified in place) and the number of rewritten convs.

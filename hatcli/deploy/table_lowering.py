@@ -89,14 +89,14 @@ def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     A pattern that ONNX Runtime fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left
     as it is when that kernel is checked to hold the same 256 entries (`runtime_table_matches`).
 
-    The table is built by `hatcli.quant.integer.lookup_table`, the function the integer program
+    The table is built by `hatcli.quant.integer_kernels.lookup_table`, the function the integer program
     builds its own tables with, so the artifact and `int_infer` hold the same entries (ONNX
     Runtime's fused QLinearSigmoid would use its own approximation of the function instead).
     Returns the model (modified in place) and the number of tables.
     """
     import torch
 
-    from hatcli.quant.integer import lookup_table
+    from hatcli.quant.integer_kernels import lookup_table
 
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)

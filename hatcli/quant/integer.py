@@ -37,13 +37,24 @@ float64 (exact below 2**53).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 from torch.fx import GraphModule, Node
+
+from hatcli.quant.integer_kernels import (
+    int_add,
+    int_global_avg_pool,
+    int_lookup,
+    int_mul,
+    int_resample,
+    int_weighted,
+    lookup_table,
+    quantize_input,
+    round_half_even,
+)
 
 QD = torch.ops.quantized_decomposed
 A = torch.ops.aten
@@ -62,147 +73,6 @@ TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswi
 EIGHT_BIT = (torch.int8, torch.uint8)
 RESAMPLE = {A.upsample_bilinear2d.vec}
 GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
-EXACT_FLOAT32_LIMIT = 2**24
-
-
-def _f32(value: float | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float32)
-
-
-def round_half_even(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest integer, ties to even (what the runtime's float->int conversion does)."""
-    return torch.round(x)
-
-
-def quantize_input(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Quantize a float tensor as the runtime does: divide by the scale (float32), round half to
-    even, clamp, add the zero point."""
-    q = round_half_even(x.to(torch.float32) / _f32(scale))
-    return (q.clamp(qmin - zero_point, qmax - zero_point) + zero_point).to(dtype)
-
-
-def _accumulate(op: str, x: torch.Tensor, w: torch.Tensor, x_bound: int, conv_args: tuple) -> torch.Tensor:
-    """Exact integer accumulation of an int conv/linear, returned as float64 integer values."""
-    fan_in = w[0].numel()
-    w_bound = int(w.abs().max()) if w.numel() else 0
-    exact32 = fan_in * x_bound * w_bound < EXACT_FLOAT32_LIMIT
-    dtype = torch.float32 if exact32 else torch.float64
-    xf, wf = x.to(dtype), w.to(dtype)
-    with _exact_cuda_math(x.is_cuda):
-        if op == "conv2d":
-            acc = torch.nn.functional.conv2d(xf, wf, None, *conv_args)
-        else:
-            acc = torch.nn.functional.linear(xf, wf)
-    return acc.to(torch.float64)
-
-
-@contextlib.contextmanager
-def _exact_cuda_math(on_cuda: bool):
-    """TF32 rounds int16 operands; keep full float32 products for the duration of one op."""
-    if not on_cuda:
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _channel_view(values: torch.Tensor, op: str) -> torch.Tensor:
-    return values.reshape(1, -1, 1, 1) if op == "conv2d" else values.reshape(1, -1)
-
-
-def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin: int, x_qmax: int,
-                 q_w: torch.Tensor, w_scale: torch.Tensor, q_bias: torch.Tensor | None,
-                 conv_args: tuple, y_scale: float | None, y_zero: int, y_qmin: int, y_qmax: int,
-                 y_dtype: torch.dtype | None, relu: bool) -> torch.Tensor:
-    """One quantized conv2d / linear in integer arithmetic (see the module docstring).
-
-    Returns the requantized output (dtype `y_dtype`), or, when `y_scale` is None (the op is a
-    graph output), the dequantized int32 accumulator in float32.
-    """
-    x = q_x.to(torch.int32) - x_zero
-    x_bound = max(abs(x_qmin - x_zero), abs(x_qmax - x_zero))
-    acc = _accumulate(op, x, q_w.to(torch.int32), x_bound, conv_args)
-    if q_bias is not None:
-        acc = acc + _channel_view(q_bias.to(torch.float64), op)
-    acc32 = acc.to(torch.float32)  # int32 -> float32, round to nearest even, as the runtime does
-    product = _f32(x_scale) * w_scale.to(torch.float32)
-    if y_scale is None:
-        out = acc32 * _channel_view(product, op)
-        return torch.relu(out) if relu else out
-    multiplier = _channel_view(product / _f32(y_scale), op)
-    lo = max(y_qmin, y_zero) if relu else y_qmin
-    q = round_half_even(acc32 * multiplier).clamp(lo - y_zero, y_qmax - y_zero) + y_zero
-    return q.to(y_dtype)
-
-
-def int_add(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
-            y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype,
-            relu: bool, subtract: bool = False) -> torch.Tensor:
-    """Elementwise add (or subtract) of two quantized tensors, one float32 operation at a time:
-    ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)``, rounded half to even (the compiled
-    artifact runs the same sequence, see `hatcli.deploy.lowering.lower_quantized_binary`)."""
-    y = _f32(y_scale)
-    a = (q_a.to(torch.int32) - a_zero).to(torch.float32) * (_f32(a_scale) / y)
-    b = (q_b.to(torch.int32) - b_zero).to(torch.float32) * (_f32(b_scale) / y)
-    total = a - b if subtract else a + b
-    if relu:
-        total = torch.relu(total)
-    return (round_half_even(total).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
-
-
-def int_mul(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
-            y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise product of two 8-bit tensors: the exact integer product
-    ``(q_a - z_a)(q_b - z_b)``, times the float32 multiplier ``(s_a s_b) / s_y``, rounded half to
-    even (the compiled artifact runs the same ops)."""
-    product = ((q_a.to(torch.int32) - a_zero) * (q_b.to(torch.int32) - b_zero)).to(torch.float32)
-    multiplier = (_f32(a_scale) * _f32(b_scale)) / _f32(y_scale)
-    q = round_half_even(product * multiplier)
-    return (q.clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
-
-
-def lookup_table(fn, scale: float, zero: int, qmin: int, qmax: int, y_scale: float, y_zero: int,
-                 y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
-    """The table of an elementwise function of one 8-bit tensor: entry ``i`` is the quantized
-    ``fn(dequantize(qmin + i))``. The compiler builds the artifact's table with this same function
-    (`hatcli.deploy.table_lowering.lower_lookup_tables`), so both hold identical entries."""
-    values = torch.arange(qmin, qmax + 1, dtype=torch.int32)
-    x = (values - zero).to(torch.float32) * _f32(scale)
-    with torch.no_grad():
-        y = fn(x).to(torch.float32)
-    return quantize_input(y, y_scale, y_zero, y_qmin, y_qmax, y_dtype)
-
-
-def int_lookup(q_x: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tensor:
-    """Apply a lookup table built by `lookup_table` to a quantized tensor."""
-    return table.to(q_x.device)[q_x.to(torch.int64) - qmin]
-
-
-def int_resample(q_x: torch.Tensor, zero: int, qmin: int, qmax: int, dtype: torch.dtype, op, args: tuple) -> torch.Tensor:
-    """A linear resampling (bilinear upsampling) that keeps the scale, computed on the integer
-    values ``q - z`` in float32 and rounded half to even. For the usual factor of 2 every weight is
-    a multiple of 1/4, so every partial sum is exact and any implementation gives the same bits
-    (the compiler lowers the artifact's Resize the same way)."""
-    y = op(((q_x.to(torch.int32) - zero).to(torch.float32)), *args)
-    return (round_half_even(y).clamp(qmin - zero, qmax - zero) + zero).to(dtype)
-
-
-def int_global_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float, y_zero: int,
-                        y_qmin: int, y_qmax: int, y_dtype: torch.dtype, keepdim: bool) -> torch.Tensor:
-    """Global average pooling over H, W: exact integer sum, requantized with s_x / (s_y * N)."""
-    n = q_x.shape[-1] * q_x.shape[-2]
-    acc = (q_x.to(torch.float64) - x_zero).sum(dim=(-2, -1), keepdim=keepdim).to(torch.float32)
-    multiplier = _f32(x_scale) / (_f32(y_scale) * _f32(float(n)))
-    q = round_half_even(acc * multiplier).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero
-    return q.to(y_dtype)
-
-
-# -- graph rewriting ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -490,5 +360,4 @@ def integer_program(reference: GraphModule) -> GraphModule:
     return gm
 
 
-__all__ = ["integer_program", "int_weighted", "int_global_avg_pool", "int_add", "int_mul", "int_lookup",
-           "lookup_table", "quantize_input", "round_half_even"]
+__all__ = ["integer_program"]

@@ -1,0 +1,62 @@
+"""The aten ops `MarchQuantizer` knows, grouped by the part they play in annotation (weighted,
+fused clamp, look-up table, scale-preserving, ...)."""
+
+from __future__ import annotations
+
+import torch
+
+A = torch.ops.aten
+
+
+def _ops(*names: str) -> set:
+    """aten overloads by `name.overload`, skipping any this torch does not have."""
+    found = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(A, packet, None), overload or "default", None)
+        if op is not None:
+            found.add(op)
+    return found
+
+
+CONV_OPS = _ops("conv2d", "conv1d")
+LINEAR_OPS = _ops("linear")
+CLAMP_OPS = _ops("relu", "relu_", "relu6", "relu6_", "hardtanh", "hardtanh_", "clamp", "clamp_",
+                 "clamp_min", "clamp_min_")
+"""ReLU-like clamps: fused into the conv / linear / add before them, otherwise requantized."""
+SILU_OPS = _ops("silu", "silu_")
+LUT_OPS = SILU_OPS | _ops("sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardsigmoid_",
+                          "hardswish", "hardswish_", "exp", "exp_")
+"""Look-up-table ops: input shares its producer's scale, output requantized."""
+NON_NEGATIVE_LUTS = _ops("sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_")
+ONNX_ACTIVATION = {
+    **{op: "Relu" for op in _ops("relu", "relu_")},
+    **{op: "Clip" for op in CLAMP_OPS - _ops("relu", "relu_")},
+    **{op: "SiLU" for op in SILU_OPS},
+    **{op: "Sigmoid" for op in _ops("sigmoid", "sigmoid_")},
+    **{op: "Tanh" for op in _ops("tanh", "tanh_")},
+    **{op: "HardSigmoid" for op in _ops("hardsigmoid", "hardsigmoid_")},
+    **{op: "HardSwish" for op in _ops("hardswish", "hardswish_")},
+}
+"""What each activation is called in ONNX (the march's `fusible_activations` names)."""
+ADD_OPS = _ops("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "add.Scalar", "sub.Scalar")
+MUL_OPS = _ops("mul.Tensor", "mul_.Tensor", "mul.Scalar", "div.Tensor", "div_.Tensor", "div.Scalar")
+"""Products: of two activations, or of an activation and a constant (div: by a constant only)."""
+DIV_OPS = _ops("div.Tensor", "div_.Tensor", "div.Scalar")
+SUB_OPS = _ops("sub.Tensor", "sub_.Tensor", "sub.Scalar")
+CAT_OPS = _ops("cat", "concat")
+SCALE_PRESERVING_OPS = _ops(
+    "adaptive_avg_pool2d", "avg_pool2d", "mean.dim", "max_pool2d", "upsample_nearest2d.vec",
+    "upsample_nearest2d", "_upsample_nearest_exact2d.vec", "_upsample_nearest_exact2d",
+    "upsample_bilinear2d.vec", "upsample_bilinear2d", "flatten.using_ints", "view", "_unsafe_view",
+    "reshape", "permute", "transpose.int", "squeeze", "squeeze.dim", "squeeze.dims", "unsqueeze",
+    "slice.Tensor", "clone", "contiguous", "pixel_shuffle", "pixel_unshuffle", "constant_pad_nd", "pad",
+)
+MULTI_OUTPUT_OPS = {**{op: (0,) for op in _ops("max_pool2d_with_indices", "adaptive_max_pool2d")},
+                    **{op: None for op in _ops("split.Tensor", "split_with_sizes", "unbind.int",
+                                               "chunk")}}
+"""Scale-preserving ops returning a tuple: which outputs (None: all) carry the data."""
+CONSTANT_PAD_OPS = _ops("constant_pad_nd")
+PAD_OPS = CONSTANT_PAD_OPS | _ops("pad")
+NEUTRAL_OPS = _ops("dropout", "dropout_")
+"""Ops that vanish in eval mode: neither annotated nor reported."""
