@@ -91,3 +91,9 @@ def test_the_host_benchmark_graphs_are_lowered_like_a_compiled_artifact(monkeypa
     assert macs == outputs * 3 * 49 and outputs == 16 * 16 * 16
     head, _ = host_graphs.output_conv(16, 8, 10)
     assert ops(head)["ConvInteger"] == 1
+
+
+def test_the_dense_rate_can_be_measured_again_to_see_whether_the_machine_changed_speed() -> None:
+    from hatcli.deploy.host_profile import dense_gops
+
+    assert dense_gops(1, seconds=0.05, size=8) > 0

@@ -176,6 +176,14 @@ def time_models(models: dict[str, onnx.ModelProto], threads: int | None, seconds
     return best
 
 
+def dense_gops(threads: int | None, seconds: float = 1.5, size: int = 56) -> float:
+    """This CPU's dense int8 conv rate now, in GOPS, measured as `measure_host` measures it for
+    `int8_tops`: comparing it with a calibrated profile's rate tells whether the machine has
+    become slower (or faster) since it was calibrated."""
+    model, macs, _ = conv_net(RESNET_LIKE, size)
+    return 2 * macs / time_models({"dense": model}, threads, seconds)["dense"] / 1e9
+
+
 def dram_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
     """Return DRAM bandwidth in GB/s from a numpy copy (bytes read + bytes written per second)."""
     src = np.ones(mbytes * (1 << 20) // 8, dtype=np.float64)
