@@ -35,6 +35,7 @@ from hatcli.deploy.lowering import (
     lower_linear_resize,
     lower_output_conv,
     lower_quantized_binary,
+    lower_quantized_conv,
 )
 from hatcli.deploy.table_lowering import lower_lookup_tables
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
@@ -50,6 +51,8 @@ SIGNED_WEIGHTS_NOTE = ("weights are int8 (zero point 0) for ONNX Runtime's symme
                        "that add u8 x s8 products in 32 bits (x86 VNNI, Arm dot product); compile on a CPU "
                        "without them for an artifact that is exact everywhere")
 INLINE_LIMIT = 1_800_000_000
+RUNTIME_FUSING_LEVELS = ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+"""Graph optimization levels at which ONNX Runtime fuses QDQ patterns into its integer kernels."""
 """Models below this many bytes are written as one self-contained model.onnx."""
 ARTIFACT_FORMAT = "hat-artifact"
 ARTIFACT_VERSION = 1
@@ -99,16 +102,21 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def lower_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py and table_lowering.py): what ONNX
-    Runtime is then given to optimize. Int8 weights stay int8 where this CPU's U8S8 kernels are
-    exact (`hatcli.deploy.cpu.exact_u8s8`), else they move to uint8 with the activations."""
+def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.ModelProto:
+    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py and
+    table_lowering.py): what ONNX Runtime is then given to optimize. Int8 weights stay int8 where
+    this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`), else they move to uint8
+    with the activations. Without `runtime_fuses` (the graph is saved at a level where ONNX
+    Runtime fuses no QDQ pattern: `--opt 0`, `1`) the convs are fused here into the QLinearConv
+    it would build and no table is left to it, so every level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
     proto, _ = lower_output_conv(proto)
     proto, _ = fuse_global_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
-    proto, _ = lower_lookup_tables(proto)
+    proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
     proto, _ = lower_linear_resize(proto)
+    if not runtime_fuses:
+        proto, _ = lower_quantized_conv(proto)
     return proto
 
 
@@ -120,7 +128,7 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.
     """
     model_tmp = tmp_dir / f".{MODEL}.tmp"
-    proto = lower_graph(load_onnx(src))
+    proto = lower_graph(load_onnx(src), runtime_fuses=level in RUNTIME_FUSING_LEVELS)
     if proto.ByteSize() < INLINE_LIMIT:
         create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
     else:

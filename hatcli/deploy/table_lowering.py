@@ -83,15 +83,15 @@ def runtime_table_matches(op_type: str, in_zero: onnx.TensorProto, in_scale: flo
     return bool(np.array_equal(out, table))
 
 
-def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8-bit tensor by a
     256-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
-    A pattern that ONNX Runtime fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left
-    as it is when that kernel is checked to hold the same 256 entries (`runtime_table_matches`).
+    With `runtime_tables` (ONNX Runtime will fuse QDQ patterns: `--opt 2` and `3`), a pattern it
+    fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left as it is when that kernel
+    is checked to hold the same 256 entries (`runtime_table_matches`).
 
-    The table is built by `hatcli.quant.integer_kernels.lookup_table`, the function the integer program
-    builds its own tables with, so the artifact and `int_infer` hold the same entries (ONNX
-    Runtime's fused QLinearSigmoid would use its own approximation of the function instead).
+    The table is built by `hatcli.quant.integer_kernels.lookup_table`, the function the integer
+    program builds its own tables with, so the artifact and `int_infer` hold the same entries.
     Returns the model (modified in place) and the number of tables.
     """
     import torch
@@ -126,7 +126,7 @@ def lower_lookup_tables(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
                              int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
                              out_dtype).numpy()
-        if op.op_type in RUNTIME_TABLE_OPS and runtime_table_matches(
+        if runtime_tables and op.op_type in RUNTIME_TABLE_OPS and runtime_table_matches(
                 op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
             continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
         stem = op.name or op.output[0]
