@@ -172,6 +172,23 @@ def test_both_weight_formats_compile_to_the_integer_program_bit_for_bit(programs
     assert torch.equal(ours, torch.from_numpy(load_artifact(out).run(images.numpy())[0]))
 
 
+def test_every_optimization_level_runs_the_integer_program(programs, tmp_path):
+    """At `--opt 0` ONNX Runtime fuses no QDQ pattern; the compiler fuses the convs and the
+    classifier itself, so the artifact is the integer program at every level."""
+    _, integer, _, compiled = programs
+    out = compile_model(compiled.parent.parent / "model.onnx", load_march("nash_e"), 0, tmp_path / "art",
+                        {"shape": ["N", 3, *SIZE]})
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["QLinearConv"] and ops["QGemm"] and not ops["Conv"] and not ops["Gemm"]
+    images = 3 * torch.randn(64, 3, *SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = _first(integer(images))
+    level0 = torch.from_numpy(load_artifact(out).run(images.numpy())[0])
+    level3 = torch.from_numpy(load_artifact(compiled.parent).run(images.numpy())[0])
+    assert torch.equal(level0, level3)
+    assert torch.allclose(ours, level0, rtol=0, atol=1e-6)  # a float (dequantized) output: float32 rounding
+
+
 def test_an_int8_weight_artifact_warns_on_a_cpu_without_exact_u8s8(programs, monkeypatch):
     import hatcli.deploy.cpu as cpu
 

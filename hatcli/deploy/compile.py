@@ -29,13 +29,13 @@ from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.cpu import exact_u8s8
+from hatcli.deploy.kernel_fusion import lower_quantized_conv, lower_quantized_gemm
 from hatcli.deploy.lowering import (
     fuse_global_average_pool,
     lower_int8_to_uint8,
     lower_linear_resize,
     lower_output_conv,
     lower_quantized_binary,
-    lower_quantized_conv,
 )
 from hatcli.deploy.table_lowering import lower_lookup_tables
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
@@ -103,12 +103,13 @@ def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.ModelProto:
-    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py and
-    table_lowering.py): what ONNX Runtime is then given to optimize. Int8 weights stay int8 where
-    this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`), else they move to uint8
-    with the activations. Without `runtime_fuses` (the graph is saved at a level where ONNX
-    Runtime fuses no QDQ pattern: `--opt 0`, `1`) the convs are fused here into the QLinearConv
-    it would build and no table is left to it, so every level computes the same integers."""
+    """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py,
+    table_lowering.py and kernel_fusion.py): what ONNX Runtime is then given to optimize. Int8
+    weights stay int8 where this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`),
+    else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved at a level where ONNX
+    Runtime fuses no QDQ pattern: `--opt 0`, `1`) convs and Gemms are fused here into the
+    QLinearConv / QGemm it would build and no table is left to it, so every level computes the
+    same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
     proto, _ = lower_output_conv(proto)
     proto, _ = fuse_global_average_pool(proto)
@@ -117,6 +118,7 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
     proto, _ = lower_linear_resize(proto)
     if not runtime_fuses:
         proto, _ = lower_quantized_conv(proto)
+        proto, _ = lower_quantized_gemm(proto)
     return proto
 
 

@@ -8,6 +8,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+MS_DOMAIN = "com.microsoft"
+"""ONNX Runtime's contrib-op domain (QLinearGlobalAveragePool, QGemm, ...)."""
+
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """The nodes that read each tensor, by tensor name."""
@@ -92,3 +95,14 @@ def constant_value(name: str, initializers: dict, producers: dict) -> np.ndarray
             if attr.name == "value":
                 return numpy_helper.to_array(attr.t)
     return None
+
+
+def constant_dequantize(name: str, producers: dict, initializers: dict) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto] | None:
+    """(quantized values, scale, zero-point tensor) of a DequantizeLinear of initializers."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        return None
+    if not all(i in initializers for i in dq.input[:3]):
+        return None
+    return (numpy_helper.to_array(initializers[dq.input[0]]), numpy_helper.to_array(initializers[dq.input[1]]),
+            initializers[dq.input[2]])

@@ -15,7 +15,9 @@ import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
+    MS_DOMAIN,
     add_constant,
+    constant_dequantize,
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
@@ -73,9 +75,6 @@ def lower_int8_to_uint8(model: onnx.ModelProto, weights: bool = True) -> tuple[o
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return model, rewritten
-
-
-MS_DOMAIN = "com.microsoft"
 
 
 def _spatial_mean(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
@@ -244,17 +243,6 @@ def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, rewritten
 
 
-def _constant_dequantize(name: str, producers: dict, initializers: dict) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto] | None:
-    """(quantized values, scale, zero-point tensor) of a DequantizeLinear of initializers."""
-    dq = producers.get(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-        return None
-    if not all(i in initializers for i in dq.input[:3]):
-        return None
-    return (numpy_helper.to_array(initializers[dq.input[0]]), numpy_helper.to_array(initializers[dq.input[1]]),
-            initializers[dq.input[2]])
-
-
 def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> Conv (8-bit weights, int32 bias) whose result is a graph output by
     ``Mul(Cast(ConvInteger(q_x, q_w) + q_bias, float), s_x * s_w)`` (the sum in int64): the
@@ -276,8 +264,8 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if conv.op_type != "Conv" or conv.output[0] not in outputs or len(conv.input) < 2:
             continue
         source = dequantized_input(conv.input[0], producers, initializers)
-        weight = _constant_dequantize(conv.input[1], producers, initializers)
-        bias = _constant_dequantize(conv.input[2], producers, initializers) if len(conv.input) > 2 and conv.input[2] else None
+        weight = constant_dequantize(conv.input[1], producers, initializers)
+        bias = constant_dequantize(conv.input[2], producers, initializers) if len(conv.input) > 2 and conv.input[2] else None
         if source is None or weight is None or (len(conv.input) > 2 and conv.input[2] and bias is None):
             continue
         x_zero = initializers.get(producers[conv.input[0]].input[2])
@@ -317,51 +305,3 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if rewritten:
         drop_unused_dequantize(graph)
     return model, rewritten
-
-
-def lower_quantized_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Conv (8-bit per-channel weights, int32 bias) [-> Relu] ->
-    QuantizeLinear by one QLinearConv, for the optimization levels at which ONNX Runtime does not
-    fuse the pattern itself (`--opt 0` and `1`: it would run a float Conv of the dequantized
-    values, whose sums and requantization round differently from the integer program).
-
-    The node is the one ONNX Runtime's own fusion builds at `--opt 2` and `3`, so every level
-    runs the same integer kernel. A Relu is dropped only where the output's zero point is its
-    type's minimum (the clamp at real 0 is then the saturation); other patterns are left as they
-    are. Returns the model (modified in place) and the number of fused convs.
-    """
-    graph = model.graph
-    initializers, producers, users, outputs = index_graph(graph)
-    type_min = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128}
-    fused = 0
-    for conv in list(graph.node):
-        if conv.op_type != "Conv" or len(conv.input) < 2:
-            continue
-        source = dequantized_input(conv.input[0], producers, initializers)
-        weight = _constant_dequantize(conv.input[1], producers, initializers)
-        has_bias = len(conv.input) > 2 and bool(conv.input[2])
-        bias = _constant_dequantize(conv.input[2], producers, initializers) if has_bias else None
-        found = requantize_chain(conv, users, outputs)
-        if source is None or weight is None or found is None or (has_bias and bias is None):
-            continue
-        chain, quant = found
-        x_dq, w_dq = producers[conv.input[0]], producers[conv.input[1]]
-        y_zero = initializers.get(quant.input[2])
-        if y_zero is None or y_zero.data_type not in type_min or weight[2].data_type not in type_min:
-            continue
-        if len(chain) > 1 and int(numpy_helper.to_array(y_zero).reshape(())) != type_min[y_zero.data_type]:
-            continue  # the Relu is not the output's saturation
-        if bias is not None and (bias[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(bias[2]))):
-            continue
-        inputs = [x_dq.input[0], x_dq.input[1], x_dq.input[2], w_dq.input[0], w_dq.input[1], w_dq.input[2],
-                  quant.input[1], quant.input[2]]
-        if bias is not None:
-            inputs.append(producers[conv.input[2]].input[0])
-        stem = conv.name or conv.output[0]
-        node = onnx.helper.make_node("QLinearConv", inputs, [quant.output[0]], name=f"{stem}_qlinear")
-        node.attribute.extend(conv.attribute)
-        replace_nodes(graph, [*chain, quant], [node], quant)
-        fused += 1
-    if fused:
-        drop_unused_dequantize(graph)
-    return model, fused
