@@ -152,8 +152,21 @@ def test_check_passes_plain_cnn(plain: Path) -> None:
         report = check_model(plain, load_march(name))
         assert report.supported and report.fallbacks == 0, report.to_dict()
         assert not {"QuantizeLinear", "DequantizeLinear"} & {r.op_type for r in report.rows}
-    host = check_model(plain, load_march("host"))  # ONNX Runtime has no integer ReduceMean
-    assert host.fallback_ops() == {"ReduceMean": 1}
+    # the global pool is a ReduceMean over H and W: the compiler fuses it into QLinearGlobalAveragePool
+    assert check_model(plain, load_march("host")).supported
+
+
+class _ChannelMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True)
+
+
+def test_check_on_host_runs_only_a_spatial_mean_in_integers(tmp_path: Path) -> None:
+    model = export(_ChannelMean(), tmp_path / "model.onnx")
+    report = check_model(model, load_march("host"))
+    assert report.fallback_ops() == {"ReduceMean": 1}
+    assert "only a mean over H and W" in report.rows[0].reason
+    assert check_model(model, load_march("nash_e")).supported
 
 
 def test_check_flags_softmax_and_group_conv_on_bayes(bad: Path) -> None:

@@ -88,6 +88,14 @@ def _pair(value: Any, default: int = 1) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def _is_spatial_mean(layer: Layer) -> bool:
+    """Whether a layer maps N x C x H x W to N x C x 1 x 1 (a global pooling)."""
+    if not layer.input_shapes or not layer.output_shapes:
+        return False
+    x, y = layer.input_shapes[0], layer.output_shapes[0]
+    return bool(x and y) and len(x) == len(y) == 4 and tuple(y[:2]) == tuple(x[:2]) and tuple(y[2:]) == (1, 1)
+
+
 def _limit_reasons(layer: Layer, march: MarchProfile) -> list[str]:
     rule = march.ops.get(layer.op_type)
     if rule is None:
@@ -102,6 +110,8 @@ def _limit_reasons(layer: Layer, march: MarchProfile) -> list[str]:
     strides = _pair(layer.attrs.get("strides"))
     if rule.max_stride is not None and max(strides) > rule.max_stride:
         reasons.append(f"stride {max(strides)} exceeds {rule.max_stride} on {march.name}")
+    if rule.spatial_mean_only and not _is_spatial_mean(layer):
+        reasons.append(f"only a mean over H and W (global average pooling) runs in integers on {march.name}")
     group = int(layer.attrs.get("group", 1))
     if (rule.group_channel_multiple and group > 1 and not layer.is_depthwise
             and layer.weight_shape is not None):

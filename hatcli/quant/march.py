@@ -46,6 +46,9 @@ class OpRule(_Strict):
     max_stride: int | None = None
     group_channel_multiple: int | None = None
     """Grouped (non-depthwise) convolutions need channels-per-group a multiple of this."""
+    spatial_mean_only: bool = False
+    """The op (ReduceMean) runs as an integer kernel only as a mean over H and W that keeps the
+    dimensions (global average pooling, N x C x 1 x 1 out)."""
     note: str = ""
 
 
