@@ -1,8 +1,10 @@
 """Small graph-editing helpers that the compile-time rewrites (`hatcli.deploy.lowering`,
-`hatcli.deploy.table_lowering`) share: index a graph, read a tensor's quantization parameters,
-splice nodes in and out."""
+`hatcli.deploy.table_lowering`, `hatcli.deploy.kernel_fusion`) share: index a graph, read a
+tensor's quantization parameters, splice nodes in and out."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -106,3 +108,46 @@ def constant_dequantize(name: str, producers: dict, initializers: dict) -> tuple
         return None
     return (numpy_helper.to_array(initializers[dq.input[0]]), numpy_helper.to_array(initializers[dq.input[1]]),
             initializers[dq.input[2]])
+
+
+def use_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare ONNX Runtime's contrib-op domain in `model`'s opsets (once) for a node added in it."""
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
+EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+
+
+@dataclass(frozen=True)
+class WeightedOperands:
+    """The quantized operands of a Conv / Gemm (see `weighted_operands`)."""
+
+    source: tuple[str, np.float32, int]
+    """The quantized input tensor, its scale and zero point."""
+    x_dq: onnx.NodeProto
+    weight: tuple[np.ndarray, np.ndarray, onnx.TensorProto]
+    """The quantized weights, their scales and zero-point tensor."""
+    w_dq: onnx.NodeProto
+    bias: np.ndarray | None
+    """The int32 quantized bias, or None without one."""
+    b_dq: onnx.NodeProto | None
+
+
+def weighted_operands(node: onnx.NodeProto, producers: dict, initializers: dict) -> WeightedOperands | None:
+    """The operands of a Conv / Gemm `node` that reads a per-tensor DequantizeLinear input,
+    constant 8-bit weights and, if it has one, a constant int32 bias with zero point 0 (what an
+    integer kernel takes); None for any other node."""
+    if len(node.input) < 2:
+        return None
+    source = dequantized_input(node.input[0], producers, initializers)
+    weight = constant_dequantize(node.input[1], producers, initializers)
+    if source is None or weight is None or weight[2].data_type not in EIGHT_BIT:
+        return None
+    bias = b_dq = None
+    if len(node.input) > 2 and node.input[2]:
+        found = constant_dequantize(node.input[2], producers, initializers)
+        if found is None or found[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(found[2])):
+            return None
+        bias, b_dq = found[0], producers[node.input[2]]
+    return WeightedOperands(source, producers[node.input[0]], weight, producers[node.input[1]], bias, b_dq)

@@ -5,18 +5,17 @@ optimization level runs the same integer kernels."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
     MS_DOMAIN,
-    constant_dequantize,
-    dequantized_input,
     drop_unused_dequantize,
     index_graph,
     replace_nodes,
     requantize_chain,
+    use_ms_domain,
+    weighted_operands,
 )
 
 
@@ -36,28 +35,19 @@ def lower_quantized_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     type_min = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128}
     fused = 0
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or len(conv.input) < 2:
-            continue
-        source = dequantized_input(conv.input[0], producers, initializers)
-        weight = constant_dequantize(conv.input[1], producers, initializers)
-        has_bias = len(conv.input) > 2 and bool(conv.input[2])
-        bias = constant_dequantize(conv.input[2], producers, initializers) if has_bias else None
-        found = requantize_chain(conv, users, outputs)
-        if source is None or weight is None or found is None or (has_bias and bias is None):
+        ops = weighted_operands(conv, producers, initializers) if conv.op_type == "Conv" else None
+        found = None if ops is None else requantize_chain(conv, users, outputs)
+        if ops is None or found is None:
             continue
         chain, quant = found
-        x_dq, w_dq = producers[conv.input[0]], producers[conv.input[1]]
         y_zero = initializers.get(quant.input[2])
-        if y_zero is None or y_zero.data_type not in type_min or weight[2].data_type not in type_min:
+        if y_zero is None or y_zero.data_type not in type_min:
             continue
         if len(chain) > 1 and int(numpy_helper.to_array(y_zero).reshape(())) != type_min[y_zero.data_type]:
             continue  # the Relu is not the output's saturation
-        if bias is not None and (bias[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(bias[2]))):
-            continue
-        inputs = [x_dq.input[0], x_dq.input[1], x_dq.input[2], w_dq.input[0], w_dq.input[1], w_dq.input[2],
-                  quant.input[1], quant.input[2]]
-        if bias is not None:
-            inputs.append(producers[conv.input[2]].input[0])
+        inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], quant.input[1], quant.input[2]]
+        if ops.b_dq is not None:
+            inputs.append(ops.b_dq.input[0])
         stem = conv.name or conv.output[0]
         node = onnx.helper.make_node("QLinearConv", inputs, [quant.output[0]], name=f"{stem}_qlinear")
         node.attribute.extend(conv.attribute)
@@ -77,22 +67,15 @@ def lower_quantized_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     initializers, producers, users, outputs = index_graph(graph)
     fused = 0
     for gemm in list(graph.node):
-        if gemm.op_type != "Gemm" or len(gemm.input) < 2:
+        if gemm.op_type != "Gemm":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             continue
-        source = dequantized_input(gemm.input[0], producers, initializers)
-        weight = constant_dequantize(gemm.input[1], producers, initializers)
-        has_bias = len(gemm.input) > 2 and bool(gemm.input[2])
-        bias = constant_dequantize(gemm.input[2], producers, initializers) if has_bias else None
-        if source is None or weight is None or (has_bias and bias is None):
+        ops = weighted_operands(gemm, producers, initializers)
+        if ops is None:
             continue
-        if bias is not None and (bias[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(bias[2]))):
-            continue
-        a_dq, w_dq = producers[gemm.input[0]], producers[gemm.input[1]]
-        inputs = [a_dq.input[0], a_dq.input[1], a_dq.input[2], w_dq.input[0], w_dq.input[1], w_dq.input[2],
-                  producers[gemm.input[2]].input[0] if bias is not None else ""]
+        inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], ops.b_dq.input[0] if ops.b_dq is not None else ""]
         nxt = users.get(gemm.output[0], [])
         quant = nxt[0] if len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear" and gemm.output[0] not in outputs else None
         if quant is not None:
@@ -106,6 +89,5 @@ def lower_quantized_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         fused += 1
     if fused:
         drop_unused_dequantize(graph)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+        use_ms_domain(model)
     return model, fused

@@ -15,15 +15,17 @@ import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
+    EIGHT_BIT,
     MS_DOMAIN,
     add_constant,
-    constant_dequantize,
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
     replace_nodes,
     requantize_chain,
     scalar_initializer,
+    use_ms_domain,
+    weighted_operands,
 )
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -127,8 +129,7 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
         fused += 1
     if fused:
         drop_unused_dequantize(graph)
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+        use_ms_domain(model)
     return model, fused
 
 
@@ -258,41 +259,37 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """
     graph = model.graph
     initializers, producers, _, outputs = index_graph(graph)
-    eight_bit = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
     rewritten = 0
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or conv.output[0] not in outputs or len(conv.input) < 2:
+        if conv.op_type != "Conv" or conv.output[0] not in outputs:
             continue
-        source = dequantized_input(conv.input[0], producers, initializers)
-        weight = constant_dequantize(conv.input[1], producers, initializers)
-        bias = constant_dequantize(conv.input[2], producers, initializers) if len(conv.input) > 2 and conv.input[2] else None
-        if source is None or weight is None or (len(conv.input) > 2 and conv.input[2] and bias is None):
+        ops = weighted_operands(conv, producers, initializers)
+        if ops is None:
             continue
-        x_zero = initializers.get(producers[conv.input[0]].input[2])
-        q_w, w_scale, w_zero = weight
+        source, bias = ops.source, ops.bias
+        x_zero = initializers.get(ops.x_dq.input[2])
+        q_w, w_scale, w_zero = ops.weight
         w_zeros = numpy_helper.to_array(w_zero).reshape(-1)
-        if x_zero is None or x_zero.data_type not in eight_bit or w_zero.data_type not in eight_bit:
+        if x_zero is None or x_zero.data_type not in EIGHT_BIT:
             continue
         if w_zeros.size == 0 or not np.all(w_zeros == w_zeros[0]):
             continue  # ConvInteger takes one weight zero point
-        if bias is not None and (bias[2].data_type != onnx.TensorProto.INT32 or np.any(numpy_helper.to_array(bias[2]))):
-            continue
         channels = q_w.shape[0]
         stem = conv.name or conv.output[0]
         make = onnx.helper.make_node
-        weight_name = producers[conv.input[1]].input[0]
+        weight_name = ops.w_dq.input[0]
         if w_zero.data_type == onnx.TensorProto.INT8:
             # ConvInteger's U8U8 kernel is exact and several times faster than its U8S8 one
             weight_name = add_constant(graph, (q_w.astype(np.int16) + 128).astype(np.uint8), f"{stem}_weight_u8")
             w_zeros = (w_zeros.astype(np.int16) + 128).astype(np.uint8)
         w_zero_name = add_constant(graph, w_zeros[:1].reshape(()), f"{stem}_w_zero")
-        integer = make("ConvInteger", [source[0], weight_name, producers[conv.input[0]].input[2],
+        integer = make("ConvInteger", [source[0], weight_name, ops.x_dq.input[2],
                                        w_zero_name], [f"{stem}_acc"], name=f"{stem}_integer")
         integer.attribute.extend(conv.attribute)
         nodes, acc = [integer], f"{stem}_acc"
         if bias is not None:
             # in int64: accumulator + a (saturated) int32 bias can leave int32, the integer program's sum does not wrap
-            q_bias = add_constant(graph, bias[0].astype(np.int64).reshape(1, channels, 1, 1), f"{stem}_bias")
+            q_bias = add_constant(graph, bias.astype(np.int64).reshape(1, channels, 1, 1), f"{stem}_bias")
             nodes += [make("Cast", [acc], [f"{stem}_acc64"], to=onnx.TensorProto.INT64, name=f"{stem}_acc64"),
                       make("Add", [f"{stem}_acc64", q_bias], [f"{stem}_biased"], name=f"{stem}_biased")]
             acc = f"{stem}_biased"
