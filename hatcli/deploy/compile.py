@@ -51,9 +51,9 @@ SIGNED_WEIGHTS_NOTE = ("weights are int8 (zero point 0) for ONNX Runtime's symme
                        "that add u8 x s8 products in 32 bits (x86 VNNI, Arm dot product); compile on a CPU "
                        "without them for an artifact that is exact everywhere")
 INLINE_LIMIT = 1_800_000_000
+"""Models below this many bytes are written as one self-contained model.onnx."""
 RUNTIME_FUSING_LEVELS = ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 """Graph optimization levels at which ONNX Runtime fuses QDQ patterns into its integer kernels."""
-"""Models below this many bytes are written as one self-contained model.onnx."""
 ARTIFACT_FORMAT = "hat-artifact"
 ARTIFACT_VERSION = 1
 OPT_3_NOTE = ("ONNX Runtime's ORT_ENABLE_ALL adds layout optimizations (NCHWc) that are specific to "
@@ -106,10 +106,10 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
     """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py,
     table_lowering.py and kernel_fusion.py): what ONNX Runtime is then given to optimize. Int8
     weights stay int8 where this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`),
-    else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved at a level where ONNX
-    Runtime fuses no QDQ pattern: `--opt 0`, `1`) convs and Gemms are fused here into the
-    QLinearConv / QGemm it would build and no table is left to it, so every level computes the
-    same integers."""
+    else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved
+    at a level where ONNX Runtime fuses no QDQ pattern: `--opt 0`, `1`) convs and Gemms are
+    fused here into the QLinearConv / QGemm it would build and no table is left to it, so every
+    level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
     proto, _ = lower_output_conv(proto)
     proto, _ = fuse_global_average_pool(proto)
@@ -123,8 +123,8 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
 
 
 def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
-    """Lower int8 to uint8 (exact, see lowering.py), then have ONNX Runtime write the graph
-    optimized at `level` as tmp_dir/model.onnx.
+    """Lower the graph (`lower_graph`), then have ONNX Runtime write it optimized at `level` as
+    tmp_dir/model.onnx.
 
     External data (the dynamo exporter writes `model.onnx.data`) is read in and saved inline
     below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.

@@ -176,12 +176,17 @@ def time_models(models: dict[str, onnx.ModelProto], threads: int | None, seconds
     return best
 
 
+def _gops(macs: int | float, seconds: float) -> float:
+    """Giga-operations per second (2 per multiply-accumulate) of `macs` done in `seconds`."""
+    return 2 * macs / seconds / 1e9
+
+
 def dense_gops(threads: int | None, seconds: float = 1.5, size: int = 56) -> float:
     """This CPU's dense int8 conv rate now, in GOPS, measured as `measure_host` measures it for
     `int8_tops`: comparing it with a calibrated profile's rate tells whether the machine has
     become slower (or faster) since it was calibrated."""
     model, macs, _ = conv_net(RESNET_LIKE, size)
-    return 2 * macs / time_models({"dense": model}, threads, seconds)["dense"] / 1e9
+    return _gops(macs, time_models({"dense": model}, threads, seconds)["dense"])
 
 
 def dram_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
@@ -235,21 +240,21 @@ def measure_host(threads: int | None = None, quick: bool = False,
     finally:
         if bar:
             bar.stop()
-    dense_gops = 2 * dense_macs / times["dense"] / 1e9
+    dense_rate = _gops(dense_macs, times["dense"])
     # narrow-input convs: time = MACs / rate + outputs * ns, solved from the 3x3 and 7x7 stems
     a = np.array([[stem3_macs, stem3_out], [stem7_macs, stem7_out]], dtype=np.float64)
     per_mac, per_output = np.linalg.solve(a, np.array([times["stem3"], times["stem7"]]))
     if per_mac <= 0 or per_output < 0:  # noisy: one rate for both
         per_mac, per_output = (times["stem3"] + times["stem7"]) / (stem3_macs + stem7_macs), 0.0
     return {
-        "dense_gops": dense_gops,
-        "depthwise_gops": 2 * dw_macs / times["depthwise"] / 1e9,
-        "matmul_gops": 2 * mm_macs / times["matmul"] / 1e9,
+        "dense_gops": dense_rate,
+        "depthwise_gops": _gops(dw_macs, times["depthwise"]),
+        "matmul_gops": _gops(mm_macs, times["matmul"]),
         # 64 small 1x1 convs, each split across the threads: what is left after their MACs
-        "per_layer_us": max(0.0, times["small"] - 2 * small_macs / (dense_gops * 1e9)) / 64 * 1e6,
-        "narrow_input_gops": 2 / per_mac / 1e9,
+        "per_layer_us": max(0.0, times["small"] - 2 * small_macs / (dense_rate * 1e9)) / 64 * 1e6,
+        "narrow_input_gops": _gops(1, per_mac),
         "narrow_input_ns": per_output * 1e9,
-        "output_conv_gops": 2 * head_macs / times["output_conv"] / 1e9,
+        "output_conv_gops": _gops(head_macs, times["output_conv"]),
         "elementwise_ns": max(0.0, times["residual"] - times["pointwise"]) / elements * 1e9,
         "table_ns": max(0.0, times["table"] - times["pointwise_signed"]) / elements * 1e9,
         "dram_gbytes_per_s": bandwidth,
