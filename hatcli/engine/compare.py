@@ -62,12 +62,6 @@ def output_steps(onnx_path: Path) -> list[np.ndarray | None]:
     return [step(output.name) for output in graph.output]
 
 
-def output_step(onnx_path: Path) -> np.ndarray | None:
-    """Quantization step of the model's first output (see `output_steps`)."""
-    steps = output_steps(onnx_path)
-    return steps[0] if steps else None
-
-
 def flat_outputs(outputs: Any) -> list[torch.Tensor]:
     """A stage's outputs as a list of float tensors (one tensor, or a tuple/list of them)."""
     items = outputs if isinstance(outputs, (tuple, list)) else [outputs]
