@@ -38,6 +38,7 @@ float64 (exact below 2**53).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,6 @@ from hatcli.quant.integer_kernels import (
     int_weighted,
     lookup_table,
     quantize_input,
-    round_half_even,
 )
 
 QD = torch.ops.quantized_decomposed
@@ -157,11 +157,23 @@ class _Rewriter:
         self.count = 0
         self.rewritten: list[str] = []
 
-    def constant(self, value: torch.Tensor, stem: str) -> Node:
+    def constant(self, value: torch.Tensor, stem: str, before: Node) -> Node:
+        """`value` as a buffer of the module, read by a node placed before `before`."""
         name = f"_int_{stem}_{self.count}"
         self.count += 1
         self.gm.register_buffer(name, value.detach().clone())
-        return self.gm.graph.get_attr(name)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.get_attr(name)
+
+    def replace(self, node: Node, anchor: Node, fn: Callable, args: tuple, label: str) -> bool:
+        """Put ``fn(*args)`` before `anchor` (the op's last node) in place of it, carrying the
+        metadata of `node` (the op), and record the rewrite as `label`."""
+        with self.gm.graph.inserting_before(anchor):
+            new = self.gm.graph.call_function(fn, args)
+        new.meta.update(_traced_from(node))
+        anchor.replace_all_uses_with(new)
+        self.rewritten.append(f"{label} {node.name}")
+        return True
 
     def weighted(self, node: Node) -> bool:
         op = "conv2d" if node.target in CONV else "linear"
@@ -183,19 +195,13 @@ class _Rewriter:
         if quant is not None and yq is None:
             return False
         q_w, w_scale = weights
-        graph = self.gm.graph
-        with graph.inserting_before(last):
-            args = (op, xq.source, xq.scale, xq.zero, xq.qmin, xq.qmax,
-                    self.constant(q_w, "weight"), self.constant(w_scale, "weight_scale"),
-                    None if bias is None else self.constant(bias, "bias"), conv_args,
-                    None if yq is None else yq.scale, 0 if yq is None else yq.zero,
-                    0 if yq is None else yq.qmin, 0 if yq is None else yq.qmax,
-                    None if yq is None else yq.dtype, relu)
-            new = graph.call_function(int_weighted, args)
-        new.meta.update(_traced_from(node))
-        last.replace_all_uses_with(new)
-        self.rewritten.append(f"{op} {node.name}")
-        return True
+        args = (op, xq.source, xq.scale, xq.zero, xq.qmin, xq.qmax,
+                self.constant(q_w, "weight", last), self.constant(w_scale, "weight_scale", last),
+                None if bias is None else self.constant(bias, "bias", last), conv_args,
+                None if yq is None else yq.scale, 0 if yq is None else yq.zero,
+                0 if yq is None else yq.qmin, 0 if yq is None else yq.qmax,
+                None if yq is None else yq.dtype, relu)
+        return self.replace(node, last, int_weighted, args, op)
 
     def global_pool(self, node: Node) -> bool:
         xq = _QParams.of(node.args[0])
@@ -214,13 +220,8 @@ class _Rewriter:
         yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
         if yq is None:
             return False
-        with self.gm.graph.inserting_before(quant):
-            new = self.gm.graph.call_function(int_global_avg_pool, (
-                xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, keepdim))
-        new.meta.update(_traced_from(node))
-        quant.replace_all_uses_with(new)
-        self.rewritten.append(f"global_avg_pool {node.name}")
-        return True
+        return self.replace(node, quant, int_global_avg_pool, (
+            xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, keepdim), "global_avg_pool")
 
     def _binary_inputs(self, node: Node) -> tuple[_QParams, _QParams] | None:
         if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -237,14 +238,9 @@ class _Rewriter:
         if inputs is None or yq is None:
             return False
         (aq, bq), subtract = inputs, node.target in SUB
-        with self.gm.graph.inserting_before(quant):
-            new = self.gm.graph.call_function(int_add, (
-                aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
-                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu, subtract))
-        new.meta.update(_traced_from(node))
-        quant.replace_all_uses_with(new)
-        self.rewritten.append(f"{'sub' if subtract else 'add'} {node.name}")
-        return True
+        return self.replace(node, quant, int_add, (
+            aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
+            yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu, subtract), "sub" if subtract else "add")
 
     def mul(self, node: Node) -> bool:
         inputs = self._binary_inputs(node)
@@ -253,14 +249,9 @@ class _Rewriter:
         if inputs is None or yq is None or any(q.dtype not in EIGHT_BIT for q in inputs):
             return False
         aq, bq = inputs
-        with self.gm.graph.inserting_before(quant):
-            new = self.gm.graph.call_function(int_mul, (
-                aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
-                yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype))
-        new.meta.update(_traced_from(node))
-        quant.replace_all_uses_with(new)
-        self.rewritten.append(f"mul {node.name}")
-        return True
+        return self.replace(node, quant, int_mul, (
+            aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
+            yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype), "mul")
 
     def table(self, node: Node) -> bool:
         """An elementwise function of one 8-bit tensor (and constants) becomes a lookup table."""
@@ -281,12 +272,7 @@ class _Rewriter:
         target, rest = node.target, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
         table = lookup_table(lambda x: target(x, *rest), xq.scale, xq.zero, xq.qmin, xq.qmax,
                              yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype)
-        with self.gm.graph.inserting_before(quant):
-            new = self.gm.graph.call_function(int_lookup, (xq.source, self.constant(table, "table"), xq.qmin))
-        new.meta.update(_traced_from(node))
-        quant.replace_all_uses_with(new)
-        self.rewritten.append(f"table {node.name}")
-        return True
+        return self.replace(node, quant, int_lookup, (xq.source, self.constant(table, "table", quant), xq.qmin), "table")
 
     def resample(self, node: Node) -> bool:
         xq = _QParams.of(node.args[0])
@@ -296,24 +282,14 @@ class _Rewriter:
             return False
         if (xq.scale, xq.zero, xq.qmin, xq.qmax) != (yq.scale, yq.zero, yq.qmin, yq.qmax):
             return False
-        with self.gm.graph.inserting_before(quant):
-            new = self.gm.graph.call_function(int_resample, (
-                xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, node.target, tuple(node.args[1:])))
-        new.meta.update(_traced_from(node))
-        quant.replace_all_uses_with(new)
-        self.rewritten.append(f"resample {node.name}")
-        return True
+        return self.replace(node, quant, int_resample, (
+            xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, node.target, tuple(node.args[1:])), "resample")
 
     def input_quantize(self, node: Node) -> bool:
         q = _QParams.of(node)
         if q is None or not isinstance(q.source, Node) or q.source.op != "placeholder":
             return False
-        with self.gm.graph.inserting_before(node):
-            new = self.gm.graph.call_function(quantize_input, (q.source, q.scale, q.zero, q.qmin, q.qmax, q.dtype))
-        new.meta.update(_traced_from(node))
-        node.replace_all_uses_with(new)
-        self.rewritten.append(f"quantize {node.name}")
-        return True
+        return self.replace(node, node, quantize_input, (q.source, q.scale, q.zero, q.qmin, q.qmax, q.dtype), "quantize")
 
 
 def _dead_in_place(node: Node) -> bool:
