@@ -77,20 +77,17 @@ def infer(
     stdout.print(f"[green]wrote[/] {out}")
 
 
-def _label(classes: list[str], index: int) -> str:
-    return classes[index] if index < len(classes) else str(index)
-
-
 def _classify(lr, model, tensor, picture, classes, topk) -> tuple[list[dict], object]:
     """Top-k classes of one image, and the picture with them drawn."""
     import torch
 
     from hatcli.engine.loaders import model_input
+    from hatcli.tasks.drawing import class_name
 
     with torch.no_grad():
         outputs = model(model_input(lr, tensor))
     prediction = lr.family.predict(outputs, topk=topk, config=lr.model)[0]
-    rows = [{"label": _label(classes, l), "score": s} for l, s in zip(prediction.labels, prediction.scores)]
+    rows = [{"label": class_name(classes, l), "score": s} for l, s in zip(prediction.labels, prediction.scores)]
     return rows, lr.family.draw_predictions(picture, prediction, classes)
 
 
@@ -100,13 +97,14 @@ def _detect(lr, model, tensor, picture, classes, topk, min_score) -> tuple[list[
 
     from hatcli.engine.loaders import detection_model_input
     from hatcli.tasks.detection import to_original
+    from hatcli.tasks.drawing import class_name
 
     inputs, target = detection_model_input(lr, tensor)
     with torch.no_grad():
         outputs = model(inputs)
     found = to_original(lr.family.predict(outputs, topk=topk, config=lr.model)[0], target)
     keep = found.scores >= min_score
-    rows = [{"label": _label(classes, int(l)), "score": float(s), "box": [round(float(v), 2) for v in b]}
+    rows = [{"label": class_name(classes, int(l)), "score": float(s), "box": [round(float(v), 2) for v in b]}
             for b, s, l in zip(found.boxes[keep], found.scores[keep], found.labels[keep])]
     return rows, lr.family.draw_predictions(picture, found, classes, min_score=min_score)
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hatcli.family import FamilyConfig, ModelFamily, TaskKind
 from hatcli.metrics.classification import TopKAccuracy
+from hatcli.tasks.drawing import class_name, readable_canvas
 
 
 @dataclass
@@ -45,13 +46,9 @@ class ClassificationFamily(ModelFamily):
 
     def draw_predictions(self, image: Image.Image, prediction: TopK, class_names: list[str]) -> Image.Image:
         """Return the image (enlarged to at least 320 px wide) with a top-k label panel."""
-        canvas = image.convert("RGB")
-        if canvas.width < 320:
-            factor = 320 / canvas.width
-            canvas = canvas.resize((320, round(canvas.height * factor)), Image.Resampling.NEAREST)
+        canvas, _ = readable_canvas(image, Image.Resampling.NEAREST)
         font = ImageFont.load_default(size=max(12, canvas.width // 28))
-        lines = [f"{class_names[l] if l < len(class_names) else l}: {s * 100:.1f}%"
-                 for l, s in zip(prediction.labels, prediction.scores)]
+        lines = [f"{class_name(class_names, l)}: {s * 100:.1f}%" for l, s in zip(prediction.labels, prediction.scores)]
         draw = ImageDraw.Draw(canvas, "RGBA")
         line_height = font.getbbox("Ag")[3] + 4
         width = max(draw.textlength(t, font=font) for t in lines) + 12

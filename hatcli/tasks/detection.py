@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from hatcli.family import FamilyConfig, ModelFamily, TaskKind
+from hatcli.tasks.drawing import class_name, readable_canvas
 
 
 @dataclass
@@ -119,11 +120,7 @@ class DetectionFamily(ModelFamily):
                          min_score: float = 0.3) -> Image.Image:
         """Return the image (enlarged to at least 320 px wide) with boxes, class names and scores
         of the detections scoring at least `min_score`. `prediction` is in original-image pixels."""
-        canvas = image.convert("RGB")
-        factor = 1.0
-        if canvas.width < 320:
-            factor = 320 / canvas.width
-            canvas = canvas.resize((320, round(canvas.height * factor)), Image.Resampling.BILINEAR)
+        canvas, factor = readable_canvas(image, Image.Resampling.BILINEAR)
         font = ImageFont.load_default(size=max(11, canvas.width // 40))
         draw = ImageDraw.Draw(canvas, "RGBA")
         line = max(2, canvas.width // 200)
@@ -137,8 +134,7 @@ class DetectionFamily(ModelFamily):
             colour = _PALETTE[label % len(_PALETTE)]
             x0, y0, x1, y1 = (float(v) * factor for v in prediction.boxes[i])
             draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
-            name = class_names[label] if label < len(class_names) else str(label)
-            text = f"{name} {score * 100:.0f}%"
+            text = f"{class_name(class_names, label)} {score * 100:.0f}%"
             tw, th = draw.textlength(text, font=font), font.getbbox("Ag")[3] + 2
             top = y0 - th if y0 >= th else y0
             draw.rectangle((x0, top, x0 + tw + 4, top + th), fill=(*colour, 200))
