@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hatcli.nn_init import init_conv_bn_
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -122,14 +124,7 @@ class EfficientNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out_channels = [round_channels(B0_STAGES[i].channels, width_mult) for i in FEATURE_STAGES]
         self.out_strides = [2, 4, 8, 16, 32]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return the feature maps at strides 2, 4, 8, 16 and 32."""
