@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quantize import compiled, float_onnx, quantized_onnx, realistic_statistics  # noqa: E402
+from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 INPUT = (224, 224)
 TARGETS = {"int8_vs_torch_fp32": 4.0, "int8_vs_ort_fp32": 1.3}
-BUSY_CPU_USE = 0.85
 
 
 def build_model(alpha: float) -> torch.nn.Module:
@@ -89,21 +88,9 @@ def main() -> int:
             reference = model(x).numpy()
             agree = int(np.argmax(int8.run(feed)[0]) == np.argmax(reference))
             ort_diff = float(np.abs(fp32.run(None, {fp32.get_inputs()[0].name: feed})[0] - reference).max())
-            times: dict[str, list[float]] = {name: [] for name in sides}
-            cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
-            for run in sides.values():
-                for _ in range(args.warmup):
-                    run()
-            for _ in range(args.rounds):
-                for name, run in sides.items():
-                    cpu_tic = time.process_time()
-                    for _ in range(args.runs):
-                        tic = time.perf_counter()
-                        run()
-                        times[name].append((time.perf_counter() - tic) * 1e3)
-                    cpu[name] += time.process_time() - cpu_tic
+            seconds, cpu_use = time_in_turns(sides, args.rounds, args.runs, args.warmup, args.threads)
+    times = {name: [t * 1e3 for t in values] for name, values in seconds.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
-    cpu_use = {name: cpu[name] / (sum(times[name]) / 1e3 * args.threads) for name in times}
     result = {
         "int8_vs_torch_fp32": round(median["torch_fp32"] / median["int8"], 3),
         "int8_vs_ort_fp32": round(median["ort_fp32"] / median["int8"], 3),

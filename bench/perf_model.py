@@ -37,7 +37,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quantize import compiled, quantized_onnx, realistic_statistics  # noqa: E402
+from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 TARGET = 0.25
-BUSY_CPU_USE = 0.85
 DRIFT_LIMIT = 0.15
 """A dense-conv rate this much off the calibrated one, around the measurement, flags the run."""
 FAMILIES = (("mobilenet_v1", {"alpha": 1.0}, 1000, 224), ("mixvargenet", {}, 1000, 224),
@@ -113,22 +112,11 @@ def main() -> int:
             rows.append({"name": name, "input": [1, 3, side, side], "estimated_ms": estimate.latency_ms,
                          "fallback_layers": sum(1 for layer in estimate.layers if layer.fallback)})
         rates = [dense_gops(args.threads)]  # the machine's speed before and after the models' turns
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        cpu, wall = 0.0, 0.0
-        for artifact, feed in sessions.values():
-            for _ in range(args.warmup):
-                artifact.session.run(None, feed)
-        for _ in range(args.rounds):
-            for name, (artifact, feed) in sessions.items():
-                for _ in range(args.block_warmup):  # the previous model's turn left its weights in cache
-                    artifact.session.run(None, feed)
-                cpu_tic, wall_tic = time.process_time(), time.perf_counter()
-                for _ in range(args.runs):
-                    tic = time.perf_counter()
-                    artifact.session.run(None, feed)
-                    times[name].append((time.perf_counter() - tic) * 1e3)
-                cpu += time.process_time() - cpu_tic
-                wall += time.perf_counter() - wall_tic
+        runners = {name: (lambda s=artifact.session, f=feed: s.run(None, f)) for name, (artifact, feed) in sessions.items()}
+        # block warm-up: the previous model's turn left its own weights in the cache
+        seconds, side_cpu_use = time_in_turns(runners, args.rounds, args.runs, args.warmup, args.threads,
+                                              turn_warmup=args.block_warmup)
+        times = {name: [t * 1e3 for t in values] for name, values in seconds.items()}
         rates.append(dense_gops(args.threads))
     calibrated = host.int8_tops * 1e3
     drift = max(abs(rate / calibrated - 1) for rate in rates)
@@ -140,7 +128,8 @@ def main() -> int:
         row["estimated_ms"] = round(row["estimated_ms"], 3)
         row["error"] = round(row["estimated_ms"] / row["measured_ms"] - 1, 4)
     median_abs = float(np.median([abs(row["error"]) for row in rows])) if rows else float("nan")
-    cpu_use = cpu / (wall * args.threads) if wall else 0.0
+    timed = {name: sum(values) for name, values in seconds.items()}
+    cpu_use = sum(side_cpu_use[name] * timed[name] for name in timed) / (sum(timed.values()) or 1.0)
     print(f"{'model':<22}{'estimated':>12}{'measured':>12}{'error':>9}{'fallback':>10}", file=sys.stderr)
     for row in rows:
         print(f"{row['name']:<22}{row['estimated_ms']:>10.2f}ms{row['measured_ms']:>10.2f}ms"

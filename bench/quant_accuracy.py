@@ -64,13 +64,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _flow import ROOT, StageFailed, hat, log, pack, subset, unpack  # noqa: E402
+from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "hat-bench-quant-accuracy"
 RECIPE = ROOT / "recipes" / "cifar10_mobilenet.toml"
 TARGETS = {"float_minus_int_infer": 0.3, "qat_vs_float_step_time": 2.0}
-BUSY_CPU_USE = 0.85
-"""Below this CPU use over the timed steps the run is flagged `machine_busy`."""
 RESULT_KEYS = ("float_top1", "calibration_top1", "qat_top1", "int_infer_top1", "deploy_top1",
                "stock_int_top1", "qat_vs_float_step_time")
 
@@ -245,22 +244,11 @@ def step_times(lr: Any, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
         "qat": (ours, build_optimizer(ours, lr.recipe.qat.optimizer), lr.recipe.qat.label_smoothing),
         "stock_qat": (stock, build_optimizer(stock, lr.recipe.qat.optimizer), lr.recipe.qat.label_smoothing),
     }
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    cpu: dict[str, float] = dict.fromkeys(sides, 0.0)
-    for name, (model, opt, smoothing) in sides.items():
-        for _ in range(warmup):
-            train_step(model, opt, lr.family, images, labels, smoothing)
-    for _ in range(rounds):
-        for name, (model, opt, smoothing) in sides.items():
-            cpu_tic = time.process_time()
-            for _ in range(steps):
-                tic = time.perf_counter()
-                train_step(model, opt, lr.family, images, labels, smoothing)
-                times[name].append(time.perf_counter() - tic)
-            cpu[name] += time.process_time() - cpu_tic
     threads = torch.get_num_threads()
+    steppers = {name: (lambda m=model, o=opt, s=smoothing: train_step(m, o, lr.family, images, labels, s))
+                for name, (model, opt, smoothing) in sides.items()}
+    times, cpu_use = time_in_turns(steppers, rounds, steps, warmup, threads)
     median = {name: statistics.median(values) for name, values in times.items()}
-    cpu_use = {name: cpu[name] / (sum(times[name]) * threads) for name in times}
     return {
         "qat_vs_float_step_time": round(median["qat"] / median["float"], 4),
         "stock_qat_vs_float_step_time": round(median["stock_qat"] / median["float"], 4),
