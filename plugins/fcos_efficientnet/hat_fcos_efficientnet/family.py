@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -113,8 +114,7 @@ class FcosEfficientNetFamily(DetectionFamily):
         """Decode raw head maps into at most min(`topk`, `max_per_img`) detections per image."""
         settings = self._config(config).decoder_settings()
         if topk < settings.max_per_img:
-            settings = DecoderSettings(settings.score_threshold, settings.nms_pre, settings.nms_iou, topk,
-                                       settings.score_sqrt)
+            settings = dataclasses.replace(settings, max_per_img=topk)
         return decode(outputs, list(OUT_STRIDES), settings)
 
     def int16_outputs(self, config: FamilyConfig) -> list[str]:
