@@ -77,10 +77,10 @@ def check(
     if json_out:
         print_json(report.to_dict())
     else:
-        table = Table("node", "op", "runs on", "reason")
+        table = Table("node", "module", "op", "runs on", "reason")
         for row in report.rows:
             colour = "green" if row.status == "BPU" else "yellow"
-            table.add_row(row.node, row.op_type, f"[{colour}]{row.status}[/]", row.reason)
+            table.add_row(row.node, row.module or "-", row.op_type, f"[{colour}]{row.status}[/]", row.reason)
         stdout.print(table)
         verdict = "[green]supported[/]" if report.supported else f"[yellow]{report.fallbacks} ops fall back[/]"
         stdout.print(f"{onnx_path} on {profile.name}: {verdict}")

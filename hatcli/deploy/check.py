@@ -37,6 +37,8 @@ class CheckRow:
     fused: list[str] = field(default_factory=list)
     dtype: str = ""
     """Activation dtype the layer computes with (int8, uint8, int16, float32)."""
+    module: str = ""
+    """Dotted path of the module the layer was traced from ("" for the root)."""
 
 
 @dataclass
@@ -127,7 +129,7 @@ def check_layer(layer: Layer, march: MarchProfile, quantized_graph: bool) -> Che
     dtypes = [*layer.input_dtypes, layer.output_dtype]
     compute = _dtype_class(layer.input_dtypes[0]) if layer.input_dtypes else _dtype_class(layer.output_dtype)
     row = CheckRow(node=layer.name, op_type=layer.op_type, status=BPU, fused=list(layer.fused),
-                   dtype=compute)
+                   dtype=compute, module=layer.module)
     reasons: list[str] = []
     needed = [layer.op_type]
     for f in layer.fused:

@@ -146,6 +146,15 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     os.replace(model_tmp, tmp_dir / MODEL)
 
 
+def relative_source(src: Path, out_dir: Path) -> str:
+    """The source model's path relative to the artifact folder (no absolute path goes into an
+    artifact), or just its file name where no relative path exists (another drive)."""
+    try:
+        return Path(os.path.relpath(src.resolve(), out_dir.resolve())).as_posix()
+    except ValueError:
+        return src.name
+
+
 def _versions() -> dict[str, str]:
     import numpy
     import onnx
@@ -156,13 +165,15 @@ def _versions() -> dict[str, str]:
 
 
 def _perf_report(onnx_path: Path, model_path: Path, march: MarchProfile, opt: int, batch: int,
-                 input_shape: list[int] | None, measure: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (perf.json content, check summary) for the source model on `march`."""
+                 input_shape: list[int] | None, measure: bool, source_ref: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (perf.json content, check summary) for the source model on `march`. The models are
+    named as the artifact sees them (`source_ref` for the source, the file name for the compiled
+    one), never by absolute path: the artifact is portable."""
     perf: dict[str, Any] = {"march": march.name, "chip": march.chip, "estimated": march.estimated}
     summary: dict[str, Any] = {}
     try:
         graph = read_graph(onnx_path, batch=batch, input_shape=input_shape)
-        perf["estimate"] = estimate_graph(graph, march).to_dict()
+        perf["estimate"] = {**estimate_graph(graph, march).to_dict(), "model": source_ref}
         report = check_graph(graph, march)
         summary = {"supported": report.supported, "fallbacks": report.fallbacks,
                    "fallback_ops": report.fallback_ops()}
@@ -171,21 +182,26 @@ def _perf_report(onnx_path: Path, model_path: Path, march: MarchProfile, opt: in
     except Exception as exc:  # noqa: BLE001 - the artifact is still valid without an estimate
         perf["estimate"] = None
         perf["estimate_error"] = f"{type(exc).__name__}: {exc}"
-    perf["measured"] = (measure_latency(model_path, batch=batch, opt_level=opt, warmup=3, runs=20,
-                                        input_shape=input_shape).to_dict() if measure else None)
+    perf["measured"] = ({**measure_latency(model_path, batch=batch, opt_level=opt, warmup=3, runs=20,
+                                           input_shape=input_shape).to_dict(), "model": model_path.name}
+                        if measure else None)
     return perf, summary
 
 
 def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir: str | Path,
                   input_spec: dict[str, Any], extra_manifest: dict[str, Any] | None = None,
-                  measure: bool | None = None) -> Path:
+                  measure: bool | None = None, name: str | None = None,
+                  consumer: dict[str, Any] | None = None) -> Path:
     """Compile `onnx_path` for `march` at optimization level `opt` (0..3) into `out_dir`.
 
     opt 0..3 map to ONNX Runtime's DISABLE_ALL / BASIC / EXTENDED / ALL (opt 3 saves the
     EXTENDED graph and applies ALL at load time, recorded in the manifest). `input_spec` is
     recorded as given; an int batch in `input_spec["shape"][0]` sets the estimate's batch.
     `measure` times the compiled model on this host (default: when the march is not estimated,
-    i.e. `host`). `extra_manifest` is stored under the manifest's "extra" key. Returns out_dir.
+    i.e. `host`). `extra_manifest` is stored under the manifest's "extra" key; `consumer` (what a
+    user without hat needs to feed the model: preprocess, classes, output meanings) is merged
+    into the manifest's top level. `name` (the task; default the file's stem) titles perf.html.
+    Returns out_dir.
     Raises UsageError for a bad `opt`, a missing / non-ONNX input or an out_dir that is not an
     artifact; ArtifactError when ONNX Runtime cannot load or run the model.
     """
@@ -209,10 +225,11 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             raise ArtifactError(f"{src}: the compiled model does not run ({exc})") from None
         inputs, outputs = _io(session)
         do_measure = (not march.estimated) if measure is None else measure
-        perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure)
+        source_ref = relative_source(src, out)
+        perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure, source_ref)
         atomic_write_json(tmp_dir / PERF, perf)
         atomic_write_text(tmp_dir / PERF_HTML, render_perf_html(
-            {**perf, "opt": opt}, title=f"{src.stem} on {march.name} ({march.chip}), opt {opt}"))
+            {**perf, "opt": opt}, title=f"{name or src.stem} on {march.name} ({march.chip}), opt {opt}"))
         notes = [OPT_3_NOTE] if level == "ORT_ENABLE_ALL" else []
         if march.estimated:
             notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "
@@ -224,7 +241,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
             "march": march.name, "chip": march.chip, "estimated": march.estimated, "opt": opt,
             "model": MODEL,
-            "source": {"path": str(src.resolve()), "sha256": sha256_file(src)},
+            "source": {"path": source_ref, "sha256": sha256_file(src)},
             "input_spec": input_spec, "inputs": inputs, "outputs": outputs,
             "session_options": {"graph_optimization_level": level,
                                 "providers": ["CPUExecutionProvider"]},
@@ -234,6 +251,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             "versions": _versions(),
             "notes": notes,
             "weights": "int8" if signed_weights else "uint8",
+            **(consumer or {}),
             "extra": extra_manifest or {},
             "files": {p.name: sha256_file(p) for p in sorted(tmp_dir.iterdir()) if p.is_file()},
         }

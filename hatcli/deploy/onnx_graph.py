@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hatcli.deploy.module_paths import layer_module
 from hatcli.errors import UsageError
 
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -56,6 +57,9 @@ class Layer:
     `DQ -> Conv -> Relu -> Q`; a march must fuse these on the accumulator to run them."""
     nodes: list[str] = field(default_factory=list)
     """Names of the ONNX nodes folded into this layer (Q/DQ excluded)."""
+    module: str = ""
+    """Dotted path of the module the layer was traced from (`features.12.1`; "" for the root or
+    when the exporter recorded none): see hatcli/deploy/module_paths.py."""
     attrs: dict[str, Any] = field(default_factory=dict)
     input_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
     output_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
@@ -351,7 +355,7 @@ class _Reader:
                                      else ([node], [], [], node.output[0]))
         layer = Layer(name=node.name or node.output[0], op_type=node.op_type, fused=fused,
                       float_fused=floats if self.has_qdq else [],
-                      nodes=[n.name for n in chain], attrs=_attrs(node))
+                      nodes=[n.name for n in chain], module=layer_module(chain), attrs=_attrs(node))
         inner = {n.output[0] for n in chain[:-1]} | {node.output[0]}
         act_inputs: list[str] = []
         consts: list[str] = []

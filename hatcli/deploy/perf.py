@@ -37,6 +37,7 @@ class LayerEstimate:
     """Estimated cost of one layer."""
 
     name: str
+    """The ONNX node heading the layer (`node_conv2d_26`)."""
     op_type: str
     fused: list[str]
     macs: int
@@ -51,6 +52,8 @@ class LayerEstimate:
     """Share of the model's estimated time."""
     fallback: bool = False
     """True when `hat check` says this layer falls back to the CPU (its time is not modelled)."""
+    module: str = ""
+    """Dotted path of the module the layer was traced from (`features.12.1`; "" for the root)."""
 
 
 @dataclass
@@ -161,13 +164,13 @@ def layer_cost(layer: Layer, march: MarchProfile, assume: str | None = None) -> 
     memory_us = ddr / (cost.ddr_gbytes_per_s * 1e9) * 1e6
     if layer.is_view:
         return LayerEstimate(layer.name, layer.op_type, list(layer.fused), layer.macs, 0,
-                             0.0, 0.0, 0.0, "none")
+                             0.0, 0.0, 0.0, "none", module=layer.module)
     base = max(compute_us, memory_us)
     bound = "compute" if compute_us >= memory_us else "memory"
     if cost.per_layer_overhead_us > base:
         bound = "overhead"
     return LayerEstimate(layer.name, layer.op_type, list(layer.fused), layer.macs, ddr,
-                         compute_us, memory_us, base + cost.per_layer_overhead_us, bound)
+                         compute_us, memory_us, base + cost.per_layer_overhead_us, bound, module=layer.module)
 
 
 def estimate_graph(graph: Graph, march: MarchProfile) -> PerfEstimate:

@@ -44,16 +44,17 @@ def _bar_chart(layers: list[dict[str, Any]]) -> str:
     if not slowest:
         return "<p>No layer has a cost.</p>"
     top = slowest[0]["time_us"]
-    row, label_w, bar_w = 22, 300, 520
+    row, label_w, bar_w = 22, 360, 520
     parts = [f'<svg width="{label_w + bar_w + 140}" '
              f'height="{row * len(slowest) + 8}" role="img" aria-label="slowest layers">']
     for i, layer in enumerate(slowest):
         y = 4 + i * row
         width = max(1.0, bar_w * layer["time_us"] / top)
         colour = "#d9822b" if layer.get("fallback") else "#3d7bd9"
-        name = f"{layer['name']} ({layer['op_type']})"
+        module = layer.get("module")
+        name = f"{module} ({layer['name']}, {layer['op_type']})" if module else f"{layer['name']} ({layer['op_type']})"
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" font-size="12">'
-                     f'{escape(name[:48])}</text>')
+                     f'{escape(name[:58])}</text>')
         parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{width:.1f}" height="{row - 6}" fill="{colour}"/>')
         parts.append(f'<text x="{label_w + width + 6:.1f}" y="{y + 15}" font-size="12">'
                      f'{layer["time_us"]:.1f} us, {layer.get("percent", 0):.1f}%</text>')
@@ -62,7 +63,8 @@ def _bar_chart(layers: list[dict[str, Any]]) -> str:
 
 
 def _layer_table(layers: list[dict[str, Any]]) -> str:
-    head = ("<tr><th>#</th><th class='l'>layer</th><th class='l'>op</th><th class='l'>fused</th>"
+    head = ("<tr><th>#</th><th class='l'>layer</th><th class='l'>module</th><th class='l'>op</th>"
+            "<th class='l'>fused</th>"
             "<th>MACs</th><th>DDR bytes</th><th>compute us</th><th>memory us</th><th>time us</th>"
             "<th>% of time</th><th class='l'>bound</th><th class='l'>runs on</th></tr>")
     rows = []
@@ -70,7 +72,8 @@ def _layer_table(layers: list[dict[str, Any]]) -> str:
         where = "CPU fallback" if l.get("fallback") else ("-" if l.get("bound") == "none" else "accelerator")
         rows.append(
             f"<tr class='{'fb' if l.get('fallback') else ''}'><td>{i}</td><td class='l'>{escape(l['name'])}</td>"
-            f"<td class='l'>{escape(l['op_type'])}</td><td class='l'>{escape('+'.join(l.get('fused') or []))}</td>"
+            f"<td class='l'>{escape(l.get('module') or '-')}</td><td class='l'>{escape(l['op_type'])}</td>"
+            f"<td class='l'>{escape('+'.join(l.get('fused') or []))}</td>"
             f"<td>{l['macs']:,}</td><td>{l['ddr_bytes']:,}</td><td>{l['compute_us']:.2f}</td>"
             f"<td>{l['memory_us']:.2f}</td><td>{l['time_us']:.2f}</td><td>{l.get('percent', 0):.2f}</td>"
             f"<td class='l'>{escape(l['bound'])}</td><td class='l'>{where}</td></tr>")

@@ -74,17 +74,38 @@ def create_session(model: str | Path | bytes, level: str | int = "ORT_ENABLE_ALL
         raise ArtifactError(f"{source or model}: ONNX Runtime cannot load it ({first})") from None
 
 
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks followed, lies inside the folder `root`."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def verify_files(root: Path, files: Mapping[str, str]) -> None:
-    """Check the sha256 of every `files` entry (relative to `root`); ArtifactError on mismatch."""
+    """Check the sha256 of every `files` entry (relative to `root`); ArtifactError on mismatch
+    or on an entry that leads outside `root` (`..`, an absolute path, a symlink out)."""
     for rel, expected in files.items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ArtifactError(f"{root / MANIFEST}: file entry `{rel}` points outside the artifact")
         path = root / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not _inside(root, path):
+            raise ArtifactError(f"{root / MANIFEST}: file entry `{rel}` points outside the artifact")
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in {root / MANIFEST} but missing")
         if sha256_file(path) != expected:
             raise ArtifactError(f"{path}: sha256 does not match {root / MANIFEST} "
                                 "(the artifact was modified or is incomplete)")
+
+
+def manifest_model(root: Path, manifest: Mapping[str, Any]) -> Path:
+    """The model file the manifest's `model` key names (default model.onnx): it must be the plain
+    name of one of the checksummed `files`, inside `root`; else ArtifactError naming the key."""
+    name = manifest.get("model", MODEL)
+    key = f"{root / MANIFEST}: key `model`"
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name \
+            or "\\" in name:
+        raise ArtifactError(f"{key} is {name!r}, not the plain file name of a model in the artifact "
+                            f"folder {root}; recompile the artifact")
+    if name not in manifest.get("files", {}):
+        raise ArtifactError(f"{key} names `{name}`, which is not one of the checksummed files listed "
+                            f"under `files` in the artifact folder {root}; recompile the artifact")
+    return root / name
 
 
 @dataclass
@@ -137,7 +158,8 @@ def _derived_spec(session: Any) -> dict[str, Any]:
     return {"name": inp.name, "shape": dims, "dtype": str(inp.type).removeprefix("tensor(").rstrip(")")}
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The JSON object in a manifest file; ArtifactError naming it when unreadable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -165,14 +187,19 @@ def load_artifact(artifact: str | Path, threads: int | None = None) -> Artifact:
         raise ArtifactError(f"{path}: no such artifact or ONNX file")
     manifest: dict[str, Any] | None = None
     if manifest_path.is_file():
-        candidate = _read_manifest(manifest_path)
+        candidate = read_manifest(manifest_path)
         files = candidate.get("files") or {}
         if path.is_dir() or path.name in files:
             manifest = candidate
             if not isinstance(files, dict) or not files:
                 raise ArtifactError(f"{manifest_path}: lists no files to verify")
             verify_files(root, files)
-    model_path = path if path.is_file() else root / str((manifest or {}).get("model", MODEL))
+    if path.is_file():
+        model_path = path
+    elif manifest is not None:
+        model_path = manifest_model(root, manifest)
+    else:
+        model_path = root / MODEL
     if not model_path.is_file():
         raise ArtifactError(f"{model_path}: model file missing")
     level = ((manifest or {}).get("session_options") or {}).get("graph_optimization_level",

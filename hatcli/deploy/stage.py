@@ -46,10 +46,19 @@ def artifact_up_to_date(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -
 
 def estimation_source(artifact_dir: Path) -> Path:
     """The model a compiled artifact was made from (its QDQ graph is what the cost model reads:
-    the runtime-fused ops of the compiled file are not BPU ops), or the artifact's own model."""
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
-    source = Path(manifest.get("source", {}).get("path", ""))
-    return source if source.is_file() else artifact_dir / "model.onnx"
+    the runtime-fused ops of the compiled file are not BPU ops), found through the path the
+    manifest records relative to the artifact folder when the file there still has the recorded
+    sha256; else (a copied or moved artifact) the artifact's own model."""
+    from hatcli.deploy.runtime import MANIFEST, manifest_model, read_manifest, sha256_file
+
+    manifest = read_manifest(artifact_dir / MANIFEST)
+    source = manifest.get("source") or {}
+    rel = source.get("path")
+    if isinstance(rel, str) and rel and not Path(rel).is_absolute():
+        candidate = artifact_dir / rel
+        if candidate.is_file() and sha256_file(candidate) == source.get("sha256"):
+            return candidate
+    return manifest_model(artifact_dir, manifest)
 
 
 def perf_report(model_path: Path, march: str, measure: bool, batch: int = 1, threads: int | None = None,
