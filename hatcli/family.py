@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # torch is imported lazily so that `hat --help` stays fast
     import torch
@@ -28,7 +28,11 @@ class FamilyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    """The registered family name, e.g. `mobilenet_v1`."""
+    """The registered family name, e.g. `mobilenet_v1` (every `[model]` table has it)."""
+
+    num_classes: int | None = Field(None, ge=1)
+    """Optional: the number of classes the recipe expects. The model is always built with the packed
+    training data's class count; when this is set, training refuses data with another count."""
 
 
 class ModelFamily(ABC):
@@ -44,6 +48,11 @@ class ModelFamily(ABC):
     """Schema that validates the recipe's `[model]` table."""
 
     description: ClassVar[str] = ""
+    """One line that says what the family is (shown with the family's name)."""
+
+    output_names: ClassVar[list[str]] = ["output"]
+    """Names of the deploy model's outputs, in order: the ONNX output names and the artifact's
+    `outputs`. A deploy model with several outputs returns a flat tuple in this order."""
 
     min_input_size: ClassVar[tuple[int, int]] = (32, 32)
     """The smallest input (H, W) the family's networks take; the tests parametrized over every

@@ -1,9 +1,12 @@
 """Plugin manager: entry-point discovery, registries, and broken-plugin reporting.
 
-Plugins are found through the `hat.plugins` entry-point group. A plugin that raises while it is
-imported, or while it registers, is recorded as broken with the reason; every other plugin and
-every command keep working. `HAT_LOAD_PLUGINS=a,b` loads only the named plugins (an empty value
-loads none but the built-in one).
+Plugins are found through the `hat.plugins` entry-point group. A plugin that raises anything
+(`SystemExit` included; only Ctrl-C goes through) while it is imported or while its hooks run,
+that implements a hook hat does not have (a misspelt `register_familys`), or that registers a
+name another plugin holds, is recorded as broken with the reason; every other plugin and every
+command keep working. Registration is all-or-nothing per plugin: what a plugin's hooks register
+is staged and reaches the registries only once all its hooks have succeeded.
+`HAT_LOAD_PLUGINS=a,b` loads only the named plugins (an empty value loads none but the built-in one).
 """
 
 from __future__ import annotations
@@ -12,16 +15,33 @@ import importlib.metadata as metadata
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import pluggy
 
 from hatcli import hookspecs
-from hatcli.family import CallbackSpec, ModelFamily, Packer
-from hatcli.registry import Registry
+from hatcli.errors import PluginError
+from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, TaskKind
+from hatcli.registry import Registry, closest
 
 ENTRY_POINT_GROUP = "hat.plugins"
 BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class _Hook:
+    """What one `register_*` hook registers: the object type and the PluginState/PluginInfo field."""
+
+    kind: type
+    field: str
+
+
+HOOKS: dict[str, _Hook] = {
+    "register_families": _Hook(ModelFamily, "families"),
+    "register_packers": _Hook(Packer, "packers"),
+    "register_callbacks": _Hook(CallbackSpec, "callbacks"),
+}
+"""Every hook of `hatcli.hookspecs`, in the order they are called for each plugin."""
 
 
 @dataclass
@@ -53,7 +73,24 @@ _state: PluginState | None = None
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """One line naming the exception and its first message line (`SystemExit: 7`)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _isolated(info: PluginInfo, action: Callable[[], Any]) -> bool:
+    """Run `action` for plugin `info`; on any exception but Ctrl-C mark it broken and return False.
+
+    BaseException, not Exception: a plugin that calls `sys.exit()` must not end hat.
+    """
+    try:
+        action()
+        return True
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a broken plugin must never break hat
+        info.status, info.error = "broken", _describe(exc)
+        return False
 
 
 def _selected(name: str) -> bool:
@@ -63,77 +100,137 @@ def _selected(name: str) -> bool:
     return name in {n.strip() for n in wanted.split(",") if n.strip()}
 
 
-def _load_entry_points(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
+def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Raise PluginError when `plugin` implements no hook, or one that hat has no spec for.
+
+    pluggy accepts a hook implementation without a spec (its `check_pending` finds them, for all
+    plugins at once); here the check is per plugin so that only the offender is broken.
+    """
+    callers = pm.get_hookcallers(plugin) or []
+    for caller in callers:
+        # `@hookimpl(optionalhook=True)` is pluggy's way to implement a hook a newer hat may have
+        if caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls() if i.plugin is plugin):
+            continue
+        hint = closest(caller.name, sorted(HOOKS))
+        did_you_mean = f" (did you mean `{hint}`?)" if hint else ""
+        raise PluginError(f"unknown hook `{caller.name}`{did_you_mean}; hat's hooks are {', '.join(sorted(HOOKS))}")
+    if not callers:
+        raise PluginError(f"implements no hook; mark its {' / '.join(sorted(HOOKS))} functions with "
+                          "`@hatcli.hookspecs.hookimpl`")
+
+
+def _admit(pm: pluggy.PluginManager, info: PluginInfo, load: Callable[[], object]) -> None:
+    """Import a plugin with `load`, register it with pluggy and check its hooks, or mark it broken."""
+    def register() -> None:
+        plugin = load()
+        pm.register(plugin, name=info.name)
+        try:
+            _check_hooks(pm, plugin)
+        except PluginError:
+            pm.unregister(plugin)
+            raise
+
+    _isolated(info, register)
+
+
+def _entry_point_infos(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in infos or not _selected(ep.name):
             continue
         dist = ep.dist
-        info = PluginInfo(
-            name=ep.name,
-            distribution=dist.metadata["Name"] if dist else "?",
-            version=dist.version if dist else "?",
-        )
+        info = PluginInfo(name=ep.name, distribution=dist.metadata["Name"] if dist else "?",
+                          version=dist.version if dist else "?")
         infos[ep.name] = info
-        try:
-            module = ep.load()
-            pm.register(module, name=ep.name)
-        except Exception as exc:  # a broken plugin must never break hat
-            info.status, info.error = "broken", _describe(exc)
+        _admit(pm, info, ep.load)
 
 
-def _call_register_hook(
-    pm: pluggy.PluginManager,
-    hook_name: str,
-    registry: Registry[Any],
-    infos: dict[str, PluginInfo],
-    listing: Callable[[PluginInfo], list[str]],
-) -> None:
-    """Call one `register_*` hook plugin by plugin, so each item is attributed to its owner.
+def _check_family(family: ModelFamily) -> None:
+    """Raise PluginError when `family` lacks what the core reads from every family."""
+    where = f"model family `{family.name}` ({type(family).__module__}.{type(family).__name__})"
+    if getattr(family, "task", None) not in get_args(TaskKind):
+        raise PluginError(f"{where}: `task` must be one of {', '.join(get_args(TaskKind))}")
+    config_class = family.config_class
+    if not (isinstance(config_class, type) and issubclass(config_class, FamilyConfig)):
+        raise PluginError(f"{where}: `config_class` must be a subclass of hatcli.family.FamilyConfig")
+    names = family.output_names
+    if not (isinstance(names, (list, tuple)) and names and all(isinstance(n, str) and n for n in names)):
+        raise PluginError(f"{where}: `output_names` must be a non-empty list of names")
 
-    Plugins are called in a stable order (built-in first, then by name); when two register the
-    same name, the later one is reported broken and the first keeps it.
+
+def _staged_registrations(state: PluginState, owner: str) -> list[tuple[_Hook, Any]]:
+    """Call every hook of plugin `owner` and return what it registered, in order, unregistered yet.
+
+    Raises whatever a hook raises, and PluginError for an object of the wrong type, without a
+    name, or registered twice by this plugin.
     """
-    impls = getattr(pm.hook, hook_name).get_hookimpls()
-    for impl in sorted(impls, key=lambda i: (i.plugin_name != BUILTIN, i.plugin_name)):
-        owner = impl.plugin_name
-        info = infos[owner]
-        if info.status == "broken":
-            continue
+    pm = state.manager
+    plugin = pm.get_plugin(owner)
+    staged: list[tuple[_Hook, Any]] = []
+    for hook_name, hook in HOOKS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(f"`{hook_name}` is a hook wrapper; hat calls its hooks plainly")
 
-        def register(item: Any, _owner: str = owner) -> None:
-            registry.register(item.name, item, owner=_owner)
-            listing(infos[_owner]).append(item.name)
+            def register(item: Any, _hook: _Hook = hook, _hook_name: str = hook_name) -> None:
+                if not isinstance(item, _hook.kind):
+                    raise PluginError(f"`{_hook_name}` was given a {type(item).__name__}; register a "
+                                      f"{_hook.kind.__module__}.{_hook.kind.__name__}")
+                name = getattr(item, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"`{_hook_name}` was given a {type(item).__name__} without a `name`")
+                if isinstance(item, ModelFamily):
+                    _check_family(item)
+                if any(h is _hook and i.name == name for h, i in staged):
+                    raise PluginError(f"{getattr(state, _hook.field).what} `{name}` is registered twice by {owner}")
+                staged.append((_hook, item))
 
-        try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except Exception as exc:
-            info.status, info.error = "broken", _describe(exc)
+    return staged
+
+
+def _register_plugin(state: PluginState, owner: str) -> None:
+    """Stage everything plugin `owner` registers; commit it only if all its hooks succeeded and no
+    name clashes. On failure the plugin is broken, registers nothing and leaves the manager."""
+    info = state.infos[owner]
+    staged: list[tuple[_Hook, Any]] = []
+
+    def stage() -> None:
+        staged.extend(_staged_registrations(state, owner))
+        for hook, item in staged:
+            getattr(state, hook.field).check_free(item.name, owner)
+
+    if not _isolated(info, stage):
+        state.manager.unregister(name=owner)
+        return
+    for hook, item in staged:
+        getattr(state, hook.field).register(item.name, item, owner=owner)
+        getattr(info, hook.field).append(item.name)
 
 
 def load_plugins(reload: bool = False) -> PluginState:
-    """Discover and register every plugin once per process; return the filled registries."""
+    """Discover and register every plugin once per process; return the filled registries.
+
+    Plugins register in a stable order, built-in first, then by name; when two register the same
+    name, the later one is broken and the first keeps it.
+    """
     global _state
     if _state is not None and not reload:
         return _state
     pm = pluggy.PluginManager("hat")
     pm.add_hookspecs(hookspecs)
-    infos: dict[str, PluginInfo] = {}
+    from hatcli import __version__, builtin
 
-    from hatcli import builtin
-
-    pm.register(builtin, name=BUILTIN)
-    from hatcli import __version__
-
-    infos[BUILTIN] = PluginInfo(name=BUILTIN, distribution="hatcli", version=__version__)
-    _load_entry_points(pm, infos)
-
-    families: Registry[ModelFamily] = Registry("model family")
-    packers: Registry[Packer] = Registry("packer")
-    _call_register_hook(pm, "register_families", families, infos, lambda i: i.families)
-    _call_register_hook(pm, "register_packers", packers, infos, lambda i: i.packers)
-    callbacks: Registry[CallbackSpec] = Registry("callback")
-    _call_register_hook(pm, "register_callbacks", callbacks, infos, lambda i: i.callbacks)
-    _state = PluginState(manager=pm, infos=infos, families=families, packers=packers, callbacks=callbacks)
+    infos = {BUILTIN: PluginInfo(name=BUILTIN, distribution="hatcli", version=__version__)}
+    _admit(pm, infos[BUILTIN], lambda: builtin)
+    _entry_point_infos(pm, infos)
+    state = PluginState(manager=pm, infos=infos, families=Registry("model family"),
+                        packers=Registry("packer"), callbacks=Registry("callback"))
+    for owner in sorted(infos, key=lambda name: (name != BUILTIN, name)):
+        if infos[owner].status == "ok":
+            _register_plugin(state, owner)
+    _state = state
     return _state
 
 

@@ -30,12 +30,16 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
 
-    def register(self, name: str, item: T, owner: str = "hatcli") -> None:
-        """Add `item` under `name`; `owner` names the plugin, for the duplicate error."""
+    def check_free(self, name: str, owner: str = "hatcli") -> None:
+        """Raise PluginError when `name` is taken; `owner` names the plugin that wants it."""
         if name in self._items:
             raise PluginError(
                 f"{self.what} `{name}` is registered twice: by {self._owners[name]} and by {owner}"
             )
+
+    def register(self, name: str, item: T, owner: str = "hatcli") -> None:
+        """Add `item` under `name`; `owner` names the plugin, for the duplicate error."""
+        self.check_free(name, owner)
         self._items[name] = item
         self._owners[name] = owner
 

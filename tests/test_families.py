@@ -3,7 +3,9 @@ build, forward, one training step, decode, calibrate, convert, export and compil
 compiled artifact computes what the integer program computes.
 
 The tests are parametrized over the registry, so a family is tested the day it is installed
-(timm's habit). Each runs at the family's `min_input_size` with its `tiny_config()`.
+(timm's habit), whichever distribution installed it. Each runs at the family's `min_input_size`
+with its `tiny_config()`. A plugin that fails to load registers no family and so would escape
+these tests: that every installed plugin loads is a test of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ def test_the_bundled_families_are_registered_by_their_plugins() -> None:
     assert {"mobilenet_v1", "mixvargenet", "fcos_efficientnet_b0"} <= set(owners)
     loaded = {info.name for info in plugin_infos() if info.status == "ok"}
     assert {owners["mobilenet_v1"], owners["mixvargenet"], owners["fcos_efficientnet_b0"]} <= loaded
+
+
+def test_every_installed_plugin_loads_so_every_installed_family_is_tested() -> None:
+    broken = [f"{info.name} ({info.distribution}): {info.error}" for info in plugin_infos() if info.status != "ok"]
+    assert broken == []
+
+
+def test_the_tests_run_over_every_registered_family() -> None:
+    assert NAMES == families().names() and NAMES
 
 
 def _batch(family, batch: int = 2) -> torch.Tensor:
@@ -63,7 +74,7 @@ def test_forward_train_step_and_decode(built) -> None:
     model.eval()
     with torch.no_grad():
         outputs = model(x)
-    names = list(getattr(family, "output_names", ["output"]))
+    names = list(family.output_names)
     flat = outputs if isinstance(outputs, (tuple, list)) else [outputs]
     assert len(flat) == len(names) and all(torch.isfinite(t).all() for t in flat)
     predictions = family.predict(outputs, config=config)
@@ -93,7 +104,7 @@ def test_calibrate_convert_export_and_compile(built, tmp_path: Path) -> None:
     reference = convert_to_integer(prepared)
     example = family.example_inputs(family.min_input_size, batch=2)
     onnx_path = tmp_path / "model.onnx"
-    names = list(getattr(family, "output_names", ["output"]))
+    names = list(family.output_names)
     export_onnx(export_program(reference, example), example, onnx_path, names)
     assert check_model(onnx_path, march).supported
     compile_model(onnx_path, march, 3, tmp_path / "compiled", {"shape": ["N", 3, *family.min_input_size]}, measure=False)

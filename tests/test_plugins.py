@@ -31,6 +31,13 @@ def site(fresh_plugins, tmp_path, monkeypatch):
         del sys.modules[name]
 
 
+def install(site, fresh_plugins, module_name, source):
+    """Install `source` as plugin `module_name` (distribution hat-test-...), reload, return its PluginInfo."""
+    make_distribution(site, module_name.replace("_", "-"), module_name, source)
+    fresh_plugins()
+    return {i.name: i for i in plugin_infos()}[module_name]
+
+
 def test_installed_plugins_are_listed_with_version_and_families(hat):
     result = hat("plugins", "--json")
     assert result.code == 0
@@ -144,3 +151,234 @@ def test_every_hook_is_documented(hook):
 def test_every_hook_is_exercised_by_an_installed_plugin(hook):
     implementations = getattr(load_plugins().manager.hook, hook).get_hookimpls()
     assert implementations, f"no plugin implements {hook}"
+
+
+# --- isolation: nothing a plugin raises (but Ctrl-C) escapes into hat ---------------------------
+
+def test_plugin_that_raises_system_exit_at_import_is_broken_and_every_command_works(hat, site, fresh_plugins,
+                                                                                     tiny_recipe):
+    make_distribution(site, "hat-test-exit", "hat_test_exit", "raise SystemExit(7)\n")
+    fresh_plugins()
+    listing = hat("plugins")
+    assert listing.code == 0
+    assert "hat_test_exit" in listing.out and "SystemExit: 7" in listing.out
+    assert hat("recipe", "validate", tiny_recipe).code == 0
+
+
+def test_plugin_whose_hook_raises_system_exit_is_broken_and_the_others_load(site, fresh_plugins):
+    make_distribution(site, "hat-test-hookexit", "hat_test_hookexit", """
+        import sys
+        from hatcli.hookspecs import hookimpl
+
+        @hookimpl
+        def register_packers(register):
+            sys.exit("leaving from a hook")
+    """)
+    fresh_plugins()
+    infos = {i.name: i for i in plugin_infos()}
+    assert infos["hat_test_hookexit"].status == "broken"
+    assert "SystemExit: leaving from a hook" in infos["hat_test_hookexit"].error
+    assert infos["mobilenet"].status == "ok" and "mobilenet_v1" in families()
+
+
+def test_ctrl_c_while_a_plugin_imports_is_not_swallowed(site, fresh_plugins):
+    make_distribution(site, "hat-test-ctrlc", "hat_test_ctrlc", "raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        fresh_plugins()
+
+
+def test_plugins_json_shows_broken_plugins_with_their_errors(hat, site, fresh_plugins):
+    make_distribution(site, "hat-test-exitjson", "hat_test_exitjson", "raise SystemExit(7)\n")
+    fresh_plugins()
+    result = hat("plugins", "--json")
+    assert result.code == 0
+    by_name = {p["name"]: p for p in result.json()}
+    assert by_name["hat_test_exitjson"]["status"] == "broken"
+    assert by_name["hat_test_exitjson"]["error"] == "SystemExit: 7"
+    assert by_name["hat_test_exitjson"]["distribution"] == "hat-test-exitjson"
+    assert by_name["mobilenet"]["status"] == "ok"
+
+
+# --- validation: a plugin that registers nothing useful says why ---------------------------------
+
+def test_misspelt_hook_is_broken_and_names_the_closest_hook(site, fresh_plugins):
+    make_distribution(site, "hat-test-typo", "hat_test_typo", """
+        from hatcli.hookspecs import hookimpl
+
+        @hookimpl
+        def register_familys(register):
+            pass
+    """)
+    fresh_plugins()
+    infos = {i.name: i for i in plugin_infos()}
+    assert infos["hat_test_typo"].status == "broken"
+    assert "register_familys" in infos["hat_test_typo"].error
+    assert "did you mean `register_families`" in infos["hat_test_typo"].error
+    assert all(i.status == "ok" for n, i in infos.items() if n != "hat_test_typo")
+
+
+TINY_FAMILY = """
+    from typing import ClassVar
+    import torch
+    from hatcli.family import Packer, PackResult
+    from hatcli.hookspecs import hookimpl
+    from hatcli.tasks.classification import ClassificationFamily
+
+    class Half(ClassificationFamily):
+        name: ClassVar[str] = "halfnet"
+
+        def build_float_model(self, config, num_classes):
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+"""
+
+HALF_PLUGIN = TINY_FAMILY + """
+    @hookimpl
+    def register_families(register):
+        register(Half())
+"""
+
+
+def test_plugin_that_fails_in_one_hook_registers_nothing_from_its_other_hooks(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_half", HALF_PLUGIN + """
+    @hookimpl
+    def register_callbacks(register):
+        raise RuntimeError("callbacks not ready")
+    """)
+    assert info.status == "broken" and "callbacks not ready" in info.error
+    assert "halfnet" not in families()
+    assert info.families == []
+
+
+def test_plugin_that_fails_halfway_through_one_hook_registers_nothing(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_halfway", TINY_FAMILY + """
+    @hookimpl
+    def register_families(register):
+        register(Half())  # staged, then the hook fails: it must not stay registered
+        raise RuntimeError("second family failed")
+    """)
+    assert info.status == "broken" and "second family failed" in info.error
+    assert "halfnet" not in families()
+
+
+def test_plugin_whose_name_clashes_registers_none_of_its_other_items(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_clash", HALF_PLUGIN + """
+    @hookimpl
+    def register_packers(register):
+        register(Packer(name="shapes", description="a second shapes", run=lambda request: PackResult()))
+    """)
+    assert info.status == "broken"
+    assert "packer `shapes` is registered twice: by builtin and by hat_test_clash" in info.error
+    assert "halfnet" not in families()
+    from hatcli.plugins import packers
+
+    assert packers().owner("shapes") == "builtin"
+
+
+def test_plugin_that_registers_the_wrong_kind_of_object_is_broken(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_wrongkind", """
+        from hatcli.hookspecs import hookimpl
+
+        @hookimpl
+        def register_families(register):
+            register("mobilenet_v2")
+    """)
+    assert info.status == "broken"
+    assert "register_families" in info.error and "ModelFamily" in info.error and "str" in info.error
+
+
+# --- the base classes declare what the core reads -------------------------------------------------
+
+def test_base_classes_declare_output_names_and_num_classes():
+    from hatcli.family import FamilyConfig, ModelFamily
+
+    assert ModelFamily.output_names == ["output"]
+    assert "num_classes" in FamilyConfig.model_fields
+    assert FamilyConfig(name="anything").num_classes is None
+
+
+def test_core_reads_family_members_as_plain_attributes_not_with_getattr():
+    from pathlib import Path
+
+    import hatcli
+
+    offenders = []
+    for path in Path(hatcli.__file__).parent.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "getattr(" in line and ('"output_names"' in line or '"num_classes"' in line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+# --- `hat plugins` never cuts a name ---------------------------------------------------------------
+
+def _every_listed_name():
+    names = set()
+    for info in plugin_infos():
+        names |= {info.name, info.distribution, *info.families, *info.packers, *info.callbacks}
+    return names
+
+
+def test_plugins_listing_off_a_terminal_never_truncates_names():
+    import os
+    import subprocess
+
+    env = dict(os.environ, COLUMNS="60")
+    run = subprocess.run([sys.executable, "-m", "hatcli", "plugins"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "…" not in run.stdout
+    words = set(run.stdout.replace(",", " ").split())
+    assert _every_listed_name() <= words
+
+
+@pytest.mark.parametrize("width", [60, 200])
+def test_plugins_table_on_a_terminal_never_truncates_names(monkeypatch, width):
+    import io
+
+    from rich.console import Console
+
+    from hatcli.commands import plugins as command
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(command, "stdout", Console(file=buffer, width=width, force_terminal=True, color_system=None))
+    command.plugins()
+    text = buffer.getvalue()
+    assert "…" not in text
+    words = set(text.replace(",", " ").replace("│", " ").replace("┃", " ").split())
+    assert _every_listed_name() <= words
+
+
+def test_family_whose_config_class_is_not_a_family_config_is_broken(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_badconfig", TINY_FAMILY + """
+    from pydantic import BaseModel
+
+    class Loose(BaseModel):
+        name: str
+
+    class LooseHalf(Half):
+        config_class = Loose
+
+    @hookimpl
+    def register_families(register):
+        register(LooseHalf())
+    """)
+    assert info.status == "broken"
+    assert "model family `halfnet`" in info.error and "hatcli.family.FamilyConfig" in info.error
+    assert "halfnet" not in families()
+
+
+def test_plugin_without_any_hookimpl_is_broken_and_says_to_mark_its_hooks(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_unmarked", """
+        def register_families(register):
+            pass
+    """)
+    assert info.status == "broken" and "implements no hook" in info.error and "@hatcli.hookspecs.hookimpl" in info.error
+
+
+def test_optional_implementation_of_a_hook_hat_does_not_have_yet_is_fine(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_future", HALF_PLUGIN + """
+    @hookimpl(optionalhook=True)
+    def register_marches(register):
+        pass
+    """)
+    assert info.status == "ok" and info.families == ["halfnet"]

@@ -81,7 +81,7 @@ def calops(
 def _num_classes(lr) -> int:
     """The model's class count: `model.num_classes`, else the packed training data's, else 1000
     (classification) or 80 (detection), the ImageNet / COCO counts."""
-    wanted = getattr(lr.model, "num_classes", None)
+    wanted = lr.model.num_classes
     if wanted:
         return int(wanted)
     from hatcli.data.lmdb_format import open_packed
