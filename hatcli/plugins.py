@@ -11,8 +11,10 @@ is staged and reaches the registries only once all its hooks have succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -73,18 +75,25 @@ _state: PluginState | None = None
 
 
 def _describe(exc: BaseException) -> str:
-    """One line naming the exception and its first message line (`SystemExit: 7`)."""
-    lines = str(exc).splitlines()
+    """One line naming the exception and its first message line (`SystemExit: 7`); all of pluggy's
+    validation message, whose later lines say which argument is wrong; hat's own checks unprefixed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, PluginError):  # hat's own check: the message says it all
+        return "; ".join(lines)
+    if isinstance(exc, pluggy.PluginValidationError):
+        return f"{type(exc).__name__}: {'; '.join(lines)}"
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _isolated(info: PluginInfo, action: Callable[[], Any]) -> bool:
     """Run `action` for plugin `info`; on any exception but Ctrl-C mark it broken and return False.
 
-    BaseException, not Exception: a plugin that calls `sys.exit()` must not end hat.
+    BaseException, not Exception: a plugin that calls `sys.exit()` must not end hat. What the
+    plugin prints goes to stderr.
     """
     try:
-        action()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results (`--json`), not plugin chatter
+            action()
         return True
     except KeyboardInterrupt:
         raise
@@ -230,6 +239,9 @@ def load_plugins(reload: bool = False) -> PluginState:
     for owner in sorted(infos, key=lambda name: (name != BUILTIN, name)):
         if infos[owner].status == "ok":
             _register_plugin(state, owner)
+    broken = {name: info.error for name, info in infos.items() if info.status != "ok"}
+    for hook in HOOKS.values():
+        getattr(state, hook.field).broken = broken
     _state = state
     return _state
 

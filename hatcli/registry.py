@@ -29,6 +29,8 @@ class Registry(Generic[T]):
         self.what = what
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
+        self.broken: dict[str, str] = {}
+        """Plugins that failed to load, with the reason: an unknown name's error names them."""
 
     def check_free(self, name: str, owner: str = "hatcli") -> None:
         """Raise PluginError when `name` is taken; `owner` names the plugin that wants it."""
@@ -57,8 +59,10 @@ class Registry(Generic[T]):
             hint = closest(name, names)
             did_you_mean = f" Did you mean `{hint}`?" if hint else ""
             listing = ", ".join(names) if names else "none installed"
+            broken = ", ".join(sorted(self.broken))
+            maybe = f". Broken plugins, which may provide it: {broken} (`hat plugins` says why)" if broken else ""
             raise UsageError(
-                f"unknown {self.what} `{name}`.{did_you_mean} Available: {listing}"
+                f"unknown {self.what} `{name}`.{did_you_mean} Available: {listing}{maybe}"
             ) from None
 
     def owner(self, name: str) -> str:

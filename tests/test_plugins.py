@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from hatcli import hookspecs
-from hatcli.errors import PluginError
+from hatcli.errors import PluginError, UsageError
 from hatcli.plugins import families, load_plugins, plugin_infos
 from hatcli.registry import Registry
 
@@ -382,3 +382,38 @@ def test_optional_implementation_of_a_hook_hat_does_not_have_yet_is_fine(site, f
         pass
     """)
     assert info.status == "ok" and info.families == ["halfnet"]
+
+
+def test_unknown_name_error_points_at_broken_plugins(site, fresh_plugins):
+    install(site, fresh_plugins, "hat_test_gone", "raise SystemExit(7)\n")
+    with pytest.raises(UsageError, match=r"unknown model family `gonenet`.*Broken plugins, which may provide it: "
+                                         r"hat_test_gone \(`hat plugins` says why\)"):
+        families().get("gonenet")
+
+
+def test_what_a_plugin_prints_while_loading_stays_off_stdout(hat, site, fresh_plugins, monkeypatch):
+    info = install(site, fresh_plugins, "hat_test_chatty", TINY_FAMILY + """
+    @hookimpl
+    def register_families(register):
+        print("hello from a hook")
+        register(Half())
+    """)
+    assert info.status == "ok"
+    import hatcli.plugins
+
+    monkeypatch.setattr(hatcli.plugins, "_state", None)  # load inside the command, as `hat` does
+    result = hat("plugins", "--json")
+    assert result.code == 0 and "hello from a hook" not in result.out and "hello from a hook" in result.err
+    assert "hat_test_chatty" in {p["name"] for p in result.json()}
+
+
+def test_hook_with_an_argument_the_spec_lacks_is_broken_and_names_the_argument(site, fresh_plugins):
+    info = install(site, fresh_plugins, "hat_test_badarg", """
+        from hatcli.hookspecs import hookimpl
+
+        @hookimpl
+        def register_families(regster):
+            pass
+    """)
+    assert info.status == "broken"
+    assert "PluginValidationError" in info.error and "regster" in info.error and "hookspec" in info.error
