@@ -8,6 +8,10 @@ A plugin is any module exposed through the `hat.plugins` entry-point group:
 
     [project.entry-points."hat.plugins"]
     mobilenet = "hat_mobilenet.plugin"
+
+Registration is all-or-nothing per plugin: if any of a plugin's hooks raises, registers the wrong
+kind of object or a name that is taken, or the plugin implements a hook not declared here, the
+plugin is reported broken by `hat plugins` and none of what it registered is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
     """Register model families: call `register(family)` with a `ModelFamily` instance.
 
     The family's `name` becomes the key that recipes use in `[model] name = ...`.
-    Registering a name that another plugin already registered is an error.
+    Registering a name that another plugin already registered makes this plugin broken.
     """
 
 
