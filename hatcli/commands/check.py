@@ -71,6 +71,8 @@ def check(
         raise UsageError("--batches applies to --sensitivity")
     from hatcli.deploy.check import check_model
 
+    if march is not None:
+        load_march(march)  # a bad --march is reported before the model is looked for
     onnx_path, lr = resolve_onnx(recipe, model, overrides)
     profile = load_march(march_name(march, lr))
     report = check_model(onnx_path, profile)

@@ -36,17 +36,19 @@ def compile_cmd(
     from hatcli.errors import UsageError
     from hatcli.quant.march import load_march
 
+    if march is not None:  # bad arguments are reported before the model is looked for
+        load_march(march)
+    if opt is not None and opt not in (0, 1, 2, 3):
+        raise UsageError(f"--opt must be 0..3, not {opt}")
+    if model is not None and out is None:
+        raise UsageError("--out DIR is required with --model")
     onnx_path, lr = resolve_onnx(recipe, model, overrides)
     name = march_name(march, lr)
     load_march(name)
     level = opt if opt is not None else (lr.recipe.deploy.opt if lr is not None else 3)
-    if level not in (0, 1, 2, 3):
-        raise UsageError(f"--opt must be 0..3, not {level}")
     if lr is not None:
         folder = compile_recipe(lr, name, level, out or default_compile_dir(lr, name, level))
     else:
-        if out is None:
-            raise UsageError("--out DIR is required with --model")
         spec = {"name": "input", "shape": None}
         folder = compile_model(onnx_path, load_march(name), level, out, spec)
     if json_out:

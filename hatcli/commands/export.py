@@ -16,26 +16,32 @@ Examples:
   hat export recipes/quickstart.toml
 
   hat export recipes/quickstart.toml --out build/quickstart
+
+  hat export recipes/quickstart.toml --stage calibration     # post-training quantization, no QAT
 """
 
 
 def export(
     recipe: RecipeArg,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<task>/export).")] = None,
+    stage: Annotated[str | None, typer.Option(help="calibration (post-training quantization) or qat (default: qat, "
+                                                   "or calibration when `qat.enabled = false`).")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Convert the QAT (or calibration) model to the integer program and write model.pt2 + model.onnx."""
+    """Convert the QAT model (or the calibration model: `--stage calibration`, or when
+    `qat.enabled = false`) to the integer program and write model.pt2 + model.onnx."""
     from hatcli.deploy.export import export_stage
     from hatcli.engine.stages import default_export_dir
 
     lr = load(recipe, overrides)
-    result = export_stage(lr, out or default_export_dir(lr))
+    result = export_stage(lr, out or default_export_dir(lr), stage)
     if json_out:
         print_json({k: v for k, v in result.items() if k != "manifest"})
         return
     for path in result["files"]:
         stdout.print(f"[green]wrote[/] {path}")
+    stdout.print(f"exported the {result['stage']} model")
 
 
 def register(app: typer.Typer) -> None:

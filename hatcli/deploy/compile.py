@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import onnx
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.check import check_graph
+from hatcli.deploy.folders import building
 from hatcli.deploy.cpu import exact_u8s8
 from hatcli.deploy.kernel_fusion import lower_quantized_conv, lower_quantized_gemm
 from hatcli.deploy.lowering import (
@@ -77,29 +76,6 @@ def _io(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return {"name": value.name, "shape": dims, "dtype": value.type}
 
     return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise UsageError(f"{out_dir} is not empty and holds no {MANIFEST}: refusing to replace it")
-
-
-def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.ModelProto:
@@ -209,12 +185,9 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
     src = resolve_model_path(onnx_path)
     load_onnx(src, external_data=False)
     out = Path(out_dir)
-    _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     saved_level = "ORT_ENABLE_EXTENDED" if level == "ORT_ENABLE_ALL" else level
     batch, input_shape = _batch_and_shape(input_spec)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with building(out, MANIFEST) as tmp_dir:
         _write_optimized(src, saved_level, tmp_dir)
         session = create_session(tmp_dir / MODEL, level, source=f"compiled {src}")
         try:
@@ -256,8 +229,4 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
             "files": {p.name: sha256_file(p) for p in sorted(tmp_dir.iterdir()) if p.is_file()},
         }
         atomic_write_json(tmp_dir / MANIFEST, manifest)
-        _swap_into_place(tmp_dir, out)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from hatcli import __version__
-from hatcli.deploy.runtime import sha256_file
 from hatcli.atomic import atomic_write_json, atomic_write_text
-from hatcli.errors import HatError
-from hatcli.recipe import LoadedRecipe
+from hatcli.deploy.consumer import consumer_spec
+from hatcli.deploy.folders import building
+from hatcli.deploy.runtime import sha256_file
+from hatcli.errors import ArtifactError, HatError, UsageError
+from hatcli.recipe import LoadedRecipe, recipe_hash
 
 INPUT_NAME = "image"
 
@@ -66,32 +68,74 @@ def export_onnx(program: torch.export.ExportedProgram, example: tuple, path: Pat
     tmp.replace(path)
 
 
-def export_stage(lr: LoadedRecipe, out_dir: Path) -> dict[str, Any]:
-    """Convert the QAT (or calibration) checkpoint and write model.pt2, model.onnx, manifest.json."""
-    from hatcli.engine.stages import fingerprint, integer_model, quant_source
+EXPORTABLE_STAGES = ("calibration", "qat")
+"""Stages whose model can be exported: calibration (post-training quantization) or QAT."""
+
+
+def export_source(lr: LoadedRecipe, stage: str | None = None) -> str:
+    """The stage to export: `stage`, or the recipe's (QAT, calibration when `qat.enabled = false`).
+
+    Checked before any work: UsageError for another stage name or for `qat` with QAT disabled,
+    ArtifactError (saying how to get one) when the stage has no checkpoint yet.
+    """
+    from hatcli.engine.stages import quant_source, stage_dir
+
+    if stage is not None and stage not in EXPORTABLE_STAGES:
+        raise UsageError(f"--stage: cannot export `{stage}`; choose calibration (post-training quantization) "
+                         "or qat")
+    source = stage or quant_source(lr)
+    if source == "qat" and not lr.recipe.qat.enabled:
+        raise UsageError(f"{lr.path}: QAT is disabled (`qat.enabled = false`); export the calibration model "
+                         f"with `hat export {lr.path}` (or `--stage calibration`)")
+    folder = stage_dir(lr, source)
+    if not any(folder.glob("checkpoint*.pt")):
+        if source == "qat" and any(stage_dir(lr, "calibration").glob("checkpoint*.pt")):
+            raise ArtifactError(f"no QAT checkpoint in {folder}: train it with `hat train {lr.path} --stage qat`, "
+                                f"or export the calibration (post-training quantization) model with "
+                                f"`hat export {lr.path} --stage calibration`")
+        raise ArtifactError(f"no {source} checkpoint in {folder}; run `hat train {lr.path} --stage {source}` first")
+    return source
+
+
+def export_fingerprint(lr: LoadedRecipe, source: str) -> str:
+    """What an export of `source` depends on; for the recipe's own source stage it is the `export`
+    fingerprint that `hat run` compares."""
+    from hatcli.engine.stages import fingerprint, quant_source
+
+    if source == quant_source(lr):
+        return fingerprint(lr, "export")
+    return recipe_hash([fingerprint(lr, source), lr.resolved["data"]["input_size"]])
+
+
+def export_stage(lr: LoadedRecipe, out_dir: Path, stage: str | None = None) -> dict[str, Any]:
+    """Convert the QAT or calibration checkpoint (`export_source`) and write model.pt2, model.onnx,
+    recipe.toml and manifest.json into `out_dir`. The folder is built beside `out_dir` and renamed
+    into place at the end: a failed export leaves the previous export, or nothing."""
+    from hatcli.engine.stages import integer_model
     from hatcli.quant.flow import export_program
 
     tic = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, state = integer_model(lr)
-    example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
-    program = export_program(model, example)
-    pt2 = out_dir / "model.pt2"
-    tmp = out_dir / ".model.tmp.pt2"
-    torch.export.save(program, str(tmp))
-    tmp.replace(pt2)
-    onnx_path = out_dir / "model.onnx"
-    output_names = list(getattr(lr.family, "output_names", ["output"]))
-    export_onnx(program, example, onnx_path, output_names)
-    manifest = {
-        "format": "hat-export", "version": 1, "task": lr.recipe.task, "family": lr.family.name,
-        "source_stage": quant_source(lr), "march": lr.recipe.quant.march, "input": input_spec(lr),
-        "outputs": output_names, "output_spec": output_specs(onnx_path), "kind": lr.family.task,
-        "classes": state["classes"], "fingerprint": fingerprint(lr, "export"),
-        "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
-        "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},
-    }
-    atomic_write_text(out_dir / "recipe.toml", lr.to_toml())
-    atomic_write_json(out_dir / "manifest.json", manifest)
-    return {"out_dir": str(out_dir), "files": [str(pt2), str(onnx_path), str(out_dir / "manifest.json")],
+    source = export_source(lr, stage)
+    with building(out_dir, "manifest.json") as tmp_dir:
+        model, state = integer_model(lr, source)
+        example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
+        program = export_program(model, example)
+        pt2, onnx_path = tmp_dir / "model.pt2", tmp_dir / "model.onnx"
+        torch.export.save(program, str(pt2))
+        output_names = list(lr.family.output_names)
+        export_onnx(program, example, onnx_path, output_names)
+        output_spec = output_specs(onnx_path)
+        manifest = {
+            "format": "hat-export", "version": 1, "family": lr.family.name,
+            "source_stage": source, "march": lr.recipe.quant.march, "input": input_spec(lr),
+            "outputs": output_names, "output_spec": output_spec,
+            **consumer_spec(lr, output_spec, state["classes"]),
+            "fingerprint": export_fingerprint(lr, source),
+            "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
+            "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},
+        }
+        atomic_write_text(tmp_dir / "recipe.toml", lr.to_toml())
+        atomic_write_json(tmp_dir / "manifest.json", manifest)
+    names = ("model.pt2", "model.onnx", "manifest.json")
+    return {"out_dir": str(out_dir), "stage": source, "files": [str(out_dir / n) for n in names],
             "seconds": round(time.perf_counter() - tic, 2), "manifest": manifest}

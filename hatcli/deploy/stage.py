@@ -11,37 +11,52 @@ from hatcli.quant.march import load_march
 from hatcli.recipe import LoadedRecipe, recipe_hash
 
 
-def compile_fingerprint(lr: LoadedRecipe, march: str, opt: int) -> str:
-    """What a compiled artifact depends on: the export and the march/opt chosen."""
-    from hatcli.engine.stages import fingerprint
+CONSUMER_KEYS = ("task", "kind", "classes", "preprocess", "output_meaning")
+"""Export manifest keys that tell a consumer without hat how to feed the model; the compiled
+artifact's manifest repeats them (docs/formats.md)."""
 
-    return recipe_hash([fingerprint(lr, "export"), march, opt])
+
+def compile_fingerprint(export_fingerprint: str, march: str, opt: int) -> str:
+    """What a compiled artifact depends on: the export's fingerprint and the march/opt chosen."""
+    return recipe_hash([export_fingerprint, march, opt])
 
 
 def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Path:
     """Compile the recipe's exported model for `march` at `opt` into `out_dir`."""
     from hatcli.deploy.compile import compile_model
+    from hatcli.deploy.runtime import read_manifest
     from hatcli.engine.stages import default_export_dir
 
     export_dir = default_export_dir(lr)
     onnx_path = export_dir / "model.onnx"
     if not onnx_path.exists():
         raise ArtifactError(f"no exported model at {onnx_path}; run `hat export {lr.path}` first")
-    manifest = json.loads((export_dir / "manifest.json").read_text())
+    manifest = read_manifest(export_dir / "manifest.json")
+    missing = [k for k in ("input", "classes", "fingerprint") if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{export_dir / 'manifest.json'}: no {', '.join(f'`{k}`' for k in missing)}; "
+                            f"export again with `hat export {lr.path}`")
     spec = dict(manifest["input"])
     spec["shape"] = [1, *spec["shape"][1:]]
     extra = {"task": lr.recipe.task, "family": lr.family.name, "classes": manifest["classes"],
-             "fingerprint": compile_fingerprint(lr, march, opt), "export_fingerprint": manifest["fingerprint"]}
-    return compile_model(onnx_path, load_march(march), opt, out_dir, spec, extra_manifest=extra)
+             "source_stage": manifest.get("source_stage"),
+             "fingerprint": compile_fingerprint(manifest["fingerprint"], march, opt),
+             "export_fingerprint": manifest["fingerprint"]}
+    consumer = {k: manifest[k] for k in CONSUMER_KEYS if k in manifest}
+    return compile_model(onnx_path, load_march(march), opt, out_dir, spec, extra_manifest=extra,
+                         name=lr.recipe.task, consumer=consumer)
 
 
 def artifact_up_to_date(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> bool:
-    """Whether `out_dir` holds an artifact compiled from the current export with this march/opt."""
+    """Whether `out_dir` holds an artifact compiled from the recipe's current export (of its own
+    source stage) with this march/opt."""
+    from hatcli.engine.stages import fingerprint
+
     manifest = out_dir / "manifest.json"
     if not manifest.exists():
         return False
     extra = json.loads(manifest.read_text()).get("extra", {})
-    return extra.get("fingerprint") == compile_fingerprint(lr, march, opt)
+    return extra.get("fingerprint") == compile_fingerprint(fingerprint(lr, "export"), march, opt)
 
 
 def estimation_source(artifact_dir: Path) -> Path:
