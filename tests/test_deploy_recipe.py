@@ -173,3 +173,13 @@ def test_feeding_the_artifact_from_the_manifest_alone_predicts_as_hat_infer(hat,
     tolerance = 1e-5 if size is None else 0.02  # PIL and torchvision round 1% of resized pixels apart by 1
     for row in rows:
         assert probs[classes.index(row["label"])] == pytest.approx(row["score"], abs=tolerance)
+
+
+def test_a_detection_recipe_records_keep_ratio_resize_bottom_right_pad_and_yuv() -> None:
+    from hatcli.deploy.consumer import preprocess_spec
+
+    pre = preprocess_spec(load_recipe(Path(__file__).parents[1] / "recipes" / "shapes_fcos.toml", []))
+    assert pre["resize"] == {"method": "keep_ratio_pad", "size": [128, 128], "interpolation": "bilinear",
+                             "antialias": True, "pad": {"value": 0.0, "where": "bottom_right"}}
+    assert pre["color_space"] == "YUV444"
+    assert [s["op"] for s in pre["steps"]] == ["resize", "pad", "rgb_to_yuv444", "to_float", "normalize"]
