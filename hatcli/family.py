@@ -124,6 +124,12 @@ class PackRequest:
     """Read/validate processes; -1: automatic (one per core, up to 8, on large sources)."""
     strict: bool = False
     ann_file: Path | None = None
+    max_bytes: int = 64 << 20
+    """Source files larger than this are rejected from their size, before they are read."""
+    max_pixels: int = 89_478_485
+    """Images with more pixels are rejected from their header, before they are decoded (PIL's limit)."""
+    follow_symlinks: bool = False
+    """Whether to read files (and class folders) that symlinks place outside the source folder."""
 
 
 @dataclass
@@ -133,6 +139,8 @@ class PackResult:
     databases: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Problems that did not stop the pack (an empty class folder); errors under `strict`."""
 
 
 @dataclass(frozen=True)

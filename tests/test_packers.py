@@ -64,6 +64,11 @@ def _db_items(path: Path) -> list[tuple[bytes, bytes]]:
     return items
 
 
+def _listing(folder: Path) -> list[str]:
+    """The names in `folder`; a pack leaves its database, its rejected list and its lock file (`.NAME.lock`)."""
+    return sorted(p.name for p in folder.iterdir())
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -117,7 +122,7 @@ def test_an_interrupted_pack_continues_to_the_same_database(tmp_path: Path) -> N
     summary, _ = pack_imagenet_split(src, tmp_path / "cut", "train", workers=2)
     assert summary.resumed_items == 700
     assert _db_items(tmp_path / "cut" / "train_lmdb") == _db_items(tmp_path / "whole" / "train_lmdb")
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train_lmdb"]
+    assert _listing(tmp_path / "cut") == [".train_lmdb.lock", "train_lmdb"]
 
 
 KILLER = """
@@ -184,7 +189,7 @@ def test_bad_images_are_skipped_named_and_listed(tmp_path: Path) -> None:
     for name, reason in BAD_FILES.items():
         assert reason in reasons[name]
     assert _tree(src) == before  # the source is only read
-    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["train_lmdb", "train_lmdb.rejected.jsonl"]
+    assert _listing(tmp_path / "dst") == [".train_lmdb.lock", "train_lmdb", "train_lmdb.rejected.jsonl"]
 
 
 def test_strict_stops_at_the_first_bad_image_and_leaves_no_database(tmp_path: Path, hat) -> None:

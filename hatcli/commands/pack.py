@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from hatcli.commands._options import JsonOpt, print_json
 from hatcli.errors import UsageError
-from hatcli.family import PackResult
-from hatcli.progress import stdout
+from hatcli.family import PackRequest, PackResult
+from hatcli.progress import console, stdout
 
 EXAMPLES = """
 Examples:
@@ -44,11 +45,19 @@ def pack(
     strict: Annotated[bool, typer.Option(
         help="Stop (exit 1, no database written) at the first bad record instead of skipping it.")] = False,
     ann_file: Annotated[Path | None, typer.Option(help="COCO annotation file, if not the default.")] = None,
+    max_bytes: Annotated[int, typer.Option(
+        help="Reject source files larger than this many bytes (checked before reading).")] = PackRequest.max_bytes,
+    max_pixels: Annotated[int, typer.Option(
+        help="Reject images with more pixels (checked from the header, before decoding).")] = PackRequest.max_pixels,
+    follow_symlinks: Annotated[bool, typer.Option(
+        "--follow-symlinks",
+        help="Read images and class folders that symlinks place outside the source folder (refused by default).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Pack a dataset into LMDB records (msgpack), or verify a packed database.
 
     Writes TARGET/<split>_lmdb. Bad records are skipped and listed in <split>_lmdb.rejected.jsonl.
+    Only regular files inside the source folder are read, each within --max-bytes and --max-pixels.
 
     An interrupted pack (Ctrl-C, kill) continues where it stopped when the same command is run again.
     """
@@ -58,10 +67,9 @@ def pack(
         if path is None:
             raise UsageError("`hat pack verify` needs the database path, e.g. hat pack verify data/shapes/val_lmdb")
         report = verify_packed(path)
-        print_json(report) if json_out else stdout.print(f"[green]ok[/]: {path}: {report}")
+        print_json(report) if json_out else stdout.print(_verify_summary(report), highlight=False, soft_wrap=True)
         return
     from hatcli.data.packing import check_split_name
-    from hatcli.family import PackRequest
     from hatcli.plugins import packers
 
     check_split_name(split)
@@ -72,17 +80,29 @@ def pack(
         raise UsageError(f"--task must be classification or detection, not `{task}`")
     request = PackRequest(kind=kind, target_data_dir=target_data_dir, src_data_dir=src_data_dir, split=split,
                           task=task, num_images=num_images, image_size=image_size, seed=seed, workers=workers,
-                          strict=strict, ann_file=ann_file)  # type: ignore[arg-type]
+                          strict=strict, ann_file=ann_file, max_bytes=max_bytes, max_pixels=max_pixels,
+                          follow_symlinks=follow_symlinks)  # type: ignore[arg-type]
     result = packer.run(request)
     if json_out:
-        print_json({"databases": result.databases, "rejected": result.rejected, "notes": result.notes})
+        print_json({"databases": result.databases, "rejected": result.rejected, "notes": result.notes,
+                    "warnings": result.warnings})
         return
     for db, count in result.databases.items():
         stdout.print(f"[green]packed[/] {count} records -> {db}")
     for note in result.notes:
         stdout.print(note)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True, highlight=False)
     if result.rejected:
         _show_rejections(result)
+
+
+def _verify_summary(report: dict[str, Any]) -> str:
+    """`hat pack verify`'s result for a reader: what the database holds and that its checksum matches."""
+    classes = report.get("classes")
+    of_classes = f" of {classes} classes" if classes is not None else ""
+    return (f"[green]ok[/]: {escape(report['path'])}: {report['count']:,} {report['kind']} records{of_classes}, "
+            f"split `{escape(report['split'])}`; checksum sha256 {report['records_sha256']} matches")
 
 
 def _show_rejections(result: PackResult, shown: int = 5) -> None:
@@ -90,7 +110,6 @@ def _show_rejections(result: PackResult, shown: int = 5) -> None:
     import json
 
     from hatcli.data.packing import rejected_path
-    from hatcli.progress import console
 
     for db in result.databases:
         listed = rejected_path(Path(db))

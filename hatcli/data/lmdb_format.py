@@ -9,7 +9,8 @@ Layout (also documented in docs/, keep the two in step):
   record bytes in key order. Packers may add more keys (detection adds ``category_ids`` and
   ``coco_categories``).
 
-A classification record is ``{"image": bytes, "label": int, "name": str}``; a detection record
+A classification record is ``{"image": bytes, "label": int, "name": str}``, plus ``"name_bytes":
+bytes`` (the exact file name) when the file name is not UTF-8; a detection record
 is ``{"image": bytes, "image_id": int, "file_name": str, "height": int, "width": int, "boxes":
 [[x, y, w, h], ...], "labels": [int], "category_ids": [int], "iscrowd": [0|1], "area": [float]}``
 with COCO ``xywh`` boxes in pixels. Image bytes are the encoded JPEG/PNG file, as it was.
@@ -79,14 +80,34 @@ def hash_records(items: Iterable[tuple[bytes, bytes]], path: Path) -> tuple[int,
     return count, sha.hexdigest()
 
 
+def truncation_problem(env: lmdb.Environment, data_file: Path) -> str | None:
+    """Why the environment's data file is too short for the pages its header uses, or None.
+
+    LMDB maps the file and reads pages straight from the mapping: a page beyond the end of a
+    truncated file kills the process with SIGBUS, so the size is checked before any page is read.
+    The header (meta pages, read with plain reads) names the last page in use.
+    """
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    size = os.stat(data_file).st_size
+    if size >= needed:
+        return None
+    return (f"{data_file} is truncated: it holds {size:,} bytes but its LMDB header says the database "
+            f"uses {needed:,} (an interrupted copy or a full disk?); copy it again or {REPACK_HINT}")
+
+
 def _open_env(path: Path) -> lmdb.Environment:
     try:
-        return lmdb.open(
+        env = lmdb.open(
             str(path), readonly=True, lock=False, readahead=False, meminit=False,
             subdir=path.is_dir(), max_readers=512,
         )
     except lmdb.Error as exc:
         raise DataError(f"cannot open packed data at {path}: {exc}; {REPACK_HINT}") from None
+    problem = truncation_problem(env, path / "data.mdb" if path.is_dir() else path)
+    if problem is not None:
+        env.close()
+        raise DataError(problem)
+    return env
 
 
 Identity = tuple[str, int, int]
@@ -221,16 +242,16 @@ def open_packed(path: str | Path) -> PackedReader:
 def verify_packed(path: str | Path, progress: bool = True) -> dict[str, Any]:
     """Recompute the record count and checksum of `path`; DataError when they disagree with meta.
 
-    Returns ``{"path", "kind", "split", "count", "records_sha256", "ok": True}``.
+    Returns ``{"path", "kind", "split", "count", "classes" (how many), "records_sha256", "ok": True}``.
     """
     from hatcli.progress import track
 
     path = Path(path)
     meta, identity = _read_meta(path)
     with _shared_env(path, identity).begin(buffers=False) as txn:
-        items = iter(txn.cursor())
+        items = ((key, value) for key, value in txn.cursor() if is_record_key(key))  # not the meta record
         if progress:
-            items = track(items, total=meta["count"] + 1, description=f"verify {path.name}")
+            items = track(items, total=meta["count"], description=f"verify {path.name}")
         count, digest = hash_records(items, path)
     if count != meta["count"]:
         raise DataError(f"{path}: meta says {meta['count']} records but {count} are present; {REPACK_HINT}")
@@ -245,6 +266,7 @@ def verify_packed(path: str | Path, progress: bool = True) -> dict[str, Any]:
         "kind": meta["kind"],
         "split": meta["split"],
         "count": count,
+        "classes": len(meta.get("classes") or []),
         "records_sha256": digest,
         "ok": True,
     }

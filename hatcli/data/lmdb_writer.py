@@ -29,6 +29,7 @@ from hatcli.data.lmdb_format import (
     is_lmdb_dir,
     is_record_key,
     record_key,
+    truncation_problem,
 )
 from hatcli.errors import DataError
 
@@ -148,6 +149,9 @@ class LmdbWriter:
             env = self._open_partial()
         except lmdb.Error:
             return False
+        if truncation_problem(env, self.partial / "data.mdb") is not None:
+            env.close()  # reading it would die of SIGBUS: pack afresh
+            return False
         with env.begin() as txn:
             for key, value in txn.cursor():
                 if is_record_key(key) and int(key) < count:
@@ -162,6 +166,10 @@ class LmdbWriter:
 
     def put(self, index: int, record: dict[str, Any]) -> None:
         """Add `record` (a dict of the kind's fields) under key `index`."""
+        self._add(index, self._pack(index, record))
+
+    def _pack(self, index: int, record: dict[str, Any]) -> bytes:
+        """The msgpack bytes of record `index`; DataError (nothing changed) when it cannot be stored."""
         if self._env is None:
             raise DataError("LmdbWriter.put called outside its `with` block")
         if not 0 <= index < MAX_RECORDS:
@@ -169,7 +177,13 @@ class LmdbWriter:
         missing = [f for f in REQUIRED_FIELDS[self.kind] if f not in record]
         if missing:
             raise DataError(f"{self.kind} record {index} lacks the fields {missing}")
-        value = msgpack.packb(record, use_bin_type=True)
+        try:
+            return msgpack.packb(record, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+            raise DataError(f"{self.kind} record {index} ({record.get('name') or record.get('file_name')!r}) "
+                            f"cannot be stored: {exc}") from None
+
+    def _add(self, index: int, value: bytes) -> None:
         if self._in_order and index == self._next:
             self._sha.update(value)
             self._next += 1
@@ -181,11 +195,16 @@ class LmdbWriter:
             self._flush()
 
     def consume(self, record: dict[str, Any] | None, rejections: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
-        """Account for one source item: its record (None when rejected) and its rejections."""
+        """Account for one source item: its record (None when rejected) and its rejections.
+
+        The item counts as done only together with its record: when the record cannot be stored
+        (DataError), nothing of the item is kept, so a resumed write reads it again.
+        """
+        value = None if record is None else self._pack(self._next, record)
         self.rejections.extend(rejections)
         self.items_done += 1
-        if record is not None:
-            self.put(self._next, record)
+        if value is not None:
+            self._add(self._next, value)
         elif self.items_done - self._saved_items >= self.batch_records:
             self._flush()
 

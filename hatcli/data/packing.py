@@ -11,7 +11,10 @@ and hands the outcomes in source order to a resumable `LmdbWriter`:
   and the options, so a continued run only ever resumes the *same* pack;
 - rejections (bad images, bad annotations, ...) are skipped and listed in
   ``<db>.rejected.jsonl`` next to the database; with ``strict`` the first one stops the pack
-  with a DataError and the partial database is removed.
+  with a DataError and the partial database is removed;
+- the database is locked (`hatcli.locking`) for the whole pack, so two packs never write it at once.
+
+What a packer may read, and how much, is `hatcli.data.source_files.SourceReader`'s job.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import Any
 
 from hatcli.atomic import atomic_write_text
 from hatcli.data.lmdb_writer import LmdbWriter
+from hatcli.data.source_files import display_name
 from hatcli.errors import DataError, Interrupted, UsageError
+from hatcli.locking import exclusive, lock_file_for
 from hatcli.family import PackResult
 
-IMAGE_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 CHUNK_ITEMS = 64
 
 
@@ -45,8 +49,12 @@ class Outcome:
 
 
 def rejection(source: str | Path, reason: str, **details: Any) -> dict[str, Any]:
-    """A rejected-record entry: the path (or annotation) that was skipped and why."""
-    return {"source": str(source), "reason": reason, **details}
+    """A rejected-record entry: the path (or annotation) that was skipped and why.
+
+    The source is text (`display_name`: bytes of a file name that are not UTF-8 appear as
+    ``\\xNN``), so the list stays valid UTF-8 JSON.
+    """
+    return {"source": display_name(source), "reason": reason, **details}
 
 
 @dataclass
@@ -60,41 +68,12 @@ class PackSummary:
     resumed_items: int
     seconds: float
     items: int
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def items_per_s(self) -> float:
         """Source items read per second in this run (resumed items excluded)."""
         return (self.items - self.resumed_items) / max(self.seconds, 1e-9)
-
-
-def check_image(data: bytes) -> tuple[str | None, tuple[int, int] | None]:
-    """Validate encoded image bytes the way the readers will decode them.
-
-    Returns ``(reason, None)`` for a bad image (empty, not JPEG/PNG, truncated, undecodable) and
-    ``(None, (height, width))`` for a good one.
-    """
-    if not data:
-        return "empty file", None
-    if not any(data.startswith(magic) for magic in IMAGE_MAGIC):
-        return "not a JPEG or PNG file", None
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        return f"cannot decode the image (truncated or corrupt): {detail[-160:]}", None
-    return None, (int(image.shape[-2]), int(image.shape[-1]))
-
-
-def read_file(path: str | Path) -> tuple[bytes | None, str | None]:
-    """Read a whole file; return ``(data, None)`` or ``(None, reason)`` when it cannot be read."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(), None
-    except OSError as exc:
-        return None, f"cannot read the file: {exc.strerror or exc}"
 
 
 def check_split_name(split: str) -> str:
@@ -176,6 +155,11 @@ def _outcomes(read: Callable[[Any], Outcome], items: Sequence[Any], workers: int
         pool.join()
 
 
+def _strict_stop(source: str, reason: str) -> DataError:
+    return DataError(f"{source}: {reason} (--strict: stopped, no database written; "
+                     f"fix the source or drop --strict to skip bad records)")
+
+
 def run_pack(
     *,
     db: Path,
@@ -188,6 +172,7 @@ def run_pack(
     workers: int = 0,
     strict: bool = False,
     listing_rejections: list[dict[str, Any]] | None = None,
+    warnings: list[tuple[str, str]] | None = None,
     extra_meta: dict[str, Any] | None = None,
     description: str | None = None,
     on_item: Callable[[int], None] | None = None,
@@ -195,18 +180,43 @@ def run_pack(
     """Pack `items` into the database `db`, resuming an interrupted run of the same pack.
 
     `listing_rejections` are problems found while listing the source (bad annotations, unsafe
-    file names); they are reported like the rest. `on_item(items_done)` is called after every
-    item (progress hooks, tests that interrupt a pack).
+    file names); they are reported like the rest. `warnings` are ``(where, what)`` problems that
+    do not lose a record (an empty class folder): reported in the summary, errors under `strict`.
+    `on_item(items_done)` is called after every item (progress hooks, tests that interrupt a
+    pack). The database is locked for the whole pack: a second pack into it stops at once with
+    `hatcli.locking.LockedError`.
     """
-    from hatcli.progress import console, make_progress
-
     listing_rejections = list(listing_rejections or [])
+    warnings = list(warnings or [])
     if strict and listing_rejections:
-        first = listing_rejections[0]
-        raise DataError(f"{first['source']}: {first['reason']} (--strict: nothing was packed; "
-                        f"fix the source or drop --strict to skip bad records)")
+        raise _strict_stop(listing_rejections[0]["source"], listing_rejections[0]["reason"])
+    if strict and warnings:
+        raise _strict_stop(*warnings[0])
     workers = resolve_workers(workers, len(items))
     tic = time.perf_counter()
+    with exclusive(lock_file_for(db), db):
+        writer = _write(db, kind, split, classes, items, read, source_fingerprint, workers, strict,
+                        extra_meta, description, on_item)
+        all_rejections = listing_rejections + writer.rejections
+        listed = rejected_path(db)
+        if all_rejections:
+            atomic_write_text(listed, "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_rejections))
+        elif listed.exists():
+            listed.unlink()  # from an earlier pack of a source that has since been fixed
+    return PackSummary(path=db, count=writer.count, rejected=len(all_rejections),
+                       rejected_file=listed if all_rejections else None, resumed_items=writer.resumed_items,
+                       seconds=time.perf_counter() - tic, items=len(items),
+                       warnings=[f"{where}: {what}" for where, what in warnings])
+
+
+def _write(
+    db: Path, kind: str, split: str, classes: list[str], items: Sequence[Any], read: Callable[[Any], Outcome],
+    source_fingerprint: str, workers: int, strict: bool, extra_meta: dict[str, Any] | None,
+    description: str | None, on_item: Callable[[int], None] | None,
+) -> LmdbWriter:
+    """The write loop of `run_pack`: outcomes in source order into a resumable writer."""
+    from hatcli.progress import console, make_progress
+
     writer = LmdbWriter(db, kind, split, classes, extra_meta=extra_meta, fingerprint=source_fingerprint)
     with writer:
         start = writer.items_done
@@ -219,8 +229,7 @@ def run_pack(
                     if strict and outcome.rejections:
                         bad = outcome.rejections[0]
                         writer.discard()
-                        raise DataError(f"{bad['source']}: {bad['reason']} (--strict: stopped, no database "
-                                        f"written; fix the source or drop --strict to skip bad records)")
+                        raise _strict_stop(bad["source"], bad["reason"])
                     writer.consume(outcome.record, outcome.rejections)
                     progress.advance(bar)
                     if on_item is not None:
@@ -230,15 +239,7 @@ def run_pack(
                 f"pack interrupted after {writer.items_done} of {len(items)} items; "
                 f"run the same command again to continue"
             ) from None
-    all_rejections = listing_rejections + writer.rejections
-    listed = rejected_path(db)
-    if all_rejections:
-        atomic_write_text(listed, "".join(json.dumps(r, sort_keys=True) + "\n" for r in all_rejections))
-    elif listed.exists():
-        listed.unlink()  # from an earlier pack of a source that has since been fixed
-    return PackSummary(path=db, count=writer.count, rejected=len(all_rejections),
-                       rejected_file=listed if all_rejections else None, resumed_items=writer.resumed_items,
-                       seconds=time.perf_counter() - tic, items=len(items))
+    return writer
 
 
 def add_summary(result: PackResult, summary: PackSummary) -> None:
@@ -251,3 +252,4 @@ def add_summary(result: PackResult, summary: PackSummary) -> None:
     if summary.rejected:
         line += f"; {summary.rejected} rejected, listed in {summary.rejected_file}"
     result.notes.append(line)
+    result.warnings.extend(summary.warnings)

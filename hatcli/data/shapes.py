@@ -24,6 +24,7 @@ from hatcli.data.packers.imagenet import pack_imagenet_split
 from hatcli.data.packing import add_summary
 from hatcli.errors import UsageError
 from hatcli.family import PackRequest, PackResult
+from hatcli.locking import exclusive, lock_file_for
 from hatcli.progress import track
 
 CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
@@ -273,18 +274,19 @@ def pack_shapes(request: PackRequest) -> PackResult:
         raise UsageError(f"unknown split `{request.split}` for shapes: use all, train or val")
     num_images = DEFAULT_NUM_IMAGES if request.num_images is None else request.num_images
     root = Path(request.target_data_dir)
-    generate_shapes(root, request.task, num_images, request.seed, request.image_size)
-    extra = {"source": "shapes", "seed": request.seed, "image_size": request.image_size}
-    splits = ["train", "val"] if request.split == "all" else [request.split]
-    result = PackResult(notes=[f"raw images in {root / 'raw'}"])
-    for split in splits:
-        if request.task == "classification":
-            summary, _ignored = pack_imagenet_split(root / "raw", root, split, workers=request.workers,
-                                                    strict=request.strict, extra_meta=extra)
-        else:
-            summary = pack_coco_split(
-                root / "raw" / "annotations" / f"instances_{split}2017.json", root / "raw" / f"{split}2017",
-                root, split, workers=request.workers, strict=request.strict, extra_meta=extra,
-            )
-        add_summary(result, summary)
+    with exclusive(lock_file_for(root / "raw"), root / "raw"):  # one generator of raw/ at a time
+        generate_shapes(root, request.task, num_images, request.seed, request.image_size)
+        extra = {"source": "shapes", "seed": request.seed, "image_size": request.image_size}
+        splits = ["train", "val"] if request.split == "all" else [request.split]
+        result = PackResult(notes=[f"raw images in {root / 'raw'}"])
+        for split in splits:
+            if request.task == "classification":
+                summary, _ignored = pack_imagenet_split(root / "raw", root, split, workers=request.workers,
+                                                        strict=request.strict, extra_meta=extra, request=request)
+            else:
+                summary = pack_coco_split(
+                    root / "raw" / "annotations" / f"instances_{split}2017.json", root / "raw" / f"{split}2017",
+                    root, split, workers=request.workers, strict=request.strict, extra_meta=extra, request=request,
+                )
+            add_summary(result, summary)
     return result

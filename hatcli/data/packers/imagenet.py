@@ -9,7 +9,9 @@ decoded are rejected.
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,13 @@ from hatcli.data.packing import (
     Outcome,
     PackSummary,
     add_summary,
-    check_image,
     db_path,
     file_signature,
     fingerprint,
-    read_file,
     rejection,
     run_pack,
 )
+from hatcli.data.source_files import SourceReader, display_name, name_fields, symlink_problem
 from hatcli.errors import DataError, UsageError
 from hatcli.family import PackRequest, PackResult
 
@@ -48,56 +49,88 @@ def split_folder(src: Path, split: str) -> Path:
     raise UsageError(f"no `{split}` folder in {src} (it holds {found}); expected {src}/{split}/<class>/<image>")
 
 
-def list_images(folder: Path) -> tuple[list[str], list[Item], list[list[Any]], int]:
-    """Classes, items, their file signatures, and the number of ignored non-image files."""
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    if not classes:
+@dataclass
+class Listing:
+    """What `list_images` found in a split folder."""
+
+    classes: list[str]
+    """Class names in label order (sorted folder names, shown as text: see `display_name`)."""
+    items: list[Item]
+    signatures: list[list[Any]]
+    ignored: int
+    """Entries skipped because they are not image files."""
+    empty: list[tuple[str, str]] = field(default_factory=list)
+    """``(class folder, warning)`` for each class folder without images."""
+
+
+def _class_folders(folder: Path, follow_symlinks: bool) -> list[os.DirEntry[str]]:
+    """The class sub-folders of `folder` in sorted order; DataError for one that symlinks out of it."""
+    root = os.path.realpath(folder)
+    entries = sorted((e for e in os.scandir(folder) if e.is_dir()), key=lambda e: e.name)
+    for entry in entries:
+        problem = None if follow_symlinks or not entry.is_symlink() else symlink_problem(entry.path, root)
+        if problem is not None:
+            raise DataError(f"class folder {display_name(entry.path)}: {problem} (or copy the class into the folder)")
+    return entries
+
+
+def list_images(folder: Path, follow_symlinks: bool = False) -> Listing:
+    """Classes, items and their file signatures, ignored non-image files and empty class folders."""
+    class_entries = _class_folders(folder, follow_symlinks)
+    if not class_entries:
         raise DataError(f"{folder} has no class folders (expected {folder}/<class>/<image>.jpg)")
-    items: list[Item] = []
-    signatures: list[list[Any]] = []
-    ignored = 0
-    for label, name in enumerate(classes):
-        entries = sorted(os.scandir(folder / name), key=lambda e: e.name)
-        for entry in entries:
+    listing = Listing(classes=[display_name(e.name) for e in class_entries], items=[], signatures=[], ignored=0)
+    for label, class_entry in enumerate(class_entries):
+        name = class_entry.name
+        before = len(listing.items)
+        for entry in sorted(os.scandir(class_entry.path), key=lambda e: e.name):
             if not entry.name.lower().endswith(IMAGE_SUFFIXES) or entry.is_dir():
-                ignored += 1
+                listing.ignored += 1
                 continue
-            items.append((entry.path, label, f"{name}/{entry.name}"))
-            signatures.append([f"{name}/{entry.name}", *file_signature(Path(entry.path))])
-    if not items:
+            listing.items.append((entry.path, label, f"{name}/{entry.name}"))
+            listing.signatures.append([f"{name}/{entry.name}", *file_signature(Path(entry.path))])
+        if len(listing.items) == before:
+            listing.empty.append((f"class folder {display_name(class_entry.path)}",
+                                  f"holds no {'/'.join(IMAGE_SUFFIXES)} images: class "
+                                  f"`{listing.classes[label]}` (label {label}) gets no records"))
+    if not listing.items:
         raise DataError(f"{folder} has class folders but no {'/'.join(IMAGE_SUFFIXES)} images in them")
-    return classes, items, signatures, ignored
+    return listing
 
 
-def read_item(item: Item) -> Outcome:
+def read_item(item: Item, source: SourceReader) -> Outcome:
     """Read and validate one image file (runs in the pack workers)."""
     path, label, name = item
-    data, reason = read_file(path)
+    data, reason = source.read(path)
     if data is not None:
-        reason, _size = check_image(data)
+        reason, _size = source.check_image(data)
     if reason is not None:
         return Outcome(None, [rejection(path, reason)])
-    return Outcome({"image": data, "label": label, "name": name})
+    return Outcome({"image": data, "label": label, **name_fields(name)})
 
 
 def pack_imagenet_split(
     src: Path, target_data_dir: Path, split: str, *, workers: int = 0, strict: bool = False,
-    extra_meta: dict[str, Any] | None = None, on_item: Any = None,
+    extra_meta: dict[str, Any] | None = None, on_item: Any = None, request: PackRequest | None = None,
 ) -> tuple[PackSummary, int]:
     """Pack one split of a class-per-folder tree into ``target/<split>_lmdb``.
 
-    Returns the summary and the number of ignored (non-image) files.
+    `request` gives the read limits and ``follow_symlinks`` (the defaults without one). Returns
+    the summary and the number of ignored (non-image) files.
     """
     folder = split_folder(src, split)
-    classes, items, signatures, ignored = list_images(folder)
-    digest = fingerprint("imagenet", FORMAT_REVISION, split, classes, signatures, extra_meta)
+    source = SourceReader.for_folder(folder, request)
+    listing = list_images(folder, source.follow_symlinks)
+    digest = fingerprint("imagenet", FORMAT_REVISION, split, listing.classes, listing.signatures, extra_meta,
+                         source.options())
     meta = {"source": "imagenet", **(extra_meta or {})}
     summary = run_pack(
-        db=db_path(target_data_dir, split), kind="classification", split=split, classes=classes,
-        items=items, read=read_item, source_fingerprint=digest, workers=workers, strict=strict,
-        extra_meta=meta, description=f"pack {split}", on_item=on_item,
+        db=db_path(target_data_dir, split), kind="classification", split=split, classes=listing.classes,
+        items=listing.items, read=functools.partial(read_item, source=source), source_fingerprint=digest,
+        workers=workers, strict=strict, warnings=listing.empty, extra_meta=meta, description=f"pack {split}",
+        on_item=on_item,
     )
-    return summary, ignored
+    return summary, listing.ignored
 
 
 def splits_to_pack(src: Path, split: str) -> list[str]:
@@ -117,7 +150,7 @@ def run(request: PackRequest) -> PackResult:
     result = PackResult()
     for split in splits_to_pack(request.src_data_dir, request.split):
         summary, ignored = pack_imagenet_split(request.src_data_dir, request.target_data_dir, split,
-                                               workers=request.workers, strict=request.strict)
+                                               workers=request.workers, strict=request.strict, request=request)
         add_summary(result, summary)
         if ignored:
             result.notes.append(f"{split}: ignored {ignored} entries that are not {'/'.join(IMAGE_SUFFIXES)} files")
