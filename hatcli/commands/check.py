@@ -49,9 +49,10 @@ def check(
     from hatcli.quant.march import list_marches as all_marches
     from hatcli.quant.march import load_march
 
+    profile = load_march(march) if march is not None else None  # a bad --march is reported first
     if list_marches:
-        if march is not None:
-            _show_march(load_march(march), json_out)
+        if profile is not None:
+            _show_march(profile, json_out)
             return
         profiles = all_marches()
         if json_out:
@@ -71,8 +72,6 @@ def check(
         raise UsageError("--batches applies to --sensitivity")
     from hatcli.deploy.check import check_model
 
-    if march is not None:
-        load_march(march)  # a bad --march is reported before the model is looked for
     onnx_path, lr = resolve_onnx(recipe, model, overrides)
     profile = load_march(march_name(march, lr))
     report = check_model(onnx_path, profile)
