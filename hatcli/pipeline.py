@@ -2,7 +2,9 @@
 
 pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy.
 Each row of the summary says what the stage measured, how long it took (0 when reused) and
-where its files are.
+where its files are; each stage also prints one line as it ends. A training stage that an
+earlier run left unfinished (Ctrl-C, `kill -9`) with the same settings is resumed from its
+`checkpoint-last.pt`, so running the same command again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from hatcli.atomic import atomic_write_json
 from hatcli.errors import DataError
-from hatcli.progress import console
+from hatcli.progress import console, print_line
 from hatcli.recipe import LoadedRecipe
 
 
@@ -62,8 +64,14 @@ def _stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
         reused = True
     else:
         console.rule(f"[bold]{stage}")
-        record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat,
-                  "int_infer": stages.evaluate_int_infer}[stage](lr)
+        if not force and stages.can_resume(lr, stage):
+            done = stages.read_stage_record(lr, stage)
+            print_line(f"{stage}: resuming the unfinished run from {stages.stage_dir(lr, stage) / 'checkpoint-last.pt'} "
+                       f"(epoch {done.get('epochs')}/{done.get('epochs_planned')} done)")
+            record = {"float": stages.train_float, "qat": stages.train_qat}[stage](lr, resume=True)
+        else:
+            record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat,
+                      "int_infer": stages.evaluate_int_infer}[stage](lr)
         reused = False
     return StageRow(stage, _metric_text(record["metrics"]), 0.0 if reused else record["seconds"],
                     record["artifacts"][:1], reused, record["metrics"])
@@ -131,21 +139,28 @@ def _deploy_eval(lr: LoadedRecipe, artifact: Path) -> StageRow:
     return StageRow("deploy", _metric_text(metrics), time.perf_counter() - tic, [str(artifact)], values=metrics)
 
 
+def _reported(row: StageRow) -> StageRow:
+    """Print the one line that says how a stage ended (also in a log file, where no bar is drawn)."""
+    when = "up to date, reused" if row.reused else f"{row.seconds:.1f} s"
+    print_line(f"{row.stage} done: {row.metric} ({when})")
+    return row
+
+
 def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
     """Run every stage of the recipe in order; return one summary row per stage."""
-    rows = [_pack(lr)]
+    rows = [_reported(_pack(lr))]
     for stage in ("float", "calibration", "qat"):
         if stage == "qat" and not lr.recipe.qat.enabled:
             continue
-        row = _stage(lr, stage, force)
+        row = _reported(_stage(lr, stage, force))
         force = force or not row.reused  # everything after a re-run stage is re-run too
         rows.append(row)
-    rows.append(_stage(lr, "int_infer", force))
-    rows.append(_export(lr, force))
-    rows.append(_check(lr))
+    rows.append(_reported(_stage(lr, "int_infer", force)))
+    rows.append(_reported(_export(lr, force)))
+    rows.append(_reported(_check(lr)))
     compile_row, artifact = _compile(lr, force)
-    rows.append(compile_row)
-    rows.append(_perf(lr, artifact))
-    rows.append(_deploy_eval(lr, artifact))
+    rows.append(_reported(compile_row))
+    rows.append(_reported(_perf(lr, artifact)))
+    rows.append(_reported(_deploy_eval(lr, artifact)))
     atomic_write_json(lr.run_dir / "summary.json", [asdict(r) for r in rows])
     return rows

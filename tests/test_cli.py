@@ -24,6 +24,13 @@ def test_every_command_has_help_with_an_example(hat, command):
     assert "hat " in result.out
 
 
+@pytest.mark.parametrize("command", ["", *COMMANDS, "recipe validate", "pack verify"])
+def test_flags_show_no_value_placeholder_in_help(hat, command):
+    result = hat(*command.split(), "--help")
+    assert result.code == 0, result.err
+    assert "<bool>" not in result.out  # --json, --resume/--no-resume, --help take no value
+
+
 def test_version(hat):
     result = hat("--version")
     assert result.code == 0 and result.out.startswith("hat ")

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json
+from hatcli.errors import Interrupted
 from hatcli.progress import stdout
 
 EXAMPLES = """
@@ -26,11 +27,19 @@ def run(
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pack, train float, calibrate, QAT, evaluate the integer model, export, check, compile, perf."""
+    """Pack, train float, calibrate, QAT, evaluate the integer model, export, check, compile, perf.
+
+    Stages that are up to date are reused; one that an interrupted run left unfinished resumes.
+    """
     from hatcli.pipeline import run_pipeline
 
     lr = load(recipe, overrides)
-    rows = run_pipeline(lr, force=force)
+    try:
+        rows = run_pipeline(lr, force=force)
+    except Interrupted as exc:  # a training stage saved its progress: say how `hat run` goes on
+        again = "run the same command without --force" if force else "run the same command"
+        exc.hint = f"{again} to continue (`hat run` resumes the unfinished stage from its last checkpoint)"
+        raise
     if json_out:
         print_json([asdict(r) for r in rows])
         return

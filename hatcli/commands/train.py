@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json, print_metrics
-from hatcli.errors import HatError, UsageError
+from hatcli.errors import HatError, Interrupted, UsageError
 
 EXAMPLES = """
 Examples:
@@ -89,15 +90,32 @@ def train(
         _run_auto_int16(recipe, lr, stage, auto_int16, max_drop, write_recipe, sensitivity_batches, from_path,
                         overrides, json_out, nproc_per_node, nnodes)
         return
-    if (nproc_per_node > 1 or nnodes != "1") and "LOCAL_RANK" not in os.environ:
-        from hatcli.engine.distributed import run_launcher
+    try:
+        if (nproc_per_node > 1 or nnodes != "1") and "LOCAL_RANK" not in os.environ:
+            from hatcli.engine.distributed import run_launcher
 
-        outcome = run_launcher(nproc_per_node, _worker_argv(recipe, stage, resume, from_path, overrides, json_out),
-                               nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
-        if outcome.returncode != 0:
-            raise HatError(outcome.message())
-        return
+            outcome = run_launcher(nproc_per_node, _worker_argv(recipe, stage, resume, from_path, overrides, json_out),
+                                   nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+            if outcome.returncode != 0:
+                raise HatError(outcome.message())
+            return
+        _train_here(lr, stage, resume, from_path, json_out)
+    except KeyboardInterrupt as exc:
+        if stage == "calibration":
+            raise  # nothing to continue: calibration starts again (the CLI says so)
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted(f"{stage}: interrupted")
+        interrupted.hint = f"continue with `{_resume_command(recipe, stage, overrides)}`"
+        raise interrupted from None
 
+
+def _resume_command(recipe: Path, stage: str, overrides: list[str] | None) -> str:
+    """The `hat train` command that continues this stage (with the same --set, so the settings match)."""
+    sets = [part for item in overrides or [] for part in ("--set", item)]
+    return shlex.join(["hat", "train", str(recipe), "--stage", stage, *sets, "--resume"])
+
+
+def _train_here(lr: object, stage: str, resume: bool, from_path: Path | None, json_out: bool) -> None:
+    """Train `stage` in this process (one rank of a distributed run, or the only one)."""
     from hatcli.engine import distributed, stages
 
     info = distributed.init_from_env(getattr(lr.recipe, "device", "auto"))

@@ -10,8 +10,8 @@ in list order at each point:
     on_epoch_end(trainer, record)      record: the epoch's line of metrics.jsonl (add keys to it)
     on_train_end(trainer)
 
-Built-in: `EmaUpdate`, `ProgressBar`, `Validation`, `LrLogger`, `MetricLogger`, `Checkpointer`,
-`TensorBoardLogger`. A plugin adds its own through the `register_callbacks` hook, and a recipe
+Built-in: `EmaUpdate`, `ProgressBar`, `Validation`, `LrLogger`, `EpochLine`, `MetricLogger`,
+`Checkpointer`, `TensorBoardLogger`. A plugin adds its own through the `register_callbacks` hook, and a recipe
 switches it on with ``callbacks = [{name = "...", ...}]`` in the stage's table. Callbacks that
 write files do so on rank 0 only.
 """
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hatcli.errors import RecipeError
+from hatcli.errors import RecipeError, warn
 from hatcli.registry import closest
 
 if TYPE_CHECKING:
@@ -62,23 +62,30 @@ class EmaUpdate(Callback):
 
 
 class ProgressBar(Callback):
-    """A rich bar over all steps of the stage: epoch, loss, lr, images/s, ETA (rank 0 only)."""
+    """On a terminal, a rich bar over all steps of the stage: epoch, loss, lr, images/s, ETA.
+    Elsewhere (a log file, CI) no bar: a plain line every `STEP_LINE_EVERY_S` within a long epoch
+    (`EpochLine` prints one per epoch). Rank 0 only. Puts `images_per_s` in each epoch's record."""
+
+    STEP_LINE_EVERY_S = 300.0
 
     def __init__(self) -> None:
         self.progress: Any = None
         self.task: Any = None
         self.tic = 0.0
         self.seen = 0
+        self.last_line = 0.0
 
     def on_train_begin(self, trainer: Trainer) -> None:
         """Start the bar at the step the run (re)starts from."""
         from rich.progress import TextColumn
 
-        from hatcli.progress import make_progress
+        from hatcli.progress import WRAP, is_interactive, make_progress
 
-        if not trainer.dist.is_main:
+        self.last_line = time.monotonic()
+        if not trainer.dist.is_main or not is_interactive():
             return
-        columns = TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.0f} img/s")
+        columns = TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[rate]:.0f} img/s",
+                             table_column=WRAP)
         self.progress = make_progress(columns)
         self.progress.start()
         self.task = self.progress.add_task(trainer.spec.stage, total=trainer.total_steps, completed=trainer.step,
@@ -91,14 +98,22 @@ class ProgressBar(Callback):
             self.progress.update(self.task, description=f"{trainer.spec.stage} epoch {trainer.epoch + 1}/{trainer.spec.epochs}")
 
     def on_step_end(self, trainer: Trainer, loss: float) -> None:
-        """Advance by one step."""
+        """Advance by one step (off a terminal: a line now and then within a long epoch)."""
         self.seen += trainer.last_batch_size * trainer.dist.world_size
+        rate = self.seen / max(1e-9, time.perf_counter() - self.tic)
         if self.progress is not None:
-            rate = self.seen / max(1e-9, time.perf_counter() - self.tic)
             self.progress.update(self.task, advance=1, loss=loss, lr=trainer.lr, rate=rate)
+        elif trainer.dist.is_main and time.monotonic() - self.last_line >= self.STEP_LINE_EVERY_S:
+            from hatcli.progress import print_line
+
+            self.last_line = time.monotonic()
+            print_line(f"{trainer.spec.stage} epoch {trainer.epoch + 1}/{trainer.spec.epochs}  "
+                       f"step {trainer.batch_in_epoch}/{trainer.steps_per_epoch}  loss {loss:.4f}  "
+                       f"lr {trainer.lr:.2e}  {rate:,.0f} img/s")
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """Record the epoch's training throughput."""
+        self.last_line = time.monotonic()
         record["images_per_s"] = self.seen / max(1e-9, time.perf_counter() - self.tic)
 
     def on_train_end(self, trainer: Trainer) -> None:
@@ -110,6 +125,42 @@ class ProgressBar(Callback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class EpochLine(Callback):
+    """One plain line per epoch on stderr, with every number of its record (rank 0): the stage,
+    epoch N/M, loss, the validation metrics, lr, images/s, the time elapsed and the ETA of the
+    stage. Runs after the callbacks that fill the record, so a plugin's numbers are on it too."""
+
+    SHOWN_ELSEWHERE = ("epoch", "step", "loss", "lr", "images_per_s")
+
+    def __init__(self) -> None:
+        self.tic = 0.0
+        self.first_step = 0
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Start the clock at the step the run (re)starts from."""
+        self.tic, self.first_step = time.perf_counter(), trainer.step
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """Print the epoch's line."""
+        from hatcli.progress import duration, print_line
+
+        if not trainer.dist.is_main:
+            return
+        elapsed = time.perf_counter() - self.tic
+        done = trainer.step - self.first_step
+        eta = elapsed / done * (trainer.total_steps - trainer.step) if done else None
+        parts = [f"{trainer.spec.stage} epoch {trainer.epoch}/{trainer.spec.epochs}", f"loss {record['loss']:.4f}"]
+        for key, value in record.items():
+            if key not in self.SHOWN_ELSEWHERE and isinstance(value, (int, float)) and not isinstance(value, bool):
+                parts.append(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.2f}")
+        if "lr" in record:
+            parts.append(f"lr {record['lr']:.2e}")
+        if "images_per_s" in record:
+            parts.append(f"{record['images_per_s']:,.0f} img/s")
+        parts += [f"elapsed {duration(elapsed)}", f"ETA {duration(eta)}"]
+        print_line("  ".join(parts))
 
 
 class Validation(Callback):
@@ -181,9 +232,13 @@ class Checkpointer(Callback):
 class TensorBoardLogger(Callback):
     """Loss and LR every `every_steps` steps and each epoch's record as TensorBoard scalars.
 
-    Needs the optional `tensorboard` package; without it this callback does nothing (hat
-    trains the same either way). Events go to ``<stage dir>/tensorboard`` on rank 0.
+    Needs the optional `tensorboard` package (``pip install 'hatcli[tensorboard]'``); without
+    it this callback writes nothing and says so once (hat trains the same either way). Events
+    go to ``<stage dir>/tensorboard`` on rank 0.
     """
+
+    NOT_INSTALLED = ("TensorBoard event files are off: the `tensorboard` package is not installed "
+                     "(`pip install 'hatcli[tensorboard]'` turns them on)")
 
     def __init__(self, log_dir: Path, every_steps: int = 10) -> None:
         self.log_dir = Path(log_dir)
@@ -198,8 +253,12 @@ class TensorBoardLogger(Callback):
         return importlib.util.find_spec("tensorboard") is not None
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        """Open the event writer."""
-        if trainer.dist.is_main and self.available():
+        """Open the event writer (or say that there is none)."""
+        if not trainer.dist.is_main:
+            return
+        if not self.available():
+            warn(self.NOT_INSTALLED)
+        else:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step or None)
@@ -257,8 +316,9 @@ def default_callbacks(out_dir: Path, val_every: int, checkpoint_every_steps: int
                       extra: list[Callback] | None = None) -> list[Callback]:
     """The callbacks of a training stage, in calling order: the built-in ones that produce numbers
     (EMA, progress, validation, LR), then `extra` (plugins'), then the ones that write them down
-    (metrics.jsonl, TensorBoard, checkpoints), so a plugin's additions to a record are logged too."""
-    return [EmaUpdate(), ProgressBar(), Validation(val_every), LrLogger(), *(extra or []),
+    (the epoch's line, metrics.jsonl, TensorBoard, checkpoints), so a plugin's additions to a
+    record are logged too."""
+    return [EmaUpdate(), ProgressBar(), Validation(val_every), LrLogger(), *(extra or []), EpochLine(),
             MetricLogger(out_dir / "metrics.jsonl"), TensorBoardLogger(out_dir / "tensorboard"),
             Checkpointer(checkpoint_every_steps)]
 

@@ -63,14 +63,15 @@ class TrainSpec:
 
 
 def evaluate(model: Callable, loader: Any, family: ModelFamily, description: str = "eval",
-             config: FamilyConfig | None = None) -> dict[str, float]:
+             config: FamilyConfig | None = None, transient: bool = False) -> dict[str, float]:
     """Run `model` over `loader` and return the family's metrics (percentages), merged across ranks.
 
     `config` is the recipe's `[model]` table, for families whose decoding depends on it.
+    `transient`: the progress leaves nothing behind (validation, whose numbers the epoch's line shows).
     """
     metric = family.build_metric(getattr(loader, "dataset", None), config)
     info = distributed.current()
-    with torch.no_grad(), make_progress() as progress:
+    with torch.no_grad(), make_progress(transient=transient) as progress:
         task = progress.add_task(description, total=len(loader), visible=info.is_main)  # type: ignore[arg-type]
         for images, targets in loader:
             metric.update(model(images), targets)
@@ -233,7 +234,7 @@ class Trainer:
         model = self.eval_model()
         self._mode(model, False)
         self.metrics = evaluate(model, self.val_loader, self.family, description=f"{self.spec.stage} val",
-                                config=self.spec.model_config)
+                                config=self.spec.model_config, transient=True)
         self._mode(self.raw_model, True)
         return self.metrics
 
@@ -263,7 +264,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to `spec.epochs` (continuing from `checkpoint-last.pt` with `resume`); return a summary.
 
-        Ctrl-C saves `checkpoint-last.pt` at the step reached before it propagates.
+        Ctrl-C saves `checkpoint-last.pt` at the step reached, then propagates as `Interrupted` (a
+        KeyboardInterrupt) naming the step and the file.
         """
         if resume and self.last_path.exists():
             self.restore(self.last_path)
@@ -296,8 +298,8 @@ class Trainer:
         except KeyboardInterrupt:
             self._close_progress()
             self.save(self.last_path)
-            raise Interrupted(f"{self.spec.stage}: interrupted at step {self.step} (epoch {self.epoch + 1}); "
-                              f"saved {self.last_path}; continue with `--resume`") from None
+            raise Interrupted(f"{self.spec.stage}: interrupted at step {self.step} (epoch {self.epoch + 1} of "
+                              f"{self.spec.epochs}); saved {self.last_path}") from None
         except BaseException:
             self._close_progress()
             raise
