@@ -128,6 +128,10 @@ def test_stages_built_on_an_unfinished_stage_say_so_and_how_to_finish_it(hat, tm
         stages.train_qat(lr)
     evaluated = hat("eval", path, "--stage", "float")
     assert evaluated.code == 0 and "the float stage is unfinished (epoch 1/2)" in evaluated.err
+    exported = hat("export", path)
+    assert exported.code == 0 and "warning: the integer model uses an unfinished stage" in exported.err
+    compiled = hat("compile", path, "--march", "nash_e")
+    assert compiled.code == 0 and "warning: the compiled artifact uses an unfinished stage" in compiled.err
 
     assert hat("train", path, "--stage", "float", "--resume").code == 0
     assert stages.read_stage_record(lr, "float")["finished"] is True

@@ -25,7 +25,7 @@ def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Pat
     """Compile the recipe's exported model for `march` at `opt` into `out_dir`."""
     from hatcli.deploy.compile import compile_model
     from hatcli.deploy.runtime import read_manifest
-    from hatcli.engine.stages import default_export_dir
+    from hatcli.engine.stages import default_export_dir, quant_source, warn_unfinished
 
     export_dir = default_export_dir(lr)
     onnx_path = export_dir / "model.onnx"
@@ -36,6 +36,7 @@ def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Pat
     if missing:
         raise ArtifactError(f"{export_dir / 'manifest.json'}: no {', '.join(f'`{k}`' for k in missing)}; "
                             f"export again with `hat export {lr.path}`")
+    warn_unfinished(lr, manifest.get("source_stage") or quant_source(lr), "the compiled artifact")
     spec = dict(manifest["input"])
     spec["shape"] = [1, *spec["shape"][1:]]
     extra = {"task": lr.recipe.task, "family": lr.family.name, "classes": manifest["classes"],
