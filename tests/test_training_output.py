@@ -8,6 +8,7 @@ TensorBoard is an optional extra, and training says once when its event files ar
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -15,7 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.progress import TextColumn
 
+from hatcli import progress
 from hatcli.engine.callbacks import TensorBoardLogger
 from hatcli.progress import LineProgress, track
 
@@ -51,6 +55,19 @@ def test_progress_off_a_terminal_is_one_uncut_line_at_the_end_and_no_bar(capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{description}  601/601  ")
     assert "elapsed 0:00:0" in err and not _has_bar_or_cut(err)
+
+
+def test_bars_on_a_narrow_terminal_wrap_instead_of_being_cut(monkeypatch):
+    terminal = Console(file=io.StringIO(), width=60, force_terminal=True, color_system=None)
+    monkeypatch.setattr(progress, "console", terminal)
+    bar = progress.make_progress(TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} 908 img/s",
+                                            table_column=progress.WRAP))
+    bar.add_task("float epoch 12/14", total=1316, completed=127, loss=1.2345, lr=0.05)
+    terminal.print(bar.make_tasks_table(bar.tasks))
+    text = terminal.file.getvalue()
+    assert "…" not in text
+    words = "float epoch 12/14 127/1316 loss 1.2345 lr 5.00e-02 908 img/s 0:00:00".split()
+    assert set(words) <= set(text.split()), text  # every word whole, some on a second line
 
 
 def test_a_long_task_off_a_terminal_prints_a_line_now_and_then_with_its_eta(capsys):
