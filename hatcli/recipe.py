@@ -9,23 +9,27 @@ file, the dotted key, the line where known and the closest valid key.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
 from hatcli.errors import RecipeError
 from hatcli.family import FamilyConfig, ModelFamily
+from hatcli.recipe_checks import check_plain_values, check_registered_names
 from hatcli.recipe_schema import Recipe
 from hatcli.registry import closest
 
 SET_SOURCE = "--set"
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -78,18 +82,49 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 # -- reading and merging -------------------------------------------------------------------
 
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a few kilobytes; anything over 1 MiB is refused before it is read."""
 
-def _read_toml(path: Path) -> dict[str, Any]:
+FAMILY_TABLE = "model"
+"""The table replaced instead of merged when its `name` (the model family) changes."""
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of the recipe file `path`; every way it can fail is one RecipeError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a special file (FIFO, socket or device)"
+        raise RecipeError(f"{path}: is {kind}, not a file; give the path of a recipe TOML file")
     try:
-        return tomllib.loads(text)
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: too large for a recipe (over {MAX_RECIPE_BYTES} bytes); is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          f"save the recipe as UTF-8") from None
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text and the parsed tables of the recipe file `path`."""
+    text = _read_text(path)
+    try:
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: invalid TOML: {exc}") from None
+        message = str(exc)
+        if m := re.search(r"\s*\(at line (\d+), column \d+\)$", message):
+            raise RecipeError(f"{path}:{m.group(1)}: invalid TOML: {message[:m.start()]}") from None
+        raise RecipeError(f"{path}: invalid TOML: {message}") from None
 
 
 def _merge(base: dict, over: dict, origin: dict[str, Path | str], source: Path | str, prefix: str = "") -> dict:
@@ -111,19 +146,82 @@ def _mark(value: Any, dotted: str, origin: dict[str, Path | str], source: Path |
             _mark(v, f"{dotted}.{k}", origin, source)
 
 
+def _drop_table(data: dict, dotted: str, origin: dict[str, Path | str]) -> None:
+    """Remove the table at `dotted` from `data`, and where its keys came from."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    node.pop(last, None)
+    for key in [k for k in origin if k == dotted or k.startswith(dotted + ".")]:
+        del origin[key]
+
+
+def _tables(data: dict, prefix: str = "") -> list[str]:
+    """Dotted names of every table in `data`."""
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out += [f"{prefix}{key}", *_tables(value, f"{prefix}{key}.")]
+    return out
+
+
+def _has_table(data: dict, dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, dict)
+
+
+def _replaced_tables(value: Any, data: dict, path: Path, text: str) -> list[str]:
+    """The tables a recipe's `replace = [...]` names, checked against the tables it sets."""
+    where = f"{path}:{find_key_line(text, 'replace') or 1}"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where}: `replace` must be a list of dotted table names, e.g. replace = [\"model\"]; "
+                          f"got {value!r}")
+    for dotted in value:
+        if not _has_table(data, dotted):
+            hint = closest(dotted, _tables(data))
+            did_you_mean = f"; did you mean `{hint}`?" if hint else ""
+            raise RecipeError(f"{where}: `replace` names `{dotted}`, which is not a table of this recipe"
+                              f"{did_you_mean} (a replaced table is the one this file gives)")
+    return list(value)
+
+
+def _family_changes(base: dict, over: dict) -> bool:
+    """Whether `over` names another model family than `base` (then `[model]` is replaced)."""
+    old, new = base.get(FAMILY_TABLE), over.get(FAMILY_TABLE)
+    return (isinstance(old, dict) and isinstance(new, dict) and "name" in old and "name" in new
+            and old["name"] != new["name"])
+
+
 def _load_chain(path: Path, origin: dict[str, Path | str], seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise RecipeError(f"recipe `extends` loops: {chain}")
-    data = _read_toml(path)
+    text, data = _read_toml(path)
     parent = data.pop("extends", None)
+    replace = _replaced_tables(data.pop("replace"), data, path, text) if "replace" in data else []
     if parent is None:
         base: dict[str, Any] = {}
     elif not isinstance(parent, str):
-        raise RecipeError(f"{path}: `extends` must be a path string, got {parent!r}")
+        raise RecipeError(f"{path}:{find_key_line(text, 'extends') or 1}: `extends` must be a path string, "
+                          f"got {parent!r}")
     else:
-        base = _load_chain(path.parent / parent, origin, (*seen, path))
+        base_path = path.parent / parent
+        if not base_path.exists():
+            raise RecipeError(f"{path}:{find_key_line(text, 'extends') or 1}: `extends = {parent!r}` names "
+                              f"{base_path}, which does not exist")
+        base = _load_chain(base_path, origin, (*seen, path))
+    if _family_changes(base, data) and FAMILY_TABLE not in replace:
+        replace.append(FAMILY_TABLE)
+    for dotted in replace:
+        _drop_table(base, dotted, origin)
     return _merge(base, data, origin, path)
 
 
@@ -142,10 +240,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str], origin: dict[str, Path | str]) -> dict:
-    """Apply `--set` overrides to a merged recipe dict."""
+    """Apply `--set` overrides to a merged recipe dict.
+
+    A `model.name` override that switches family is applied first and starts `[model]` afresh
+    (as `extends` does), so the other `model.*` overrides apply to the new family in any order.
+    """
     data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    parsed.sort(key=lambda item: item[1] != [FAMILY_TABLE, "name"])  # stable: model.name first
+    for text, keys, value in parsed:
+        if keys == [FAMILY_TABLE, "name"] and _family_changes(data, {FAMILY_TABLE: {"name": value}}):
+            _drop_table(data, FAMILY_TABLE, origin)
         node = data
         for i, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
@@ -166,7 +271,7 @@ def find_key_line(text: str, dotted: str) -> int | None:
     table: list[str] = []
     header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
     assign = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if m := header.match(line):
             table = [p.strip().strip("\"'") for p in m.group(1).split(".")]
             if ".".join(table) == dotted:
@@ -197,67 +302,105 @@ def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
     return [f.alias or n for n, f in current.model_fields.items()]
 
 
-def _where(dotted: str, origin: dict[str, Path | str], fallback: Path) -> str:
-    parts = dotted.split(".")
-    source: Path | str = fallback
-    for i in range(len(parts), 0, -1):
-        if ".".join(parts[:i]) in origin:
-            source = origin[".".join(parts[:i])]
-            break
+def dotted_key(loc: tuple[str | int, ...] | list[str | int]) -> str:
+    """`("data", "mean", 1)` -> `data.mean[1]`: a key path as the recipe spells it."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def where(dotted: str, origin: dict[str, Path | str], fallback: Path) -> str:
+    """`file:line` (or `file`, or `--set`) where the key `dotted` (e.g. `data.mean[1]`) was set.
+
+    The line is that of the key itself or, when it is not written out (an item of a list, a
+    missing key), of the nearest table or key above it.
+    """
+    parts = dotted.split("[", 1)[0].split(".")
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    source: Path | str = next((origin[p] for p in prefixes if p in origin), fallback)
     if source == SET_SOURCE:
         return SET_SOURCE
-    line = find_key_line(Path(source).read_text(encoding="utf-8"), dotted)
+    text = _read_text(Path(source))
+    line = next((n for key in (dotted, *prefixes) if (n := find_key_line(text, key))), None)
     return f"{source}:{line}" if line else str(source)
+
+
+_EXPECTED = re.compile(r"'([^']*)'")
+
+
+def _error_message(err: dict[str, Any], schema: type[BaseModel], prefix: tuple[str, ...],
+                   origin: dict[str, Path | str], path: Path) -> str:
+    """One pydantic error as `file:line: message` with the dotted key and, where it helps, a hint."""
+    loc = (*prefix, *err["loc"])
+    dotted = dotted_key(loc)
+    at = where(dotted, origin, path)
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(schema, tuple(str(p) for p in err["loc"][:-1]))
+        hint = closest(str(loc[-1]), valid)
+        suggestion = f"; did you mean `{hint}`?" if hint else f"; valid keys: {', '.join(valid)}"
+        return f"{at}: unknown key `{dotted}`{suggestion}"
+    if err["type"] == "missing":
+        return f"{at}: missing required key `{dotted}`"
+    got = err.get("input")
+    message = f"{at}: `{dotted}`: {err['msg']} (got {got!r})"
+    if err["type"] == "literal_error" and isinstance(got, str):
+        hint = closest(got, _EXPECTED.findall(str(err.get("ctx", {}).get("expected", ""))))
+        message += f"; did you mean `{hint}`?" if hint else ""
+    if err["type"] == "string_type" and at == SET_SOURCE:
+        message += f"; a --set value is read as TOML: quote it to give text, e.g. --set '{dotted}=\"{got}\"'"
+    return message
 
 
 def _raise_validation(exc: ValidationError, schema: type[BaseModel], prefix: tuple[str, ...],
                       origin: dict[str, Path | str], path: Path) -> None:
-    messages = []
-    for err in exc.errors():
-        loc = prefix + tuple(str(p) for p in err["loc"])
-        dotted = ".".join(loc)
-        where = _where(dotted, origin, path)
-        if err["type"] == "extra_forbidden":
-            valid = _valid_keys(schema, tuple(str(p) for p in err["loc"][:-1]))
-            hint = closest(loc[-1], valid)
-            suggestion = f"; did you mean `{hint}`?" if hint else f"; valid keys: {', '.join(valid)}"
-            messages.append(f"{where}: unknown key `{dotted}`{suggestion}")
-        elif err["type"] == "missing":
-            messages.append(f"{where}: missing required key `{dotted}`")
-        else:
-            got = err.get("input")
-            messages.append(f"{where}: `{dotted}`: {err['msg']} (got {got!r})")
-    raise RecipeError("; ".join(messages))
+    raise RecipeError("; ".join(_error_message(err, schema, prefix, origin, path) for err in exc.errors()))
+
+
+def _validate(schema: type[M], data: dict[str, Any], prefix: tuple[str, ...],
+              origin: dict[str, Path | str], path: Path) -> M:
+    """Validate `data` against `schema` in strict mode: a value keeps its TOML type.
+
+    Validated as JSON, so a TOML array fills a tuple and a whole number a float, while a string is
+    never a number and a boolean never an integer (`--set float.epochs=true` is an error).
+    """
+    try:
+        return schema.model_validate_json(json.dumps(data), strict=True)
+    except ValidationError as exc:
+        _raise_validation(exc, schema, prefix, origin, path)
+        raise  # unreachable: _raise_validation always raises
 
 
 # -- entry point ---------------------------------------------------------------------------------
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Load, merge, override and validate the recipe at `path` (including its `[model]` table)."""
+    """Load, merge, override and validate the recipe at `path` (including its `[model]` table).
+
+    Everything is checked here, before any stage runs: the schema, the family's `[model]` table,
+    plain values (finite numbers, no dates) and the names that registries own (march, transforms,
+    callbacks, packer) with their arguments.
+    """
     from hatcli.plugins import families
 
     path = Path(path)
     origin: dict[str, Path | str] = {}
     data = _load_chain(path, origin)
     data = apply_overrides(data, overrides or [], origin)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        _raise_validation(exc, Recipe, (), origin, path)
-    model_table = data.get("model", {})
+    locate = functools.partial(where, origin=origin, fallback=path)
+    check_plain_values(data, locate)
+    recipe = _validate(Recipe, data, (), origin, path)
+    model_table = data["model"]
     name = model_table.get("name")
     if not isinstance(name, str):
-        raise RecipeError(f"{_where('model', origin, path)}: `model.name` must name a model family "
+        raise RecipeError(f"{locate('model')}: `model.name` must name a model family "
                           f"(installed: {', '.join(families().names()) or 'none'})")
     try:
         family = families().get(name)
     except Exception as exc:
-        raise RecipeError(f"{_where('model.name', origin, path)}: {exc}") from None
-    try:
-        model_config = family.config_class.model_validate(model_table)
-    except ValidationError as exc:
-        _raise_validation(exc, family.config_class, ("model",), origin, path)
+        raise RecipeError(f"{locate('model.name')}: `model.name`: {exc}") from None
+    model_config = _validate(family.config_class, model_table, (FAMILY_TABLE,), origin, path)
+    check_registered_names(recipe, locate)
     resolved = recipe.model_dump(mode="json", by_alias=True)
     resolved["model"] = model_config.model_dump(mode="json")
     return LoadedRecipe(recipe=recipe, model=model_config, family=family, resolved=resolved, path=path)

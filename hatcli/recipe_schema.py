@@ -1,14 +1,35 @@
 """The typed schema of a recipe: every table and key a recipe may contain.
 
 Unknown keys are errors everywhere (`extra="forbid"`). The `[model]` table is validated by the
-family the recipe names, since each family owns its own options.
+family the recipe names, since each family owns its own options. `hatcli.recipe` validates in
+strict mode, so a value keeps its TOML type (a whole number is still accepted for a float).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+
+
+def _one_folder_name(value: str) -> str:
+    if not _FOLDER_NAME.fullmatch(value):
+        raise ValueError("must be one folder name: 1 to 255 letters, digits, `_`, `-` or `.`, "
+                         "not starting with `.` or `-` (no `/`, `..` or spaces)")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_one_folder_name)]
+"""A string used as one path component (a run or database folder): it can never leave its parent."""
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A random seed numpy, torch and Python all take: 0 <= seed < 2**32."""
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class Strict(BaseModel):
@@ -24,7 +45,7 @@ class PackConfig(Strict):
     task: Literal["classification", "detection"] = "classification"
     num_images: int = Field(1200, gt=0)
     image_size: int = Field(64, ge=16)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DataConfig(Strict):
@@ -32,14 +53,15 @@ class DataConfig(Strict):
 
     root: str = "data/shapes"
     """Folder that holds the packed databases (paths are relative to the working directory)."""
-    train: str = "train_lmdb"
-    val: str = "val_lmdb"
-    input_size: tuple[int, int] = (64, 64)
+    train: FolderName = "train_lmdb"
+    """Name of the training database inside `root` (one folder name)."""
+    val: FolderName = "val_lmdb"
+    input_size: tuple[PositiveInt, PositiveInt] = (64, 64)
     """Height and width the network sees."""
     batch_size: int = Field(64, gt=0)
     num_workers: int = Field(0, ge=0)
     mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
-    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (128.0, 128.0, 128.0)
     """Normalization on the 0..255 scale, applied after the transforms; HAT uses 128/128."""
     train_transforms: list[dict[str, Any]] = []
     """Per-image transforms in the DataLoader workers (uint8 in, uint8 out); default: Resize."""
@@ -187,10 +209,10 @@ class DeployConfig(Strict):
 class Recipe(Strict):
     """A whole resolved recipe."""
 
-    task: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    """Name of the run: outputs go to `<work_dir>/<task>/<stage>/`."""
+    task: FolderName
+    """Name of the run: outputs go to `<work_dir>/<task>/<stage>/` (one folder name)."""
     work_dir: str = "runs"
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where training and calibration run: `auto` is the GPU when there is one."""
     deterministic: bool = False

@@ -146,7 +146,7 @@ def test_missing_required_key(tmp_path):
 
 def test_invalid_toml_names_the_file(tmp_path):
     path = write(tmp_path, "bad.toml", "task = \n")
-    with pytest.raises(RecipeError, match="bad.toml: invalid TOML"):
+    with pytest.raises(RecipeError, match="bad.toml:1: invalid TOML"):
         load_recipe(path)
 
 

@@ -1,0 +1,115 @@
+"""Checks of a recipe beyond its schema, run by `load_recipe` before any stage starts.
+
+`check_plain_values` refuses what TOML can hold but no recipe key means: non-finite numbers
+(`inf`, `nan`) and dates. `check_registered_names` looks up the names that registries own (the
+march, transforms, callbacks, the packer of `[data.pack]`) and checks their arguments by building
+the transforms and callbacks once (their constructors only store settings). Each error names
+where the key was set (`locate(dotted)` gives `file:line` or `--set`), the dotted key and the
+closest valid name.
+
+Import direction: this module sits beside `recipe`, below `quant`, `data` and `plugins`, so it
+imports the march names, the transform builders and the plugin registries inside the functions
+that use them (read-only look-ups).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable
+from typing import Any
+
+from hatcli.errors import RecipeError
+from hatcli.recipe_schema import Recipe
+from hatcli.registry import closest
+
+Locate = Callable[[str], str]
+"""`locate("data.mean[1]")` -> where that key was set: `file:line`, `file` or `--set`."""
+
+
+def _plain_value_errors(value: Any, dotted: str, locate: Locate) -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{locate(dotted)}: `{dotted}`: must be a finite number (got {value})"]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return [f"{locate(dotted)}: `{dotted}`: a TOML date or time is not a recipe value (got {value}); "
+                f"quote it if it is text"]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _plain_value_errors(v, f"{dotted}.{k}" if dotted else k, locate)]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _plain_value_errors(v, f"{dotted}[{i}]", locate)]
+    return []
+
+
+def check_plain_values(data: dict[str, Any], locate: Locate) -> None:
+    """Raise a RecipeError naming every non-finite number and every date anywhere in `data`."""
+    errors = _plain_value_errors(data, "", locate)
+    if errors:
+        raise RecipeError("; ".join(errors))
+
+
+def _unknown(what: str, name: str, names: list[str]) -> str:
+    hint = closest(name, names)
+    did_you_mean = f"; did you mean `{hint}`?" if hint else ""
+    return f"unknown {what} `{name}`{did_you_mean} (available: {', '.join(names) or 'none installed'})"
+
+
+def _check_march(recipe: Recipe, locate: Locate) -> None:
+    from hatcli.quant.march import MARCH_NAMES, list_marches, load_march
+
+    name = recipe.quant.march
+    if name not in MARCH_NAMES:
+        raise RecipeError(f"{locate('quant.march')}: `quant.march`: {_unknown('march', name, list(MARCH_NAMES))}")
+    if recipe.quant.int16 and not load_march(name).quant.allow_int16:
+        allowed = ", ".join(m.name for m in list_marches() if m.quant.allow_int16)
+        raise RecipeError(f"{locate('quant.int16')}: `quant.int16` asks for int16 but march `{name}` has no "
+                          f"int16 activations; remove the patterns or choose a march that has them ({allowed})")
+
+
+def _check_pack_kind(recipe: Recipe, locate: Locate) -> None:
+    from hatcli.plugins import packers
+
+    pack = recipe.data.pack
+    if pack is not None and pack.kind not in packers():
+        raise RecipeError(f"{locate('data.pack.kind')}: `data.pack.kind`: "
+                          f"{_unknown('packer', pack.kind, packers().names())}")
+
+
+def _check_transforms(recipe: Recipe, locate: Locate) -> None:
+    from hatcli.data.transforms import build_batch_transforms, build_transforms
+
+    data = recipe.data
+    for key, specs, build in (("data.train_transforms", data.train_transforms, build_transforms),
+                              ("data.val_transforms", data.val_transforms, build_transforms),
+                              ("data.batch_transforms", data.batch_transforms, build_batch_transforms)):
+        try:
+            build(specs, where=key)
+        except RecipeError as exc:  # the message starts with the entry's key, e.g. `data.val_transforms[1].size`
+            raise RecipeError(f"{locate(key)}: {exc}") from None
+
+
+def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
+    from hatcli.plugins import callbacks
+
+    available = callbacks()
+    for stage, specs in (("float", recipe.float_.callbacks), ("qat", recipe.qat.callbacks)):
+        for i, spec in enumerate(specs):
+            key = f"{stage}.callbacks[{i}]"
+            name = spec.get("name")
+            if not isinstance(name, str):
+                raise RecipeError(f"{locate(key)}: {key}: expected a table like {{name = \"early_stopping\"}}, "
+                                  f"got {spec!r}")
+            if name not in available:
+                raise RecipeError(f"{locate(key)}: {key}.name: {_unknown('callback', name, available.names())}")
+            args = {k: v for k, v in spec.items() if k != "name"}
+            try:
+                available.get(name).factory(**args)
+            except Exception as exc:  # a plugin's constructor may refuse its arguments with any exception
+                raise RecipeError(f"{locate(key)}: {key}: bad arguments for callback `{name}`: {exc}") from None
+
+
+def check_registered_names(recipe: Recipe, locate: Locate) -> None:
+    """Raise a RecipeError for an unknown march, packer, transform or callback, or bad arguments to them."""
+    _check_march(recipe, locate)
+    _check_pack_kind(recipe, locate)
+    _check_transforms(recipe, locate)
+    _check_callbacks(recipe, locate)
