@@ -14,6 +14,22 @@ from typing import Any
 from hatcli.errors import HatError
 
 
+def _umask() -> int:
+    """The process umask (read without a lasting change: os.umask is the only portable way)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def permit_as_created(path: Path, directory: bool = False) -> None:
+    """Give a temp file or folder the mode an ordinary open()/mkdir() would have given it.
+
+    mkstemp/mkdtemp create 0600/0700 entries; once renamed into place they would be the only
+    files of a run that other users (or a serving process) cannot read.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
     path = Path(path)
@@ -23,6 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise HatError(f"cannot write to {path.parent}: {exc.strerror}; check the folder is writable") from None
     try:
+        permit_as_created(Path(tmp))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hatcli.atomic import permit_as_created
 from hatcli.errors import UsageError
 
 
@@ -50,6 +51,7 @@ def building(out_dir: Path, marker: str) -> Iterator[Path]:
     created = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    permit_as_created(tmp_dir, directory=True)
     try:
         yield tmp_dir
         swap_into_place(tmp_dir, out_dir)

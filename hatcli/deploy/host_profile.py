@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hatcli.atomic import atomic_write_json
 from hatcli.progress import make_progress
 from hatcli.quant.march import MarchProfile, load_march
 
@@ -293,18 +293,6 @@ def profile_from_measurement(measured: dict[str, Any]) -> MarchProfile:
     return base.model_copy(update={"int8_tops": dense / 1e3, "cost": cost, "description": desc})
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_cache(cache_path: Path | None = None, threads: int | None = None,
                quick: bool = False) -> dict[str, Any] | None:
     """Return the cached measurement when it exists and matches this machine, else None."""
@@ -330,7 +318,7 @@ def calibrate_host(cache_path: Path | None = None, threads: int | None = None, f
     if measured is None:
         measured = measure_host(threads, quick=quick, progress=progress)
         try:
-            _write_json(path, {"fingerprint": fingerprint(threads, quick), "measured": measured})
+            atomic_write_json(path, {"fingerprint": fingerprint(threads, quick), "measured": measured})
         except OSError:
             pass  # a read-only home still gets a calibrated profile, just not cached
     return profile_from_measurement(measured)
