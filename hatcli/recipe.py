@@ -1,9 +1,12 @@
 """TOML recipe -> a typed, validated Recipe.
 
 A recipe may `extends = "base.toml"` (a path relative to the recipe; chains allowed) and is deep
-merged over its base; `--set a.b=value` overrides are applied last, each value read as a TOML
-value (a bare word that is not valid TOML is taken as a string). Validation errors name the
-file, the dotted key, the line where known and the closest valid key.
+merged over its base, except the tables it lists in `replace = ["model", ...]`, which replace the
+base's; `[model]` is replaced without asking when its `name` (the family) changes. `--set a.b=value`
+overrides are applied last, each value read as a TOML value (a bare word that is not valid TOML is
+taken as a string). The result is validated whole before anything runs: the schema in strict mode
+(a value keeps its TOML type), the family's `[model]` table, then `hatcli.recipe_checks`. Every
+error names the file, the dotted key, the line where known and the closest valid key.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
@@ -343,7 +346,8 @@ def _error_message(err: dict[str, Any], schema: type[BaseModel], prefix: tuple[s
     if err["type"] == "missing":
         return f"{at}: missing required key `{dotted}`"
     got = err.get("input")
-    message = f"{at}: `{dotted}`: {err['msg']} (got {got!r})"
+    text = err["msg"].removeprefix("Value error, ")  # our validators' own messages
+    message = f"{at}: `{dotted}`: {text} (got {got!r})"
     if err["type"] == "literal_error" and isinstance(got, str):
         hint = closest(got, _EXPECTED.findall(str(err.get("ctx", {}).get("expected", ""))))
         message += f"; did you mean `{hint}`?" if hint else ""
@@ -353,7 +357,7 @@ def _error_message(err: dict[str, Any], schema: type[BaseModel], prefix: tuple[s
 
 
 def _raise_validation(exc: ValidationError, schema: type[BaseModel], prefix: tuple[str, ...],
-                      origin: dict[str, Path | str], path: Path) -> None:
+                      origin: dict[str, Path | str], path: Path) -> NoReturn:
     raise RecipeError("; ".join(_error_message(err, schema, prefix, origin, path) for err in exc.errors()))
 
 
@@ -368,7 +372,6 @@ def _validate(schema: type[M], data: dict[str, Any], prefix: tuple[str, ...],
         return schema.model_validate_json(json.dumps(data), strict=True)
     except ValidationError as exc:
         _raise_validation(exc, schema, prefix, origin, path)
-        raise  # unreachable: _raise_validation always raises
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -400,6 +403,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     except Exception as exc:
         raise RecipeError(f"{locate('model.name')}: `model.name`: {exc}") from None
     model_config = _validate(family.config_class, model_table, (FAMILY_TABLE,), origin, path)
+    # again on the validated values: a whole number too large for a float became inf
+    check_plain_values({**recipe.model_dump(by_alias=True), FAMILY_TABLE: model_config.model_dump()}, locate)
     check_registered_names(recipe, locate)
     resolved = recipe.model_dump(mode="json", by_alias=True)
     resolved["model"] = model_config.model_dump(mode="json")

@@ -131,6 +131,11 @@ def test_non_finite_numbers_are_refused_with_file_and_line(recipe, value):
     assert "`float.optimizer.lr`" in message and "finite" in message
 
 
+def test_whole_number_too_large_for_a_float_is_refused(recipe):
+    message = error_of(recipe(), [f"float.optimizer.lr={10**400}"])
+    assert message.startswith("--set: `float.optimizer.lr`: must be a finite number")
+
+
 def test_non_finite_numbers_inside_lists_and_model_tables_are_refused(recipe):
     assert "data.mean[1]" in error_of(recipe(), ["data.mean=[1.0, nan, 1.0]"])
     assert "`model.alpha`" in error_of(recipe(), ["model.alpha=inf"])

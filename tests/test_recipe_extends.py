@@ -70,9 +70,11 @@ def test_replace_of_a_table_the_child_does_not_set_is_an_error(child):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("value", ['"model"', "[1]", '["model..x"]'])
-def test_malformed_replace_is_an_error(child, value):
-    with pytest.raises(RecipeError, match="replace"):
+@pytest.mark.parametrize(("value", "expected"), [('"model"', "must be a list of dotted table names"),
+                                                 ("[1]", "must be a list of dotted table names"),
+                                                 ('["model..x"]', "not a table of this recipe")])
+def test_malformed_replace_is_an_error(child, value, expected):
+    with pytest.raises(RecipeError, match=rf"child.toml:2: `replace`.*{expected}"):
         load_recipe(child(f"replace = {value}\n[model]\nname = 'mobilenet_v1'\n"))
 
 
