@@ -111,7 +111,7 @@ def _read_text(path: Path) -> str:
     if len(data) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: too large for a recipe (over {MAX_RECIPE_BYTES} bytes); is it the right file?")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
@@ -122,12 +122,31 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The text and the parsed tables of the recipe file `path`."""
     text = _read_text(path)
     try:
-        return text, tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         if m := re.search(r"\s*\(at line (\d+), column \d+\)$", message):
             raise RecipeError(f"{path}:{m.group(1)}: invalid TOML: {message[:m.start()]}") from None
         raise RecipeError(f"{path}: invalid TOML: {message}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid recipe: arrays or tables nested too deeply") from None
+    _check_depth(data, str(path))
+    return text, data
+
+
+MAX_DEPTH = 32
+"""Deepest nesting of tables and arrays a recipe may use (real ones use under 6)."""
+
+
+def _check_depth(value: Any, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (merging and validation recurse over it)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{source}: invalid recipe: arrays or tables nested more than {MAX_DEPTH} deep")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _merge(base: dict, over: dict, origin: dict[str, Path | str], source: Path | str, prefix: str = "") -> dict:
@@ -239,6 +258,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word such as a path: taken as a string
+    except RecursionError:
+        raise RecipeError(f"--set {key}: arrays or tables nested too deeply") from None
+    _check_depth(value, f"--set {key}")
     return key.split("."), value
 
 

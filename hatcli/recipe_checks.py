@@ -1,7 +1,7 @@
 """Checks of a recipe beyond its schema, run by `load_recipe` before any stage starts.
 
-`check_plain_values` refuses what TOML can hold but no recipe key means: non-finite numbers
-(`inf`, `nan`) and dates. `check_registered_names` looks up the names that registries own (the
+`check_plain_values` refuses what TOML (or a `--set` value) can hold but no recipe key means:
+non-finite numbers (`inf`, `nan`), dates, and text with a NUL or undecodable bytes. `check_registered_names` looks up the names that registries own (the
 march, transforms, callbacks, the packer of `[data.pack]`) and checks their arguments by building
 the transforms and callbacks once (their constructors only store settings). Each error names
 where the key was set (`locate(dotted)` gives `file:line` or `--set`), the dotted key and the
@@ -27,9 +27,19 @@ Locate = Callable[[str], str]
 """`locate("data.mean[1]")` -> where that key was set: `file:line`, `file` or `--set`."""
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a --set value from undecodable argv bytes holds lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _plain_value_errors(value: Any, dotted: str, locate: Locate) -> list[str]:
     if isinstance(value, float) and not math.isfinite(value):
         return [f"{locate(dotted)}: `{dotted}`: must be a finite number (got {value})"]
+    if isinstance(value, str) and ("\x00" in value or not _is_utf8(value)):
+        return [f"{locate(dotted)}: `{dotted}`: text with a NUL or bytes that are not UTF-8 (got {value!r})"]
     if isinstance(value, (datetime.date, datetime.time)):
         return [f"{locate(dotted)}: `{dotted}`: a TOML date or time is not a recipe value (got {value}); "
                 f"quote it if it is text"]
@@ -41,7 +51,7 @@ def _plain_value_errors(value: Any, dotted: str, locate: Locate) -> list[str]:
 
 
 def check_plain_values(data: dict[str, Any], locate: Locate) -> None:
-    """Raise a RecipeError naming every non-finite number and every date anywhere in `data`."""
+    """Raise a RecipeError naming every non-finite number, date and unusable text anywhere in `data`."""
     errors = _plain_value_errors(data, "", locate)
     if errors:
         raise RecipeError("; ".join(errors))

@@ -186,3 +186,13 @@ def test_the_cli_exits_2_on_every_check(hat, recipe):
     assert result.code == 2
     assert "did you mean `nash_e`?" in result.err and "Traceback" not in result.err
     assert hat("recipe", "validate", recipe(), "--set", "float.epochs=true").code == 2
+
+
+@pytest.mark.parametrize("text", ["a\\u0000b", "runs\\u0000"])
+def test_text_with_a_nul_is_refused(recipe, text):
+    assert "`work_dir`" in error_of(recipe(), [f'work_dir="{text}"'])
+
+
+def test_set_value_from_undecodable_bytes_is_refused(recipe):
+    value = b"runs\xff".decode("utf-8", "surrogateescape")  # what argv holds for such bytes
+    assert "not UTF-8" in error_of(recipe(), [f"work_dir={value}"])

@@ -111,3 +111,16 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
     message = error_of(path)
     assert message.startswith(f"{path}:3: invalid TOML")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("depth", [40, 3000, 200_000])
+def test_deeply_nested_arrays_are_one_error(tmp_path, depth):
+    path = tmp_path / "r.toml"
+    path.write_text(GOOD.replace("[model]", f"a = {'[' * depth}{']' * depth}\n[model]"))
+    assert "nested" in error_of(path)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_recipe(path).recipe.task == "files"

@@ -38,7 +38,7 @@ def test_unsafe_folder_names_are_refused(path, key, value):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [f"{key}={quoted(value)}"])
     assert f"`{key}`" in str(err.value)
-    assert "one folder name" in str(err.value)
+    assert "one folder name" in str(err.value) or "NUL" in str(err.value)
 
 
 def test_dot_task_in_the_file_names_file_and_line(tmp_path):
