@@ -95,6 +95,9 @@ def _check_transforms(recipe: Recipe, locate: Locate) -> None:
             build(specs, where=key)
         except RecipeError as exc:  # the message starts with the entry's key, e.g. `data.val_transforms[1].size`
             raise RecipeError(f"{locate(key)}: {exc}") from None
+        except (Exception, SystemExit) as exc:  # a plugin's transform factory may fail in any way
+            raise RecipeError(f"{locate(key)}: {key}: cannot build these transforms "
+                              f"({type(exc).__name__}: {exc}); check their arguments") from None
 
 
 def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
@@ -113,7 +116,7 @@ def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
             args = {k: v for k, v in spec.items() if k != "name"}
             try:
                 available.get(name).factory(**args)
-            except Exception as exc:  # a plugin's constructor may refuse its arguments with any exception
+            except (Exception, SystemExit) as exc:  # a plugin's constructor may refuse its arguments in any way
                 raise RecipeError(f"{locate(key)}: {key}: bad arguments for callback `{name}`: {exc}") from None
 
 

@@ -196,3 +196,20 @@ def test_text_with_a_nul_is_refused(recipe, text):
 def test_set_value_from_undecodable_bytes_is_refused(recipe):
     value = b"runs\xff".decode("utf-8", "surrogateescape")  # what argv holds for such bytes
     assert "not UTF-8" in error_of(recipe(), [f"work_dir={value}"])
+
+
+@pytest.fixture
+def plugin_callback(fresh_plugins):
+    """Register a plugin callback whose constructor refuses its argument with SystemExit."""
+    from hatcli.family import CallbackSpec
+    from hatcli.plugins import callbacks
+
+    def refuses(level: int = 0):
+        raise SystemExit(f"level {level} is not supported")
+
+    callbacks().register("refuses", CallbackSpec("refuses", "always refuses", refuses), owner="test")
+
+
+def test_a_plugin_callback_that_refuses_its_arguments_is_a_recipe_error(recipe, plugin_callback):
+    message = error_of(recipe(), ['float.callbacks=[{name = "refuses", level = 3}]'])
+    assert "float.callbacks[0]" in message and "level 3 is not supported" in message
