@@ -100,24 +100,31 @@ def _check_transforms(recipe: Recipe, locate: Locate) -> None:
                               f"({type(exc).__name__}: {exc}); check their arguments") from None
 
 
-def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
+def build_callbacks(specs: list[dict[str, Any]], where: str, locate: Locate = lambda key: "recipe") -> list[Any]:
+    """Build the plugin callbacks a stage's `callbacks` list names; errors name the key (`where[i]`)."""
     from hatcli.plugins import callbacks
 
     available = callbacks()
+    built = []
+    for i, spec in enumerate(specs):
+        key = f"{where}[{i}]"
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            raise RecipeError(f"{locate(key)}: {key}: expected a table like {{name = \"early_stopping\"}}, "
+                              f"got {spec!r}")
+        if name not in available:
+            raise RecipeError(f"{locate(key)}: {key}.name: {_unknown('callback', name, available.names())}")
+        args = {k: v for k, v in spec.items() if k != "name"}
+        try:
+            built.append(available.get(name).factory(**args))
+        except (Exception, SystemExit) as exc:  # a plugin's constructor may refuse its arguments in any way
+            raise RecipeError(f"{locate(key)}: {key}: bad arguments for callback `{name}`: {exc}") from None
+    return built
+
+
+def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
     for stage, specs in (("float", recipe.float_.callbacks), ("qat", recipe.qat.callbacks)):
-        for i, spec in enumerate(specs):
-            key = f"{stage}.callbacks[{i}]"
-            name = spec.get("name")
-            if not isinstance(name, str):
-                raise RecipeError(f"{locate(key)}: {key}: expected a table like {{name = \"early_stopping\"}}, "
-                                  f"got {spec!r}")
-            if name not in available:
-                raise RecipeError(f"{locate(key)}: {key}.name: {_unknown('callback', name, available.names())}")
-            args = {k: v for k, v in spec.items() if k != "name"}
-            try:
-                available.get(name).factory(**args)
-            except (Exception, SystemExit) as exc:  # a plugin's constructor may refuse its arguments in any way
-                raise RecipeError(f"{locate(key)}: {key}: bad arguments for callback `{name}`: {exc}") from None
+        build_callbacks(specs, f"{stage}.callbacks", locate)
 
 
 def check_registered_names(recipe: Recipe, locate: Locate) -> None:

@@ -103,7 +103,7 @@ def test_unknown_callback_names_the_key_and_closest_callback(recipe):
     assert "did you mean `early_stopping`?" in message
 
 
-@pytest.mark.parametrize("args", ["patiense = 3", "patience = 0", 'min_delta = "x"'])
+@pytest.mark.parametrize("args", ["patiense = 3", "patience = 0", "patience = true", 'min_delta = "x"', "min_delta = -1"])
 def test_bad_callback_arguments_are_refused(recipe, args):
     message = error_of(recipe(), [f'float.callbacks=[{{name = "early_stopping", {args}}}]'])
     assert "float.callbacks[0]" in message and "early_stopping" in message

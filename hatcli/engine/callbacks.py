@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hatcli.errors import RecipeError, warn
-from hatcli.registry import closest
+from hatcli.errors import warn
 
 if TYPE_CHECKING:
     from hatcli.engine.trainer import Trainer
@@ -289,8 +288,10 @@ class EarlyStopping(Callback):
     validations (the built-in plugin registers it as `early_stopping`)."""
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0) -> None:
-        if not isinstance(patience, int) or patience < 1:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise TypeError(f"patience must be a positive integer, got {patience!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            raise TypeError(f"min_delta must be a number >= 0, got {min_delta!r}")
         self.patience = patience
         self.min_delta = float(min_delta)
         self.best = -float("inf")
@@ -325,23 +326,6 @@ def default_callbacks(out_dir: Path, val_every: int, checkpoint_every_steps: int
 
 def plugin_callbacks(specs: list[dict[str, Any]], where: str) -> list[Callback]:
     """Instantiate the plugin callbacks a stage's `callbacks` list names; errors name the key."""
-    from hatcli.plugins import callbacks as registered
+    from hatcli.recipe_checks import build_callbacks
 
-    available = registered()
-    out = []
-    for i, spec in enumerate(specs):
-        key = f"{where}[{i}]"
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise RecipeError(f"{key}: expected a table like {{name = \"my_callback\"}}, got {spec!r}")
-        name = spec["name"]
-        if name not in available:
-            hint = closest(name, available.names())
-            listing = ", ".join(available.names()) or "none installed"
-            raise RecipeError(f"{key}.name: unknown callback `{name}`"
-                              f"{f'; did you mean `{hint}`?' if hint else ''} (available: {listing})")
-        args = {k: v for k, v in spec.items() if k != "name"}
-        try:
-            out.append(available.get(name).factory(**args))
-        except TypeError as exc:
-            raise RecipeError(f"{key}: bad arguments for callback `{name}`: {exc}") from None
-    return out
+    return build_callbacks(specs, where)
