@@ -107,6 +107,21 @@ class ModelFamily(ABC):
         """Name patterns of modules whose outputs the family wants in int16 (default none)."""
         return []
 
+    def describe_outputs(self, config: FamilyConfig, input_size: tuple[int, int],
+                         num_classes: int) -> list[dict[str, Any]]:
+        """What each deploy-model output is, in `output_names` order, for a consumer without hat.
+
+        The export writes this list into the manifest as `output_meaning` (docs/formats.md), for
+        the recipe's `[model]` table `config`, its input (H, W) and the trained class count. An
+        entry has `name` and `what`, plus whatever a consumer needs to read the values: `shape`
+        (`"N"` for the batch; the exported shape is recorded when an entry has none, and a shape
+        that differs from the exported one is an error), `layout`, `decode`. Default: a generic
+        entry per output that points at the family's own decoding.
+        """
+        return [{"name": name, "what": "raw output",
+                 "decode": f"decoded on the host by the `{self.name}` family (its `predict`); see its documentation"}
+                for name in self.output_names]
+
 
 @dataclass(frozen=True)
 class PackRequest:

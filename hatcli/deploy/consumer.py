@@ -3,8 +3,8 @@
 Derived from the recipe's val pipeline (the per-image `val_transforms`, then the batch transforms,
 `ToFloat` and `Normalize`: exactly what `hat eval` and `hat infer` apply) and the family's task.
 `consumer_spec` returns the manifest keys `task`, `kind`, `classes`, `preprocess` and
-`output_meaning`; docs/formats.md documents each one with an example in plain onnxruntime +
-numpy + PIL.
+`output_meaning` (the family's `describe_outputs`, checked against the exported outputs);
+docs/formats.md documents each one with an example in plain onnxruntime + numpy + PIL.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from torchvision.transforms import v2
 
+from hatcli.errors import PluginError
 from hatcli.recipe import LoadedRecipe
 
 DECODE = ("decode the file to 8-bit RGB (PIL: Image.open(path).convert('RGB')), channels first "
@@ -109,17 +110,36 @@ def preprocess_spec(lr: LoadedRecipe) -> dict[str, Any]:
     }
 
 
+def _dims_agree(described: list[Any], exported: list[Any]) -> bool:
+    """Whether a family's shape fits the exported one: a symbolic dim (`"N"`) on either side fits any."""
+    return len(described) == len(exported) and all(
+        isinstance(d, str) or isinstance(e, str) or d == e for d, e in zip(described, exported))
+
+
 def output_meaning(lr: LoadedRecipe, output_spec: list[dict[str, Any]], classes: list[str]) -> list[dict[str, Any]]:
-    """What each model output is, in output order, for the family's task."""
-    if lr.family.task == "classification":
-        return [{"name": spec["name"], "what": "logits", "shape": ["N", len(classes)],
-                 "layout": "one row per image, one column per class in `classes` order",
-                 "decode": "softmax over axis 1 gives probabilities; argmax (or top-k) gives the "
-                           "index into `classes`"} for spec in output_spec]
-    return [{"name": spec["name"], "what": "raw head map", "shape": spec["shape"], "layout": "NCHW",
-             "decode": f"not boxes yet: the `{lr.family.name}` family decodes these maps on the host into "
-                       "boxes (XYXY pixels of the model input), scores and labels (index into `classes`); "
-                       "see its documentation"} for spec in output_spec]
+    """What each model output is, in output order: the family's `describe_outputs`, checked against
+    the exported outputs (`output_spec`) and given their shape where the family states none.
+
+    A description that names other outputs or other shapes than the exported model has would
+    mislead every consumer: it is a PluginError naming the family and the output.
+    """
+    family = lr.family
+    where = f"model family `{family.name}` ({type(family).__module__}.{type(family).__name__}).describe_outputs"
+    described = family.describe_outputs(lr.model, tuple(lr.recipe.data.input_size), len(classes))
+    names = [entry.get("name") if isinstance(entry, dict) else None for entry in described]
+    exported = [spec["name"] for spec in output_spec]
+    if names != exported:
+        raise PluginError(f"{where}: describes the outputs {names}, but the exported model has {exported}; "
+                          "the family must describe every output of its deploy model, in `output_names` order")
+    meaning = []
+    for entry, spec in zip(described, output_spec):
+        shape = entry.get("shape", spec["shape"])
+        if not _dims_agree(list(shape), list(spec["shape"])):
+            raise PluginError(f"{where}: output `{spec['name']}` has shape {spec['shape']} in the exported model, "
+                              f"but the family describes {shape}; fix the family's description")
+        rest = {k: v for k, v in entry.items() if k not in ("name", "shape")}
+        meaning.append({"name": entry["name"], "shape": list(shape), **rest})
+    return meaning
 
 
 def consumer_spec(lr: LoadedRecipe, output_spec: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:

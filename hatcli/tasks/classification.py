@@ -44,6 +44,14 @@ class ClassificationFamily(ModelFamily):
         probs, labels = logits.float().softmax(-1).topk(k, dim=-1)
         return [TopK(labels=l.tolist(), scores=p.tolist()) for l, p in zip(labels, probs)]
 
+    def describe_outputs(self, config: FamilyConfig, input_size: tuple[int, int],
+                         num_classes: int) -> list[dict[str, Any]]:
+        """Every output is a batch of logits, one column per class (what `predict` softmaxes)."""
+        return [{"name": name, "what": "logits", "shape": ["N", num_classes],
+                 "layout": "one row per image, one column per class in `classes` order",
+                 "decode": "softmax over axis 1 gives probabilities; argmax (or top-k) gives the "
+                           "index into `classes`"} for name in self.output_names]
+
     def draw_predictions(self, image: Image.Image, prediction: TopK, class_names: list[str]) -> Image.Image:
         """Return the image (enlarged to at least 320 px wide) with a top-k label panel."""
         canvas, _ = readable_canvas(image, Image.Resampling.NEAREST)

@@ -21,6 +21,15 @@ from hatcli.family import FamilyConfig, ModelFamily, TaskKind
 from hatcli.tasks.drawing import class_name, readable_canvas
 
 
+BOX_FRAME = ("XYXY (x0, y0, x1, y1) in pixels of the network input, i.e. of the image after every "
+             "`preprocess` step: origin at its top-left corner, x to the right, y down, pixel (i, j) covering "
+             "[j, j + 1) x [i, i + 1). To get pixels of the original W x H image, undo `preprocess`: the "
+             "bottom-right pad moves nothing; for the resize to W' x H' (`stretch`, or `keep_ratio`: the "
+             "sides rounded from W * f, H * f) multiply x by W / W' and y by H / H'; then clip to the image")
+"""How every detection family's boxes are placed (what `predict` returns and `to_original` maps
+back); a family's `describe_outputs` quotes it."""
+
+
 @dataclass
 class Detections:
     """One image's detections: `boxes` [N, 4] XYXY pixels, `scores` [N], `labels` [N] (0 .. C-1)."""
@@ -115,6 +124,20 @@ class DetectionFamily(ModelFamily):
     def predict(self, outputs: Any, topk: int = 100, config: FamilyConfig | None = None) -> list[Detections]:
         """Decode a batch of raw outputs into per-image `Detections` (model-input pixels), at most
         `topk` per image, with the decoder settings of `config` (the family's defaults when None)."""
+
+    def describe_outputs(self, config: FamilyConfig, input_size: tuple[int, int],
+                         num_classes: int) -> list[dict[str, Any]]:
+        """What each raw head map is and how to decode it (the manifest's `output_meaning`).
+
+        A family that wants its artifact usable without hat overrides this with, per output: its
+        `shape`, what each axis and value means, its stride, and a `postprocess` table with the
+        decoding `predict` applies (docs/formats.md shows FCOS's). Default: a generic entry per
+        output that says the family decodes it.
+        """
+        return [{"name": name, "what": "raw head map", "layout": "NCHW",
+                 "decode": f"not boxes yet: the `{self.name}` family decodes these maps on the host into "
+                           "boxes (XYXY pixels of the model input), scores and labels (index into `classes`); "
+                           "see its documentation"} for name in self.output_names]
 
     def draw_predictions(self, image: Image.Image, prediction: Detections, class_names: list[str],
                          min_score: float = 0.3) -> Image.Image:

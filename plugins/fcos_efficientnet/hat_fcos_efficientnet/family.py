@@ -11,7 +11,7 @@ from pydantic import Field
 from hatcli.family import FamilyConfig
 from hatcli.tasks.detection import DetectionFamily, Detections
 from hat_fcos_efficientnet.bifpn import NUM_LEVELS, OUT_STRIDES
-from hat_fcos_efficientnet.decoder import DecoderSettings, decode
+from hat_fcos_efficientnet.decoder import DecoderSettings, decode, describe
 from hat_fcos_efficientnet.losses import LossSettings, fcos_loss
 from hat_fcos_efficientnet.model import FcosEfficientNet, output_names
 
@@ -116,6 +116,12 @@ class FcosEfficientNetFamily(DetectionFamily):
         if topk < settings.max_per_img:
             settings = dataclasses.replace(settings, max_per_img=topk)
         return decode(outputs, list(OUT_STRIDES), settings)
+
+    def describe_outputs(self, config: FamilyConfig, input_size: tuple[int, int],
+                         num_classes: int) -> list[dict[str, Any]]:
+        """Per output: shape, axes, values, stride and the decoding `predict` applies, with the
+        recipe's decoder settings (`decoder.describe`)."""
+        return describe(input_size, num_classes, list(OUT_STRIDES), self._config(config).decoder_settings())
 
     def int16_outputs(self, config: FamilyConfig) -> list[str]:
         """The head's output convs (`head.cls_out.*`, `head.bbox_out.*`, `head.ctr_out.*`).

@@ -23,6 +23,14 @@ def output_names(levels: int = NUM_LEVELS) -> list[str]:
     return [f"{kind}_s{s}" for kind in ("cls", "bbox", "ctr") for s in strides]
 
 
+def level_shapes(input_size: tuple[int, int], levels: int = NUM_LEVELS) -> list[tuple[int, int]]:
+    """(h, w) of every level's maps for an (H, W) input: every halving of the network (a stride-2
+    conv with padding k // 2, or the 3 x 3 / stride-2 max pooling with padding 1) rounds up, so the
+    stride-s maps are ceil(H / s) x ceil(W / s)."""
+    h, w = input_size
+    return [(-(-h // s), -(-w // s)) for s in OUT_STRIDES[:levels]]
+
+
 class FcosEfficientNet(nn.Module):
     """EfficientNet backbone, BiFPN neck (strides 8 .. 128) and FCOS head, `channels` wide after the backbone."""
 
