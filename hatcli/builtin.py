@@ -1,55 +1,32 @@
-"""The built-in plugin: what hat provides itself, registered through the same hooks as others."""
+"""The built-in plugin: what hat provides itself, registered through the same hooks as others.
+
+Like any plugin it sits at the top of the import graph: the plugin manager loads it by its module
+name (`hatcli.plugins.BUILTIN_MODULE`), and no module of hat imports it, so it may import any layer.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from hatcli.family import CallbackSpec, Packer, PackRequest, PackResult
+from hatcli.data.packers import coco, imagenet, mnist
+from hatcli.data.shapes import pack_shapes
+from hatcli.engine.callbacks import EarlyStopping
+from hatcli.family import CallbackSpec, Packer
 from hatcli.hookspecs import hookimpl
-
-
-def _pack_shapes(request: PackRequest) -> PackResult:
-    from hatcli.data.shapes import pack_shapes
-
-    return pack_shapes(request)
-
-
-def _pack_imagenet(request: PackRequest) -> PackResult:
-    from hatcli.data.packers import imagenet
-
-    return imagenet.run(request)
-
-
-def _pack_coco(request: PackRequest) -> PackResult:
-    from hatcli.data.packers import coco
-
-    return coco.run(request)
-
-
-def _pack_mnist(request: PackRequest) -> PackResult:
-    from hatcli.data.packers import mnist
-
-    return mnist.run(request)
 
 
 @hookimpl
 def register_packers(register: Callable[[Packer], None]) -> None:
     """Register the packers that ship with hat."""
     for name, description, run in (
-        ("shapes", "generate a deterministic synthetic dataset (coloured shapes) and pack it", _pack_shapes),
+        ("shapes", "generate a deterministic synthetic dataset (coloured shapes) and pack it", pack_shapes),
         ("imagenet", "a class-per-folder image tree: SRC/<split>/<class>/<image> (ImageNet or your own)",
-         _pack_imagenet),
+         imagenet.run),
         ("coco", "COCO-format detection: SRC/annotations/instances_<split>2017.json + SRC/<split>2017/",
-         _pack_coco),
-        ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", _pack_mnist),
+         coco.run),
+        ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", mnist.run),
     ):
         register(Packer(name=name, description=description, run=run))
-
-
-def _early_stopping(**args: object) -> object:
-    from hatcli.engine.callbacks import EarlyStopping
-
-    return EarlyStopping(**args)  # type: ignore[arg-type]
 
 
 @hookimpl
@@ -58,5 +35,5 @@ def register_callbacks(register: Callable[[CallbackSpec], None]) -> None:
     register(CallbackSpec(
         name="early_stopping",
         description="stop when the validation metric has not improved for `patience` validations",
-        factory=_early_stopping,
+        factory=EarlyStopping,
     ))

@@ -7,11 +7,17 @@ name another plugin holds, is recorded as broken with the reason; every other pl
 command keep working. Registration is all-or-nothing per plugin: what a plugin's hooks register
 is staged and reaches the registries only once all its hooks have succeeded.
 `HAT_LOAD_PLUGINS=a,b` loads only the named plugins (an empty value loads none but the built-in one).
+
+The built-in plugin (`hatcli.builtin`, hat's own packers and callbacks) is a plugin like any other:
+this module finds it by its name, `BUILTIN_MODULE`, and never imports it. Plugins sit at the top of
+the import graph (they may use every layer of hat), while the plugin manager sits near the bottom
+(recipe loading runs discovery); a static import here would make every layer depend on them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata as metadata
 import os
 import sys
@@ -21,13 +27,15 @@ from typing import Any, get_args
 
 import pluggy
 
-from hatcli import hookspecs
+from hatcli import __version__, hookspecs
 from hatcli.errors import PluginError
 from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, TaskKind
 from hatcli.registry import Registry, closest
 
 ENTRY_POINT_GROUP = "hat.plugins"
 BUILTIN = "builtin"
+BUILTIN_MODULE = "hatcli.builtin"
+"""The built-in plugin's module, imported by name (its `hat.plugins` entry point names it too)."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +237,8 @@ def load_plugins(reload: bool = False) -> PluginState:
         return _state
     pm = pluggy.PluginManager("hat")
     pm.add_hookspecs(hookspecs)
-    from hatcli import __version__, builtin
+    # outside `_admit`: hat's own plugin failing to import is a bug in hat, not a broken plugin
+    builtin = importlib.import_module(BUILTIN_MODULE)
 
     infos = {BUILTIN: PluginInfo(name=BUILTIN, distribution="hatcli", version=__version__)}
     _admit(pm, infos[BUILTIN], lambda: builtin)
