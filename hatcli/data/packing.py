@@ -93,7 +93,7 @@ def rejected_path(db: Path) -> Path:
     return db.with_name(db.name + ".rejected.jsonl")
 
 
-def fingerprint(*parts: Any) -> str:
+def pack_fingerprint(*parts: Any) -> str:
     """SHA-256 over the JSON of `parts`: what a resumed pack must have in common with the first."""
     sha = hashlib.sha256()
     for part in parts:

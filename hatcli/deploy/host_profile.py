@@ -56,7 +56,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint(threads: int | None, quick: bool = False) -> dict[str, Any]:
+def host_fingerprint(threads: int | None, quick: bool = False) -> dict[str, Any]:
     """Identify this machine and runtime, so a cached calibration is reused only where it holds."""
     import onnxruntime as ort
 
@@ -301,7 +301,7 @@ def read_cache(cache_path: Path | None = None, threads: int | None = None,
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint(threads, quick):
+    if not isinstance(data, dict) or data.get("fingerprint") != host_fingerprint(threads, quick):
         return None
     return data.get("measured")
 
@@ -318,7 +318,7 @@ def calibrate_host(cache_path: Path | None = None, threads: int | None = None, f
     if measured is None:
         measured = measure_host(threads, quick=quick, progress=progress)
         try:
-            atomic_write_json(path, {"fingerprint": fingerprint(threads, quick), "measured": measured})
+            atomic_write_json(path, {"fingerprint": host_fingerprint(threads, quick), "measured": measured})
         except OSError:
             pass  # a read-only home still gets a calibrated profile, just not cached
     return profile_from_measurement(measured)

@@ -31,7 +31,7 @@ from hatcli.data.packing import (
     add_summary,
     db_path,
     file_signature,
-    fingerprint,
+    pack_fingerprint,
     rejection,
     run_pack,
 )
@@ -263,7 +263,7 @@ def pack_coco_split(
     source = SourceReader.for_folder(image_dir, request)
     categories, items, listing_rejections = list_coco(ann_file, image_dir)
     signatures = [[item[1]["file_name"], *file_signature(Path(item[0]))] for item in items]
-    digest = fingerprint("coco", FORMAT_REVISION, split, file_signature(ann_file), signatures, extra_meta,
+    digest = pack_fingerprint("coco", FORMAT_REVISION, split, file_signature(ann_file), signatures, extra_meta,
                          source.options())
     meta = {
         "source": "coco",

@@ -21,7 +21,7 @@ from hatcli.data.packing import (
     add_summary,
     db_path,
     file_signature,
-    fingerprint,
+    pack_fingerprint,
     rejection,
     run_pack,
 )
@@ -121,7 +121,7 @@ def pack_imagenet_split(
     folder = split_folder(src, split)
     source = SourceReader.for_folder(folder, request)
     listing = list_images(folder, source.follow_symlinks)
-    digest = fingerprint("imagenet", FORMAT_REVISION, split, listing.classes, listing.signatures, extra_meta,
+    digest = pack_fingerprint("imagenet", FORMAT_REVISION, split, listing.classes, listing.signatures, extra_meta,
                          source.options())
     meta = {"source": "imagenet", **(extra_meta or {})}
     summary = run_pack(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hatcli.data.packing import Outcome, PackSummary, add_summary, db_path, file_signature, fingerprint, run_pack
+from hatcli.data.packing import Outcome, PackSummary, add_summary, db_path, file_signature, pack_fingerprint, run_pack
 from hatcli.errors import DataError, UsageError
 from hatcli.family import PackRequest, PackResult
 
@@ -89,7 +89,7 @@ def pack_mnist_split(
 ) -> PackSummary:
     """Pack one split of the MNIST idx files into ``target/<split>_lmdb``."""
     classes, items, signatures = list_mnist(Path(src), split)
-    digest = fingerprint("mnist", FORMAT_REVISION, split, classes, signatures)
+    digest = pack_fingerprint("mnist", FORMAT_REVISION, split, classes, signatures)
     return run_pack(
         db=db_path(target_data_dir, split), kind="classification", split=split, classes=classes, items=items,
         read=read_item, source_fingerprint=digest, workers=workers, strict=strict,
