@@ -10,23 +10,20 @@ from rich.table import Table
 
 from hatcli.commands._options import JsonOpt, SetOpt, load, print_json
 from hatcli.commands._targets import march_name, resolve_onnx
-from hatcli.errors import UsageError
+from hatcli.commands.march import print_march, print_march_list
+from hatcli.commands.sensitivity import print_sensitivity
+from hatcli.errors import UsageError, warn
 from hatcli.progress import stdout
+from hatcli.quant.march import load_march
 
 EXAMPLES = """
 Examples:
 
+  hat check recipes/quickstart.toml
+
   hat check recipes/quickstart.toml --march nash_e
 
   hat check --model model.onnx --march bayes --json
-
-  hat check --list-marches
-
-  hat check --list-marches --march nash_e      # rules, ops and their limits
-
-  hat check recipes/quickstart.toml --sensitivity --batches 4
-
-  hat check recipes/quickstart.toml --sensitivity --json
 """
 
 
@@ -34,39 +31,25 @@ def check(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe (checks its exported model).", metavar="[RECIPE]")] = None,
     model: Annotated[Path | None, typer.Option(help="An ONNX file to check instead of a recipe's export.")] = None,
     march: Annotated[str | None, typer.Option(help="bayes, nash_e, nash_m, nash_p or host (default: the recipe's).")] = None,
-    list_marches: Annotated[bool, typer.Option("--list-marches", help="Show every march profile and exit.")] = False,
-    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Rank quantized layers by what quantizing each "
-                                              "alone costs (needs the calibration stage).")] = False,
-    batches: Annotated[int | None, typer.Option(min=1, help="With --sensitivity: val batches to use "
-                                                         "(default all).")] = None,
+    # the spellings from before `hat march` and `hat sensitivity`, kept for scripts
+    list_marches: Annotated[bool, typer.Option("--list-marches", hidden=True)] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", hidden=True)] = False,
+    batches: Annotated[int | None, typer.Option(min=1, hidden=True)] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check every op against the march profile; exit 1 when some fall back to the CPU.
-
-    With --sensitivity: rank the recipe's quantized layers by what quantizing each alone costs.
-    """
-    from hatcli.quant.march import list_marches as all_marches
-    from hatcli.quant.march import load_march
-
+    """Check every op against the march profile; exit 1 when some fall back to the CPU."""
     profile = load_march(march) if march is not None else None  # a bad --march is reported first
     if list_marches:
         if profile is not None:
-            _show_march(profile, json_out)
-            return
-        profiles = all_marches()
-        if json_out:
-            print_json([p.model_dump() for p in profiles])
-            return
-        table = Table("march", "chip", "int8 TOPS", "activations", "float output", "latency")
-        for p in profiles:
-            table.add_row(p.name, p.chip, f"{p.int8_tops:g}", "/".join(p.quant.activation_dtypes),
-                          "yes" if p.quant.float_output else "no (int32, dequantized)",
-                          "estimated" if p.estimated else "measured")
-        stdout.print(table)
+            warn("`hat check --list-marches --march NAME` is now `hat march show NAME`")
+            print_march(profile, json_out)
+        else:
+            warn("`hat check --list-marches` is now `hat march list`")
+            print_march_list(json_out)
         return
     if sensitivity:
-        _sensitivity(recipe, model, march, batches, overrides, json_out)
+        _old_sensitivity(recipe, model, march, batches, overrides, json_out)
         return
     if batches is not None:
         raise UsageError("--batches applies to --sensitivity")
@@ -89,48 +72,17 @@ def check(
         raise typer.Exit(1)
 
 
-def _sensitivity(recipe: Path | None, model: Path | None, march: str | None, batches: int | None,
-                 overrides: list[str] | None, json_out: bool) -> None:
-    """`hat check RECIPE --sensitivity`: the ranked table (or JSON) of per-layer quantization cost."""
-    from hatcli.quant.sensitivity import layer_sensitivity
-
+def _old_sensitivity(recipe: Path | None, model: Path | None, march: str | None, batches: int | None,
+                     overrides: list[str] | None, json_out: bool) -> None:
+    """`hat check RECIPE --sensitivity`, the old spelling of `hat sensitivity RECIPE`."""
     if recipe is None or model is not None:
         raise UsageError("--sensitivity needs a RECIPE (not --model): it measures the recipe's calibrated model")
     lr = load(recipe, overrides)
     if march and march != lr.recipe.quant.march:
         raise UsageError(f"--sensitivity uses the recipe's march (`{lr.recipe.quant.march}`) and calibration; "
                          f"to try `{march}`, use --set quant.march={march} and calibrate again")
-    report = layer_sensitivity(lr, batches)
-    if json_out:
-        print_json(report.to_dict())
-        return
-    table = Table("rank", "layer", "op", "dtype", f"drop ({report.metric})", "SQNR dB",
-                  title=f"quantizing one layer alone, {report.images} val images")
-    for i, row in enumerate(report.layers, start=1):
-        colour = "red" if row.drop > 0 else "green" if row.drop < 0 else "default"
-        table.add_row(str(i), row.layer, row.op, row.dtype, f"[{colour}]{row.drop:+.2f}[/]", f"{row.sqnr_db:.1f}")
-    stdout.print(table)
-    stdout.print(f"reference (every fake quant off): {report.metric} {report.reference:.2f}")
-
-
-def _show_march(profile, json_out: bool) -> None:
-    """Print one march's quantization rules and its supported ops with their limits."""
-    if json_out:
-        print_json(profile.model_dump())
-        return
-    rules = profile.quant
-    stdout.print(f"[bold]{profile.name}[/] ({profile.chip}): {profile.int8_tops:g} int8 TOPS, latency "
-                 f"{'estimated' if profile.estimated else 'measured'}")
-    stdout.print(f"  activations {'/'.join(rules.activation_dtypes)} per tensor, zero point 0; weights "
-                 f"{rules.weight_dtype} symmetric per output channel; float output: "
-                 f"{'yes' if rules.float_output else 'no (the last conv gives int32, then dequantized)'}; "
-                 f"unsigned grid after ReLU: {'yes' if rules.unsigned_after_relu else 'no'}")
-    table = Table("op", "max kernel", "max stride", "group channels multiple of", "note")
-    for name, rule in sorted(profile.ops.items()):
-        table.add_row(name, *(str(v) if v is not None else "-" for v in
-                              (rule.max_kernel, rule.max_stride, rule.group_channel_multiple)), rule.note)
-    stdout.print(table)
-    stdout.print(f"  fused after conv / matmul / add: {', '.join(profile.fusible_activations)}")
+    warn("`hat check RECIPE --sensitivity` is now `hat sensitivity RECIPE`")
+    print_sensitivity(lr, batches, json_out)
 
 
 def register(app: typer.Typer) -> None:
