@@ -1,4 +1,5 @@
-"""Files written atomically: a temp file in the same folder, fsync, then a rename.
+"""Files written atomically: a temp file in the same folder, fsync, then a rename; and the
+early check that a folder can hold a stage's outputs at all (`check_writable`).
 
 Torch-free, so that deploy code (compile, runtime) can use it without importing torch.
 """
@@ -58,3 +59,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON atomically, indented for people."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, with a clear message, when `folder` cannot hold the stage's outputs."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise HatError(f"cannot write to {folder}: {exc.strerror or exc}; "
+                       f"choose another `work_dir` (e.g. --set work_dir=/tmp/runs)") from None

@@ -37,7 +37,7 @@ def _metric_text(metrics: dict[str, float]) -> str:
 
 
 def _pack(lr: LoadedRecipe) -> StageRow:
-    from hatcli.engine.loaders import data_path
+    from hatcli.inputs import data_path
     from hatcli.family import PackRequest
     from hatcli.plugins import packers
 

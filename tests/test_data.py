@@ -340,7 +340,8 @@ def test_detection_collate_pads_mixed_sizes_at_the_bottom_right() -> None:
 
 
 def test_loader_hands_workers_uint8_and_normalizes_whole_batches_on_the_device(tiny_shapes: Path, tmp_path: Path) -> None:
-    from hatcli.engine.loaders import build_loader, model_input
+    from hatcli.engine.loaders import build_loader
+    from hatcli.inputs import model_input
     from hatcli.recipe import load_recipe
 
     text = f"""

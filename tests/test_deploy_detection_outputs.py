@@ -74,7 +74,7 @@ def _raw_outputs(detector: dict[str, Any], image: Path) -> dict[str, np.ndarray]
     """The compiled artifact's raw outputs for one val image, fed as hat feeds it."""
     from torchvision.io import decode_image
 
-    from hatcli.engine.loaders import detection_model_input
+    from hatcli.inputs import detection_model_input
 
     x, _ = detection_model_input(detector["lr"], decode_image(str(image)))
     session = _session(detector["artifact"])

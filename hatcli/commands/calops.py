@@ -85,7 +85,7 @@ def _num_classes(lr) -> int:
     if wanted:
         return int(wanted)
     from hatcli.data.lmdb_format import open_packed
-    from hatcli.engine.loaders import data_path
+    from hatcli.inputs import data_path
 
     path = data_path(lr, "train")
     if path.exists():

@@ -81,7 +81,7 @@ def _classify(lr, model, tensor, picture, classes, topk) -> tuple[list[dict], ob
     """Top-k classes of one image, and the picture with them drawn."""
     import torch
 
-    from hatcli.engine.loaders import model_input
+    from hatcli.inputs import model_input
     from hatcli.tasks.drawing import class_name
 
     with torch.no_grad():
@@ -95,7 +95,7 @@ def _detect(lr, model, tensor, picture, classes, topk, min_score) -> tuple[list[
     """Detections of one image in its own pixels, and the picture with the boxes drawn."""
     import torch
 
-    from hatcli.engine.loaders import detection_model_input
+    from hatcli.inputs import detection_model_input
     from hatcli.tasks.detection import to_original
     from hatcli.tasks.drawing import class_name
 

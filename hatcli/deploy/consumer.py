@@ -14,6 +14,7 @@ from typing import Any
 from torchvision.transforms import v2
 
 from hatcli.errors import PluginError
+from hatcli.inputs import batch_transform, image_transform, input_color_space
 from hatcli.recipe import LoadedRecipe
 
 DECODE = ("decode the file to 8-bit RGB (PIL: Image.open(path).convert('RGB')), channels first "
@@ -87,8 +88,6 @@ def _yuv_step(rounded: bool) -> dict[str, Any]:
 def preprocess_spec(lr: LoadedRecipe) -> dict[str, Any]:
     """The val pipeline as plain steps plus a summary (resize, colour space, normalization, the
     tensor the model takes)."""
-    from hatcli.engine.loaders import batch_transform, image_transform, input_color_space
-
     per_image = list(image_transform(lr, "val").transforms)
     steps = [step for t in per_image + list(batch_transform(lr).transforms) for step in _step(t)]
     resize = next((s for s in steps if s["op"] == "resize"), None)

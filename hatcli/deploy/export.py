@@ -23,6 +23,7 @@ from hatcli.deploy.consumer import consumer_spec
 from hatcli.deploy.folders import building
 from hatcli.deploy.runtime import sha256_file
 from hatcli.errors import ArtifactError, HatError, UsageError
+from hatcli.inputs import input_color_space
 from hatcli.recipe import LoadedRecipe, recipe_hash
 
 INPUT_NAME = "image"
@@ -30,8 +31,6 @@ INPUT_NAME = "image"
 
 def input_spec(lr: LoadedRecipe) -> dict[str, Any]:
     """What the deployed model expects: shape, dtype, layout, colour space and normalization."""
-    from hatcli.engine.loaders import input_color_space
-
     h, w = lr.recipe.data.input_size
     return {"name": INPUT_NAME, "shape": ["N", 3, h, w], "dtype": "float32", "layout": "NCHW",
             "color_space": input_color_space(lr), "mean": list(lr.recipe.data.mean), "std": list(lr.recipe.data.std),

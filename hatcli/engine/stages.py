@@ -28,7 +28,8 @@ from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.engine import distributed
 from hatcli.engine.callbacks import Callback, plugin_callbacks
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
-from hatcli.engine.loaders import build_loader, data_path
+from hatcli.engine.loaders import build_loader
+from hatcli.inputs import data_path
 from hatcli.engine.trainer import TrainSpec, check_writable, evaluate, fit
 from hatcli.errors import ArtifactError, DataError, UsageError, warn
 from hatcli.locking import exclusive, lock_file_for

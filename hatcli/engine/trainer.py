@@ -18,7 +18,6 @@ make a run *resumable exactly*:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from hatcli.atomic import check_writable
 from hatcli.engine import distributed
 from hatcli.engine.callbacks import Callback, ProgressBar, default_callbacks
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -91,18 +91,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_writable(folder: Path) -> None:
-    """Fail early, with a clear message, when `folder` cannot hold the stage's outputs."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise HatError(f"cannot write to {folder}: {exc.strerror or exc}; "
-                       f"choose another `work_dir` (e.g. --set work_dir=/tmp/runs)") from None
 
 
 class Trainer:
