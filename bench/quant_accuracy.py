@@ -79,7 +79,7 @@ RESULT_KEYS = ("float_top1", "calibration_top1", "qat_top1", "int_infer_top1", "
 
 def run_our_flow(recipe: Path, overrides: list[str], reuse: bool, seconds: dict[str, float]) -> dict[str, float]:
     """Run float, calibration, qat, int_infer, export, compile and deploy through the CLI; return top-1s."""
-    from hatcli.engine.stages import is_up_to_date, read_stage_record
+    from hatcli.stages import is_up_to_date, read_stage_record
     from hatcli.recipe import load_recipe
 
     sets = [x for item in overrides for x in ("--set", item)]
@@ -121,7 +121,7 @@ def stock_prepare(lr: Any) -> Any:
         get_default_x86_inductor_quantization_config,
     )
 
-    from hatcli.engine.stages import load_float_model
+    from hatcli.workflows.stage_models import load_float_model
     from hatcli.quant.flow import batch_dynamic_shapes
 
     model, _ = load_float_model(lr)
@@ -229,7 +229,7 @@ def step_times(lr: Any, rounds: int, steps: int, warmup: int) -> dict[str, Any]:
 
     from hatcli.engine.loaders import build_loader
     from hatcli.engine.schedule import build_optimizer
-    from hatcli.engine.stages import load_float_model, load_prepared
+    from hatcli.workflows.stage_models import load_float_model, load_prepared
     from hatcli.quant.flow import set_mode
 
     images, labels = next(iter(build_loader(lr, "train")))

@@ -4,19 +4,22 @@ transform specs, the colour space, and one image as the model receives it.
 The same answers serve training (hatcli/engine/loaders.py builds the DataLoaders from them),
 export (the manifest's input and `preprocess`) and `hat infer`, so what is trained on is what is
 deployed and described.
+
+Torch-free at import (torch and the transform builders are imported where a pipeline is built),
+so that `hatcli.stages` can read data paths, and the deploy commands that take a bare ONNX model
+run, without loading torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from hatcli.data.datasets import transform_detection
-from hatcli.data.transforms import build_batch_transforms, build_transforms
 from hatcli.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def data_path(lr: LoadedRecipe, split: str) -> Path:
@@ -49,11 +52,15 @@ def input_color_space(lr: LoadedRecipe) -> str:
 
 def image_transform(lr: LoadedRecipe, split: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-image pipeline of `split` (runs in the DataLoader workers)."""
+    from hatcli.data.transforms import build_transforms
+
     return build_transforms(transform_specs(lr, split), where=f"data.{split}_transforms")
 
 
 def batch_transform(lr: LoadedRecipe) -> Callable[[torch.Tensor], torch.Tensor]:
     """The batch pipeline (runs on the model's device)."""
+    from hatcli.data.transforms import build_batch_transforms
+
     return build_batch_transforms(batch_specs(lr), where="data.batch_transforms")
 
 
@@ -67,6 +74,10 @@ def detection_model_input(lr: LoadedRecipe, image: torch.Tensor,
                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
     """One decoded uint8 CHW image as a detection model receives it (a batch of one), and the
     target that maps its detections back onto the image (`image_box`, `orig_size`, `img_size`)."""
+    import torch
+
+    from hatcli.data.datasets import transform_detection
+
     h, w = int(image.shape[-2]), int(image.shape[-1])
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
               "image_box": torch.tensor([0.0, 0.0, float(w), float(h)]), "orig_size": (h, w)}

@@ -98,7 +98,7 @@ def test_no_file_of_the_artifact_holds_an_absolute_path(artifact: Path, source: 
 
 
 def test_perf_still_estimates_from_the_source_model_through_a_relative_path(artifact: Path, source: Path) -> None:
-    from hatcli.deploy.stage import estimation_source
+    from hatcli.deploy.recipe_build import estimation_source
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert not Path(manifest["source"]["path"]).is_absolute()
@@ -108,7 +108,7 @@ def test_perf_still_estimates_from_the_source_model_through_a_relative_path(arti
 def test_a_copied_artifact_loads_and_estimates_from_its_own_model(artifact: Path, tmp_path: Path) -> None:
     import shutil
 
-    from hatcli.deploy.stage import estimation_source
+    from hatcli.deploy.recipe_build import estimation_source
 
     copy = tmp_path / "elsewhere" / "deep" / "copy"
     shutil.copytree(artifact, copy)

@@ -34,10 +34,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:
 def detector(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`recipes/shapes_fcos.toml` shrunk to seconds: packed, trained, calibrated, exported, compiled."""
     from hatcli.data.shapes import pack_shapes
-    from hatcli.deploy.export import export_stage
-    from hatcli.deploy.stage import compile_recipe
-    from hatcli.engine.stages import calibrate, default_compile_dir, default_export_dir, train_float
+    from hatcli.deploy.recipe_build import compile_recipe
     from hatcli.family import PackRequest
+    from hatcli.stages import default_compile_dir, default_export_dir
+    from hatcli.workflows.exporting import export_stage
+    from hatcli.workflows.training import calibrate, train_float
 
     root = tmp_path_factory.mktemp("fcos_outputs")
     pack_shapes(PackRequest(kind="shapes", target_data_dir=root / "data", task="detection", num_images=24,

@@ -22,7 +22,7 @@ PTQ = ("--set", "qat.enabled=false")
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory, tiny_shapes: Path) -> Path:
     """A tiny recipe whose float and calibration stages are done (QAT is enabled but not run)."""
-    from hatcli.engine.stages import calibrate, train_float
+    from hatcli.workflows.training import calibrate, train_float
 
     root = tmp_path_factory.mktemp("calibrated")
     recipe = root / "tiny.toml"

@@ -11,7 +11,7 @@ import torch
 from hatcli.data.datasets import DetectionDataset
 from hatcli.data.shapes import pack_shapes
 from hatcli.data.transforms import build_transforms
-from hatcli.engine.compare import same_detections
+from hatcli.workflows.compare import same_detections
 from hatcli.family import PackRequest
 from hatcli.tasks.detection import DetectionFamily, DetectionMetric, Detections, to_original
 

@@ -86,7 +86,7 @@ def test_calibrate_convert_export_and_compile(built, tmp_path: Path) -> None:
     from hatcli.deploy.compile import compile_model
     from hatcli.deploy.export import export_onnx
     from hatcli.deploy.runtime import load_artifact
-    from hatcli.engine.compare import broadcast_step, flat_outputs, output_steps
+    from hatcli.workflows.compare import broadcast_step, flat_outputs, output_steps
     from hatcli.quant.flow import convert_to_integer, export_program, prepare_quantized, set_mode
     from hatcli.quant.integer import integer_program
     from hatcli.quant.march import load_march

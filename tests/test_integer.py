@@ -99,11 +99,11 @@ def test_add_rounds_each_float32_step_like_the_lowered_graph():
 
 
 def test_int_infer_stage_uses_the_integer_program(monkeypatch, tmp_path: Path):
-    from hatcli.engine import stages
+    from hatcli.workflows import stage_models
 
     calls = []
-    monkeypatch.setattr(stages, "integer_model", lambda lr: (calls.append(lr) or programs_stub(), {"classes": ["a"]}))
-    model, classes = stages.stage_model(object(), "int_infer")
+    monkeypatch.setattr(stage_models, "integer_model", lambda lr: (calls.append(lr) or programs_stub(), {"classes": ["a"]}))
+    model, classes = stage_models.stage_model(object(), "int_infer")
     assert calls and hasattr(model, "integer_ops") and classes == ["a"]
 
 

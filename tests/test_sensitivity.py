@@ -198,7 +198,7 @@ def test_auto_int16_applies_to_calibration_only(hat, trained):
 def test_auto_int16_with_the_drop_already_small_promotes_nothing(trained):
     """The search stops after the normal calibration and still writes a recipe (with no new int16
     layer): the command always leaves the recipe it names, and that recipe resolves to the original."""
-    from hatcli.engine import stages
+    from hatcli import stages
     from hatcli.recipe import load_recipe
 
     assert trained.read_text() == (trained.parent / "original.toml").read_text()  # never touched
@@ -214,11 +214,12 @@ def test_auto_int16_with_the_drop_already_small_promotes_nothing(trained):
 def test_auto_int16_promotes_the_most_sensitive_layers_until_the_drop_fits(hat, own_run, monkeypatch):
     """Real calibrations; the measured top-1 is replaced by one that recovers as layers go int16
     (the tiny model's PTQ loses nothing), so the search must take exactly two steps."""
-    from hatcli.engine import stages
+    from hatcli import stages
     from hatcli.quant import flow
     from hatcli.recipe import load_recipe
+    from hatcli.workflows import stage_models, training
 
-    real = stages.calibrate
+    real = training.calibrate
     seen: list[list[str]] = []
 
     def calibrate(lr, from_path=None):
@@ -227,7 +228,7 @@ def test_auto_int16_promotes_the_most_sensitive_layers_until_the_drop_fits(hat, 
         penalty = {0: 2.0, 1: 1.0}.get(len(lr.recipe.quant.int16), 0.0)
         return {**record, "metrics": {**record["metrics"], "top1": 50.0 - penalty}}
 
-    monkeypatch.setattr(stages, "calibrate", calibrate)
+    monkeypatch.setattr(training, "calibrate", calibrate)
     quantizers = []
     real_prepare = flow.prepare_quantized
 
@@ -237,7 +238,7 @@ def test_auto_int16_promotes_the_most_sensitive_layers_until_the_drop_fits(hat, 
         return prepared, quantizer
 
     monkeypatch.setattr(flow, "prepare_quantized", prepare_quantized)
-    monkeypatch.setattr(stages, "evaluate_stage", lambda lr, stage: {"stage": stage, "metrics": {"top1": 50.0}})
+    monkeypatch.setattr(stage_models, "evaluate_stage", lambda lr, stage: {"stage": stage, "metrics": {"top1": 50.0}})
     out_path = own_run.parent / "kept" / "mixed.toml"
     result = hat("train", own_run, "--stage", "calibration", "--auto-int16", "--max-drop", "0.5",
                  "--write-recipe", out_path, "--sensitivity-batches", "1", "--json")
@@ -258,7 +259,7 @@ def test_auto_int16_promotes_the_most_sensitive_layers_until_the_drop_fits(hat, 
     # the last calibration (the one kept) computed exactly those modules' outputs in int16
     assert quantizers[-1].int16 == out["int16"] and sorted(quantizers[-1].int16_nodes) == sorted(out["int16"])
     assert json.loads((own_run.parent / "runs/tiny/calibration/stage.json").read_text())["fingerprint"] == \
-        stages.fingerprint(kept, "calibration")
+        stages.stage_fingerprint(kept, "calibration")
 
     # a second search refuses to overwrite a file it did not write, and never the recipe itself
     assert hat("train", own_run, "--stage", "calibration", "--auto-int16", "--write-recipe", own_run).code == 2

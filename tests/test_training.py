@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hatcli.engine import stages
+from hatcli import stages
+from hatcli.workflows import training
 from hatcli.engine.callbacks import Callback
 from hatcli.engine.checkpoint import load_checkpoint
 from hatcli.errors import HatError, Interrupted
@@ -59,12 +60,12 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 def test_ctrl_c_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path: Path, tiny_recipe: Path) -> None:
     whole = load_recipe(_recipe(tmp_path, tiny_recipe, name="whole.toml"))
-    stages.train_float(whole)
+    training.train_float(whole)
     cut = load_recipe(_recipe(tmp_path, tiny_recipe, name="cut.toml"))
     with pytest.raises(Interrupted, match="interrupted at step 11"):
-        stages.train_float(cut, callbacks=[StopAt(11)])  # epoch 2 of 2, 3 steps in
+        training.train_float(cut, callbacks=[StopAt(11)])  # epoch 2 of 2, 3 steps in
     assert load_checkpoint(cut.run_dir / "float" / "checkpoint-last.pt")["batch_in_epoch"] == 3
-    record = stages.train_float(cut, resume=True)
+    record = training.train_float(cut, resume=True)
     for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
         _assert_bitwise_equal(_weights(whole.run_dir / "float" / name), _weights(cut.run_dir / "float" / name))
     assert record["metrics"] == stages.read_stage_record(whole, "float")["metrics"]
@@ -74,7 +75,7 @@ def test_ctrl_c_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path: P
 
 KILL_AT = """
 import os, signal, sys
-from hatcli.engine import stages
+from hatcli.workflows import training
 from hatcli.engine.callbacks import Callback
 from hatcli.recipe import load_recipe
 
@@ -83,13 +84,13 @@ class Kill(Callback):
         if trainer.step == int(sys.argv[2]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-stages.train_float(load_recipe(sys.argv[1]), callbacks=[Kill()])
+training.train_float(load_recipe(sys.argv[1]), callbacks=[Kill()])
 """
 
 
 def test_kill_9_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path: Path, tiny_recipe: Path, hat) -> None:
     whole = load_recipe(_recipe(tmp_path, tiny_recipe, name="whole.toml"))
-    stages.train_float(whole)
+    training.train_float(whole)
     cut_path = _recipe(tmp_path, tiny_recipe, name="cut.toml")
     cut_path.write_text(cut_path.read_text().replace("[float]\n", "[float]\ncheckpoint_every_steps = 3\n", 1))
     run = subprocess.run([sys.executable, "-c", KILL_AT, str(cut_path), "13"], capture_output=True, timeout=300)
@@ -108,20 +109,20 @@ def test_qat_resumes_exactly_too(tmp_path: Path, tiny_recipe: Path) -> None:
     path = _recipe(tmp_path, tiny_recipe, name="q.toml")
     path.write_text(path.read_text().replace("[qat]\nepochs = 1\n", extra))
     lr = load_recipe(path)
-    stages.train_float(lr)
-    stages.calibrate(lr)
-    stages.train_qat(lr)
+    training.train_float(lr)
+    training.calibrate(lr)
+    training.train_qat(lr)
     whole = _weights(lr.run_dir / "qat" / "checkpoint-last.pt")
     with pytest.raises(Interrupted):
-        stages.train_qat(lr, callbacks=[StopAt(10)])
-    stages.train_qat(lr, resume=True)
+        training.train_qat(lr, callbacks=[StopAt(10)])
+    training.train_qat(lr, resume=True)
     _assert_bitwise_equal(whole, _weights(lr.run_dir / "qat" / "checkpoint-last.pt"))
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, tiny_recipe: Path, hat) -> None:
     path = _recipe(tmp_path, tiny_recipe)
     with pytest.raises(Interrupted):
-        stages.train_float(load_recipe(path), callbacks=[StopAt(3)])
+        training.train_float(load_recipe(path), callbacks=[StopAt(3)])
     result = hat("train", path, "--stage", "float", "--resume", "--set", "float.optimizer.lr=0.01")
     assert result.code == 1 and "other recipe settings" in result.err
 
@@ -148,7 +149,7 @@ def test_a_plugin_callback_named_in_the_recipe_runs(tmp_path: Path, tiny_recipe:
     path = _recipe(tmp_path, tiny_recipe)
     path.write_text(path.read_text().replace("[float]\n", '[float]\ncallbacks = [{name = "count_steps", label = "n"}]\n', 1))
     lr = load_recipe(path)
-    stages.train_float(lr)
+    training.train_float(lr)
     lines = [json.loads(x) for x in (lr.run_dir / "float" / "metrics.jsonl").read_text().splitlines()]
     assert [r["n"] for r in lines] == [8, 16]
     assert all("lr" in r and "top1" in r and "images_per_s" in r for r in lines)
@@ -165,7 +166,7 @@ def test_ema_weights_are_what_the_best_checkpoint_keeps(tmp_path: Path, tiny_rec
     path = _recipe(tmp_path, tiny_recipe, "[float.ema]\ndecay = 0.9\ntau = 0\n")
     path.write_text(path.read_text().replace("epochs = 2", "epochs = 1", 1))
     lr = load_recipe(path)
-    stages.train_float(lr)
+    training.train_float(lr)
     last = load_checkpoint(lr.run_dir / "float" / "checkpoint-last.pt")
     best = _weights(lr.run_dir / "float" / "checkpoint-best.pt")  # one epoch: saved at the same moment
     assert last["ema"]["updates"] == 8
@@ -187,7 +188,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path: Path, tiny_
 
     lr = load_recipe(_recipe(tmp_path, tiny_recipe))
     with pytest.raises(Interrupted):
-        stages.train_float(lr, callbacks=[StopAt(9)])
+        training.train_float(lr, callbacks=[StopAt(9)])
     last = lr.run_dir / "float" / "checkpoint-last.pt"
     good = last.read_bytes()
     writes = {"n": 0}
@@ -201,7 +202,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path: Path, tiny_
 
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
     with pytest.raises(HatError, match="could not write .*checkpoint-last.pt .*No space left.*intact"):
-        stages.train_float(lr, resume=True)
+        training.train_float(lr, resume=True)
     assert last.read_bytes() == good
 
 
@@ -215,7 +216,7 @@ def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_p
 def test_tensorboard_events_when_tensorboard_is_installed(tmp_path: Path, tiny_recipe: Path) -> None:
     pytest.importorskip("tensorboard", reason="tensorboard is optional: `pip install tensorboard` to log events")
     lr = load_recipe(_recipe(tmp_path, tiny_recipe))
-    stages.train_float(lr)
+    training.train_float(lr)
     assert list((lr.run_dir / "float" / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -224,7 +225,7 @@ def test_the_builtin_early_stopping_callback_ends_a_stage_that_stopped_improving
     text = path.read_text().replace("epochs = 2", "epochs = 4", 1)
     path.write_text(text.replace("[float]\n", '[float]\ncallbacks = [{name = "early_stopping", patience = 1, min_delta = 100}]\n', 1))
     lr = load_recipe(path)
-    stages.train_float(lr)
+    training.train_float(lr)
     lines = [json.loads(x) for x in (lr.run_dir / "float" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]  # no gain of 100 points after epoch 1: stop after epoch 2
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hatcli.engine import stages
+from hatcli import stages
+from hatcli.workflows import training
 from hatcli.engine.checkpoint import load_checkpoint
 from hatcli.errors import HatWarning, Interrupted
 from hatcli.locking import lock_file_for
@@ -62,7 +63,7 @@ def _epochs(path: Path) -> list[int]:
 def test_an_interrupted_training_saves_then_raises_keyboard_interrupt(tmp_path, tiny_recipe):
     lr = load_recipe(_recipe(tmp_path, tiny_recipe, "lib"))
     with pytest.raises(KeyboardInterrupt) as info:
-        stages.train_float(lr, callbacks=[StopAt(11)])
+        training.train_float(lr, callbacks=[StopAt(11)])
     assert not isinstance(info.value, Exception)  # an `except Exception` in user code does not swallow it
     assert "interrupted at step 11" in str(info.value)
     saved = load_checkpoint(lr.run_dir / "float" / "checkpoint-last.pt")
@@ -84,7 +85,7 @@ def test_ctrl_c_in_hat_train_exits_130_with_the_command_that_continues(hat, tmp_
 
 def test_ctrl_c_in_hat_run_continues_when_the_same_command_runs_again(hat, tmp_path, tiny_recipe, stop_at):
     whole = load_recipe(_recipe(tmp_path, tiny_recipe, "whole", 'callbacks = [{name = "stop_at", step = 0}]', 3))
-    stages.train_float(whole)
+    training.train_float(whole)
     path = _recipe(tmp_path, tiny_recipe, "run", 'callbacks = [{name = "stop_at", step = 20}]', 3)  # epoch 3
     first = hat("run", path)
     assert first.code == 130
@@ -111,7 +112,7 @@ def test_stages_built_on_an_unfinished_stage_say_so_and_how_to_finish_it(hat, tm
     path = _recipe(tmp_path, tiny_recipe, "half")
     lr = load_recipe(path)
     with pytest.raises(Interrupted):
-        stages.train_float(lr, callbacks=[StopAt(11)])  # epoch 1 of 2 done, 3 steps into the second
+        training.train_float(lr, callbacks=[StopAt(11)])  # epoch 1 of 2 done, 3 steps into the second
     record = stages.read_stage_record(lr, "float")
     assert (record["finished"], record["epochs"], record["epochs_planned"]) == (False, 1, 2)
     assert not stages.is_up_to_date(lr, "float")
@@ -125,7 +126,7 @@ def test_stages_built_on_an_unfinished_stage_say_so_and_how_to_finish_it(hat, tm
     assert not stages.is_up_to_date(lr, "calibration")  # `hat run` builds it again once float is finished
 
     with pytest.warns(HatWarning, match=r"the calibration stage was built on an unfinished stage.*float.*1/2"):
-        stages.train_qat(lr)
+        training.train_qat(lr)
     evaluated = hat("eval", path, "--stage", "float")
     assert evaluated.code == 0 and "the float stage is unfinished (epoch 1/2)" in evaluated.err
     exported = hat("export", path)

@@ -17,7 +17,7 @@ def resolve_onnx(recipe: Path | None, model: Path | None, overrides: list[str] |
         if not model.is_file():
             raise UsageError(f"--model: no such file: {model}")
         return model, None
-    from hatcli.engine.stages import default_export_dir
+    from hatcli.stages import default_export_dir
 
     lr = load(recipe, overrides)
     onnx_path = default_export_dir(lr) / "model.onnx"

@@ -59,7 +59,7 @@ def calops(
     if stage == "float":
         report = count_ops(model, torch.zeros(shape))
     else:
-        from hatcli.engine.stages import integer_model
+        from hatcli.workflows.stage_models import integer_model
         from hatcli.quant.integer import integer_program
 
         reference, _ = integer_model(lr)

@@ -31,10 +31,10 @@ def compile_cmd(
 ) -> None:
     """Optimize the model offline and write model.onnx, manifest.json and perf.json."""
     from hatcli.deploy.compile import compile_model
-    from hatcli.deploy.stage import compile_recipe
-    from hatcli.engine.stages import default_compile_dir
+    from hatcli.deploy.recipe_build import compile_recipe
     from hatcli.errors import UsageError
     from hatcli.quant.march import load_march
+    from hatcli.stages import default_compile_dir
 
     if march is not None:  # bad arguments are reported before the model is looked for
         load_march(march)

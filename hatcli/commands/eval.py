@@ -36,14 +36,15 @@ def evaluate(
 ) -> None:
     """Evaluate a stage: top-1/top-5 (classification) or COCO mAP (detection) in percent; with
     --compare, how far stages agree."""
-    from hatcli.engine.stages import EVAL_STAGES, evaluate_stage
+    from hatcli.stages import EVAL_STAGES
+    from hatcli.workflows.stage_models import evaluate_stage
 
     lr = load(recipe, overrides)
     if compare is None:
         result = evaluate_stage(lr, stage, artifact)
         print_json(result) if json_out else print_metrics(stage, result["metrics"])
         return
-    from hatcli.engine.compare import compare_stages
+    from hatcli.workflows.compare import compare_stages
 
     others = [s.strip() for s in compare.split(",") if s.strip()]
     unknown = [s for s in [stage, *others] if s not in EVAL_STAGES]

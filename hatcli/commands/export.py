@@ -31,8 +31,8 @@ def export(
 ) -> None:
     """Convert the QAT model (or the calibration model: `--stage calibration`, or when
     `qat.enabled = false`) to the integer program and write model.pt2 + model.onnx."""
-    from hatcli.deploy.export import export_stage
-    from hatcli.engine.stages import default_export_dir
+    from hatcli.stages import default_export_dir
+    from hatcli.workflows.exporting import export_stage
 
     lr = load(recipe, overrides)
     result = export_stage(lr, out or default_export_dir(lr), stage)

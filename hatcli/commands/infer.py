@@ -40,7 +40,7 @@ def infer(
     from torchvision.io import ImageReadMode, decode_image
 
     from hatcli.atomic import atomic_write_bytes
-    from hatcli.engine.stages import stage_model
+    from hatcli.workflows.stage_models import stage_model
 
     lr = load(recipe, overrides)
     if topk is not None and topk < 1:

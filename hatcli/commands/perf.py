@@ -36,7 +36,7 @@ def perf(
     """Estimate latency/FPS on a march from a per-layer cost model; measure it here with ONNX Runtime."""
     import json
 
-    from hatcli.deploy.stage import estimation_source, perf_report
+    from hatcli.deploy.recipe_build import estimation_source, perf_report
     from hatcli.quant.march import load_march
 
     if march is not None:

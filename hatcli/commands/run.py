@@ -31,7 +31,7 @@ def run(
 
     Stages that are up to date are reused; one that an interrupted run left unfinished resumes.
     """
-    from hatcli.pipeline import run_pipeline
+    from hatcli.workflows.pipeline import run_pipeline
 
     lr = load(recipe, overrides)
     try:

@@ -116,15 +116,17 @@ def _resume_command(recipe: Path, stage: str, overrides: list[str] | None) -> st
 
 def _train_here(lr: object, stage: str, resume: bool, from_path: Path | None, json_out: bool) -> None:
     """Train `stage` in this process (one rank of a distributed run, or the only one)."""
-    from hatcli.engine import distributed, stages
+    from hatcli import stages
+    from hatcli.engine import distributed
+    from hatcli.workflows import training
 
     info = distributed.init_from_env(getattr(lr.recipe, "device", "auto"))
     if stage == "float":
-        record = stages.train_float(lr, resume=resume)
+        record = training.train_float(lr, resume=resume)
     elif stage == "calibration":
-        record = stages.calibrate(lr, from_path=from_path)
+        record = training.calibrate(lr, from_path=from_path)
     else:
-        record = stages.train_qat(lr, resume=resume, from_path=from_path)
+        record = training.train_qat(lr, resume=resume, from_path=from_path)
     if info.is_main:  # one report, from rank 0
         if json_out:
             print_json(record)

@@ -1,4 +1,7 @@
-"""`hat export`: the integer program (`model.pt2`) and the ONNX QDQ model, with a manifest.
+"""`hat export`'s files: the integer program (`model.pt2`) and the ONNX QDQ model, with a manifest.
+
+Which stage is exported and its conversion to an integer program are
+`hatcli.workflows.exporting.export_stage`'s; this module writes the folder from the converted model.
 
 Both files load without any project code: `import torchao` (which registers the
 `quantized_decomposed` operators) then `torch.export.load("model.pt2").module()`, and
@@ -22,9 +25,11 @@ from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.consumer import consumer_spec
 from hatcli.deploy.folders import building
 from hatcli.deploy.runtime import sha256_file
-from hatcli.errors import ArtifactError, HatError, UsageError
+from hatcli.errors import HatError
 from hatcli.inputs import input_color_space
-from hatcli.recipe import LoadedRecipe, recipe_hash
+from hatcli.quant.flow import export_program
+from hatcli.recipe import LoadedRecipe
+from hatcli.stages import export_fingerprint
 
 INPUT_NAME = "image"
 
@@ -67,56 +72,14 @@ def export_onnx(program: torch.export.ExportedProgram, example: tuple, path: Pat
     tmp.replace(path)
 
 
-EXPORTABLE_STAGES = ("calibration", "qat")
-"""Stages whose model can be exported: calibration (post-training quantization) or QAT."""
-
-
-def export_source(lr: LoadedRecipe, stage: str | None = None) -> str:
-    """The stage to export: `stage`, or the recipe's (QAT, calibration when `qat.enabled = false`).
-
-    Checked before any work: UsageError for another stage name or for `qat` with QAT disabled,
-    ArtifactError (saying how to get one) when the stage has no checkpoint yet.
-    """
-    from hatcli.engine.stages import quant_source, stage_dir
-
-    if stage is not None and stage not in EXPORTABLE_STAGES:
-        raise UsageError(f"--stage: cannot export `{stage}`; choose calibration (post-training quantization) "
-                         "or qat")
-    source = stage or quant_source(lr)
-    if source == "qat" and not lr.recipe.qat.enabled:
-        raise UsageError(f"{lr.path}: QAT is disabled (`qat.enabled = false`); export the calibration model "
-                         f"with `hat export {lr.path}` (or `--stage calibration`)")
-    folder = stage_dir(lr, source)
-    if not any(folder.glob("checkpoint*.pt")):
-        if source == "qat" and any(stage_dir(lr, "calibration").glob("checkpoint*.pt")):
-            raise ArtifactError(f"no QAT checkpoint in {folder}: train it with `hat train {lr.path} --stage qat`, "
-                                f"or export the calibration (post-training quantization) model with "
-                                f"`hat export {lr.path} --stage calibration`")
-        raise ArtifactError(f"no {source} checkpoint in {folder}; run `hat train {lr.path} --stage {source}` first")
-    return source
-
-
-def export_fingerprint(lr: LoadedRecipe, source: str) -> str:
-    """What an export of `source` depends on; for the recipe's own source stage it is the `export`
-    fingerprint that `hat run` compares."""
-    from hatcli.engine.stages import fingerprint, quant_source
-
-    if source == quant_source(lr):
-        return fingerprint(lr, "export")
-    return recipe_hash([fingerprint(lr, source), lr.resolved["data"]["input_size"]])
-
-
-def export_stage(lr: LoadedRecipe, out_dir: Path, stage: str | None = None) -> dict[str, Any]:
-    """Convert the QAT or calibration checkpoint (`export_source`) and write model.pt2, model.onnx,
-    recipe.toml and manifest.json into `out_dir`. The folder is built beside `out_dir` and renamed
-    into place at the end: a failed export leaves the previous export, or nothing."""
-    from hatcli.engine.stages import integer_model
-    from hatcli.quant.flow import export_program
-
-    tic = time.perf_counter()
-    source = export_source(lr, stage)
+def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[str], source: str, out_dir: Path,
+                 started: float | None = None) -> dict[str, Any]:
+    """Write model.pt2, model.onnx, recipe.toml and manifest.json into `out_dir` for the integer
+    program `model` converted from stage `source`. The folder is built beside `out_dir` and
+    renamed into place at the end: a failed export leaves the previous export, or nothing.
+    `started` (a `time.perf_counter()` value) is when the export began, for the seconds reported."""
+    tic = time.perf_counter() if started is None else started
     with building(out_dir, "manifest.json") as tmp_dir:
-        model, state = integer_model(lr, source)
         example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
         program = export_program(model, example)
         pt2, onnx_path = tmp_dir / "model.pt2", tmp_dir / "model.onnx"
@@ -128,7 +91,7 @@ def export_stage(lr: LoadedRecipe, out_dir: Path, stage: str | None = None) -> d
             "format": "hat-export", "version": 1, "family": lr.family.name,
             "source_stage": source, "march": lr.recipe.quant.march, "input": input_spec(lr),
             "outputs": output_names, "output_spec": output_spec,
-            **consumer_spec(lr, output_spec, state["classes"]),
+            **consumer_spec(lr, output_spec, classes),
             "fingerprint": export_fingerprint(lr, source),
             "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
             "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},

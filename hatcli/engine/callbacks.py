@@ -323,9 +323,3 @@ def default_callbacks(out_dir: Path, val_every: int, checkpoint_every_steps: int
             MetricLogger(out_dir / "metrics.jsonl"), TensorBoardLogger(out_dir / "tensorboard"),
             Checkpointer(checkpoint_every_steps)]
 
-
-def plugin_callbacks(specs: list[dict[str, Any]], where: str) -> list[Callback]:
-    """Instantiate the plugin callbacks a stage's `callbacks` list names; errors name the key."""
-    from hatcli.recipe_checks import build_callbacks
-
-    return build_callbacks(specs, where)

@@ -149,10 +149,11 @@ def auto_int16(recipe: Path, overrides: list[str] | None, max_drop: float, outpu
     `runs/<task>/calibration` ends holding that set's calibration. `on_step` hears of each step.
     """
     from hatcli.atomic import atomic_write_text
-    from hatcli.engine import stages
     from hatcli.engine.trainer import PRIMARY_METRIC
     from hatcli.quant.sensitivity import layer_sensitivity
     from hatcli.recipe import load_recipe
+    from hatcli.stages import is_up_to_date
+    from hatcli.workflows import stage_models, training
 
     recipe, overrides = Path(recipe), list(overrides or [])
     base = load_recipe(recipe, overrides)
@@ -164,9 +165,9 @@ def auto_int16(recipe: Path, overrides: list[str] | None, max_drop: float, outpu
 
     def calibrate(patterns: list[str]) -> float:
         lr = base if patterns == existing else load_recipe(recipe, overrides + [_int16_override(patterns)])
-        return stages.calibrate(lr, from_path=from_path)["metrics"][key]
+        return training.calibrate(lr, from_path=from_path)["metrics"][key]
 
-    float_metric = stages.evaluate_stage(base, "float")["metrics"][key]
+    float_metric = stage_models.evaluate_stage(base, "float")["metrics"][key]
     steps = [Int16Step(0, existing, [], ptq := calibrate(existing), float_metric - ptq)]
     if on_step:
         on_step(steps[0])
@@ -189,5 +190,5 @@ def auto_int16(recipe: Path, overrides: list[str] | None, max_drop: float, outpu
                              max_drop=max_drop, steps=steps, chosen=chosen, met=met,
                              calibration_up_to_date=False, order=order)
     atomic_write_text(output, recipe_text(recipe, output, overrides, result))
-    result.calibration_up_to_date = stages.is_up_to_date(load_recipe(output), "calibration")
+    result.calibration_up_to_date = is_up_to_date(load_recipe(output), "calibration")
     return result

@@ -323,14 +323,14 @@ def measure_layers(prepared: GraphModule, layers: list[QuantLayer], loader: Any,
 
 def calibration_checkpoint(lr: Any) -> Path:
     """The calibration checkpoint of `lr`, or an ArtifactError saying how to make it (or remake it)."""
-    from hatcli.engine.stages import fingerprint, read_stage_record, stage_dir
+    from hatcli.stages import read_stage_record, stage_dir, stage_fingerprint
 
     path = stage_dir(lr, "calibration") / "checkpoint.pt"
     if not path.exists():
         raise ArtifactError(f"no calibration checkpoint at {path}; run `hat train {lr.path} --stage calibration` "
                             f"first")
     record = read_stage_record(lr, "calibration")
-    if record is not None and record.get("fingerprint") != fingerprint(lr, "calibration"):
+    if record is not None and record.get("fingerprint") != stage_fingerprint(lr, "calibration"):
         raise ArtifactError(f"the calibration in {path.parent} was made from another recipe or float model "
                             f"(e.g. other `quant.int16`); run `hat train {lr.path} --stage calibration` again")
     return path
@@ -343,7 +343,8 @@ def layer_sensitivity(lr: Any, batches: int | None = None) -> SensitivityReport:
     checkpoint is missing or stale.
     """
     from hatcli.engine.loaders import build_loader
-    from hatcli.engine.stages import load_prepared, training_device
+    from hatcli.workflows.stage_models import load_prepared
+    from hatcli.workflows.training import training_device
 
     path = calibration_checkpoint(lr)
     device = training_device(lr)

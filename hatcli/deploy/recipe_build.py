@@ -1,14 +1,20 @@
-"""Compile and perf for a recipe: the deploy steps that `hat compile`, `hat perf` and `hat run` share."""
+"""Compile and perf for a recipe: the deploy steps that `hat compile`, `hat perf` and `hat run` share.
+
+Whether a compiled artifact is up to date (its fingerprint) is `hatcli.stages`' to say.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from hatcli.deploy.compile import compile_model
+from hatcli.deploy.perf import estimate_latency, measure_latency
+from hatcli.deploy.runtime import MANIFEST, manifest_model, read_manifest, sha256_file
 from hatcli.errors import ArtifactError
 from hatcli.quant.march import load_march
-from hatcli.recipe import LoadedRecipe, recipe_hash
+from hatcli.recipe import LoadedRecipe
+from hatcli.stages import compile_fingerprint, default_export_dir, quant_source, warn_unfinished
 
 
 CONSUMER_KEYS = ("task", "kind", "classes", "preprocess", "output_meaning")
@@ -16,17 +22,8 @@ CONSUMER_KEYS = ("task", "kind", "classes", "preprocess", "output_meaning")
 artifact's manifest repeats them (docs/formats.md)."""
 
 
-def compile_fingerprint(export_fingerprint: str, march: str, opt: int) -> str:
-    """What a compiled artifact depends on: the export's fingerprint and the march/opt chosen."""
-    return recipe_hash([export_fingerprint, march, opt])
-
-
 def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Path:
     """Compile the recipe's exported model for `march` at `opt` into `out_dir`."""
-    from hatcli.deploy.compile import compile_model
-    from hatcli.deploy.runtime import read_manifest
-    from hatcli.engine.stages import default_export_dir, quant_source, warn_unfinished
-
     export_dir = default_export_dir(lr)
     onnx_path = export_dir / "model.onnx"
     if not onnx_path.exists():
@@ -48,25 +45,11 @@ def compile_recipe(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> Pat
                          name=lr.recipe.task, consumer=consumer)
 
 
-def artifact_up_to_date(lr: LoadedRecipe, march: str, opt: int, out_dir: Path) -> bool:
-    """Whether `out_dir` holds an artifact compiled from the recipe's current export (of its own
-    source stage) with this march/opt."""
-    from hatcli.engine.stages import fingerprint
-
-    manifest = out_dir / "manifest.json"
-    if not manifest.exists():
-        return False
-    extra = json.loads(manifest.read_text()).get("extra", {})
-    return extra.get("fingerprint") == compile_fingerprint(fingerprint(lr, "export"), march, opt)
-
-
 def estimation_source(artifact_dir: Path) -> Path:
     """The model a compiled artifact was made from (its QDQ graph is what the cost model reads:
     the runtime-fused ops of the compiled file are not BPU ops), found through the path the
     manifest records relative to the artifact folder when the file there still has the recorded
     sha256; else (a copied or moved artifact) the artifact's own model."""
-    from hatcli.deploy.runtime import MANIFEST, manifest_model, read_manifest, sha256_file
-
     manifest = read_manifest(artifact_dir / MANIFEST)
     source = manifest.get("source") or {}
     rel = source.get("path")
@@ -81,8 +64,6 @@ def perf_report(model_path: Path, march: str, measure: bool, batch: int = 1, thr
                 runs: int = 50, estimate_from: Path | None = None) -> dict[str, Any]:
     """Estimated latency on `march` (from `estimate_from`, default the model itself) and, when
     `measure`, latency of `model_path` measured on this host."""
-    from hatcli.deploy.perf import estimate_latency, measure_latency
-
     profile = load_march(march)
     estimate = estimate_latency(estimate_from or model_path, profile, batch=batch).to_dict()
     report: dict[str, Any] = {"model": str(model_path), "march": march, "estimate": estimate}

@@ -26,7 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hatcli.engine.loaders import build_loader
 from hatcli.errors import UsageError
+from hatcli.progress import make_progress
+from hatcli.stages import default_export_dir
+from hatcli.workflows.stage_models import stage_model
 
 SAME_BOX_IOU = 0.95
 """Two detections are the same when their classes are equal and their boxes overlap this much."""
@@ -137,10 +141,6 @@ class _Pair:
 
 def compare_stages(lr: Any, stages: list[str], artifact: Path | None = None) -> dict[str, Any]:
     """Metrics of each stage and pairwise agreement over the val set (see the module docstring)."""
-    from hatcli.engine.loaders import build_loader
-    from hatcli.engine.stages import default_export_dir, stage_model
-    from hatcli.progress import make_progress
-
     if len(set(stages)) != len(stages):
         raise UsageError(f"--compare names a stage twice: {', '.join(stages)}")
     detection = lr.family.task == "detection"

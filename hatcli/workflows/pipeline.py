@@ -15,9 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from hatcli.atomic import atomic_write_json
+from hatcli.deploy.check import check_model
+from hatcli.deploy.recipe_build import compile_recipe, estimation_source, perf_report
 from hatcli.errors import DataError
+from hatcli.family import PackRequest
+from hatcli.inputs import data_path
+from hatcli.plugins import packers
 from hatcli.progress import console, print_line
+from hatcli.quant.march import load_march
 from hatcli.recipe import LoadedRecipe
+from hatcli.stages import (
+    artifact_up_to_date,
+    can_resume,
+    default_compile_dir,
+    default_export_dir,
+    export_up_to_date,
+    is_up_to_date,
+    read_stage_record,
+    stage_dir,
+)
+from hatcli.workflows.exporting import export_stage
+from hatcli.workflows.stage_models import evaluate_stage
+from hatcli.workflows.training import calibrate, evaluate_int_infer, train_float, train_qat
 
 
 @dataclass
@@ -37,10 +56,6 @@ def _metric_text(metrics: dict[str, float]) -> str:
 
 
 def _pack(lr: LoadedRecipe) -> StageRow:
-    from hatcli.inputs import data_path
-    from hatcli.family import PackRequest
-    from hatcli.plugins import packers
-
     train, val = data_path(lr, "train"), data_path(lr, "val")
     if train.exists() and val.exists():
         return StageRow("pack", "data present", 0.0, [str(train), str(val)], reused=True)
@@ -56,47 +71,37 @@ def _pack(lr: LoadedRecipe) -> StageRow:
     return StageRow("pack", counts, time.perf_counter() - tic, list(result.databases))
 
 
-def _stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
-    from hatcli.engine import stages
-
-    if not force and stages.is_up_to_date(lr, stage):
-        record = stages.read_stage_record(lr, stage)
+def _run_recorded_stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
+    """Reuse one of the stages that keep a `stage.json` (float, calibration, qat, int_infer) when it
+    is up to date, else resume it when it was left unfinished with these settings, else run it."""
+    if not force and is_up_to_date(lr, stage):
+        record = read_stage_record(lr, stage)
         reused = True
     else:
         console.rule(f"[bold]{stage}")
-        if not force and stages.can_resume(lr, stage):
-            done = stages.read_stage_record(lr, stage)
-            print_line(f"{stage}: resuming the unfinished run from {stages.stage_dir(lr, stage) / 'checkpoint-last.pt'} "
+        if not force and can_resume(lr, stage):
+            done = read_stage_record(lr, stage)
+            print_line(f"{stage}: resuming the unfinished run from {stage_dir(lr, stage) / 'checkpoint-last.pt'} "
                        f"(epoch {done.get('epochs')}/{done.get('epochs_planned')} done)")
-            record = {"float": stages.train_float, "qat": stages.train_qat}[stage](lr, resume=True)
+            record = {"float": train_float, "qat": train_qat}[stage](lr, resume=True)
         else:
-            record = {"float": stages.train_float, "calibration": stages.calibrate, "qat": stages.train_qat,
-                      "int_infer": stages.evaluate_int_infer}[stage](lr)
+            record = {"float": train_float, "calibration": calibrate, "qat": train_qat,
+                      "int_infer": evaluate_int_infer}[stage](lr)
         reused = False
     return StageRow(stage, _metric_text(record["metrics"]), 0.0 if reused else record["seconds"],
                     record["artifacts"][:1], reused, record["metrics"])
 
 
 def _export(lr: LoadedRecipe, force: bool) -> StageRow:
-    import json
-
-    from hatcli.deploy.export import export_stage
-    from hatcli.engine import stages
-
-    out = stages.default_export_dir(lr)
-    manifest = out / "manifest.json"
+    out = default_export_dir(lr)
     files = [str(out / "model.pt2"), str(out / "model.onnx")]
-    if not force and manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == stages.fingerprint(lr, "export"):
+    if not force and export_up_to_date(lr, out):
         return StageRow("export", "model.pt2 + model.onnx", 0.0, files, True)
     result = export_stage(lr, out)
     return StageRow("export", "model.pt2 + model.onnx", result["seconds"], files)
 
 
 def _check(lr: LoadedRecipe) -> StageRow:
-    from hatcli.deploy.check import check_model
-    from hatcli.engine.stages import default_export_dir
-    from hatcli.quant.march import load_march
-
     tic = time.perf_counter()
     report = check_model(default_export_dir(lr) / "model.onnx", load_march(lr.recipe.quant.march))
     text = "all ops on BPU" if report.supported else f"{report.fallbacks} ops fall back to CPU"
@@ -105,9 +110,6 @@ def _check(lr: LoadedRecipe) -> StageRow:
 
 
 def _compile(lr: LoadedRecipe, force: bool) -> tuple[StageRow, Path]:
-    from hatcli.deploy.stage import artifact_up_to_date, compile_recipe
-    from hatcli.engine.stages import default_compile_dir
-
     march, opt = lr.recipe.quant.march, lr.recipe.deploy.opt
     out = default_compile_dir(lr, march, opt)
     label = f"compile ({march} -O{opt})"
@@ -119,8 +121,6 @@ def _compile(lr: LoadedRecipe, force: bool) -> tuple[StageRow, Path]:
 
 
 def _perf(lr: LoadedRecipe, artifact: Path) -> StageRow:
-    from hatcli.deploy.stage import estimation_source, perf_report
-
     tic = time.perf_counter()
     report = perf_report(artifact / "model.onnx", lr.recipe.quant.march, measure=True, runs=lr.recipe.deploy.perf_runs,
                          estimate_from=estimation_source(artifact))
@@ -132,8 +132,6 @@ def _perf(lr: LoadedRecipe, artifact: Path) -> StageRow:
 
 
 def _deploy_eval(lr: LoadedRecipe, artifact: Path) -> StageRow:
-    from hatcli.engine.stages import evaluate_stage
-
     tic = time.perf_counter()
     metrics = evaluate_stage(lr, "deploy", artifact)["metrics"]
     return StageRow("deploy", _metric_text(metrics), time.perf_counter() - tic, [str(artifact)], values=metrics)
@@ -152,10 +150,10 @@ def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
     for stage in ("float", "calibration", "qat"):
         if stage == "qat" and not lr.recipe.qat.enabled:
             continue
-        row = _reported(_stage(lr, stage, force))
+        row = _reported(_run_recorded_stage(lr, stage, force))
         force = force or not row.reused  # everything after a re-run stage is re-run too
         rows.append(row)
-    rows.append(_reported(_stage(lr, "int_infer", force)))
+    rows.append(_reported(_run_recorded_stage(lr, "int_infer", force)))
     rows.append(_reported(_export(lr, force)))
     rows.append(_reported(_check(lr)))
     compile_row, artifact = _compile(lr, force)
