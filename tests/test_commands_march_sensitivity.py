@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SENSITIVITY = "hatcli.quant.sensitivity"
+SENSITIVITY = "hatcli.workflows.sensitivity"
 """The module that measures per-layer sensitivity (the one `hat sensitivity` calls)."""
 
 MARCHES = ["bayes", "nash_e", "nash_m", "nash_p", "host"]

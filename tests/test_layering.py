@@ -7,6 +7,7 @@ on a copy of the package, so the tree under test is never touched.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -25,8 +26,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def lint_imports(root: Path) -> tuple[int, str]:
     """Check the contract on the `hatcli` package under `root`; return the exit code and the plain output."""
+    env = {**os.environ, "COLUMNS": "300"}  # one contract name per line, however long
     done = subprocess.run([sys.executable, "-c", LINT_IMPORTS, str(CONFIG)], cwd=root, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     return done.returncode, ANSI.sub("", done.stdout + done.stderr)
 
 

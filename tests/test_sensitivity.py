@@ -106,7 +106,7 @@ def test_one_layer_alone_leaves_every_other_output_float(tiny_prepared):
 
 
 def test_rank_orders_by_drop_then_by_lower_sqnr():
-    from hatcli.quant.sensitivity import LayerSensitivity, rank
+    from hatcli.workflows.sensitivity import LayerSensitivity, rank
 
     def row(name, drop, sqnr):
         return LayerSensitivity(layer=name, op="conv2d", dtype="int8", drop=drop, sqnr_db=sqnr, metric=0.0)
@@ -115,11 +115,11 @@ def test_rank_orders_by_drop_then_by_lower_sqnr():
     assert [r.layer for r in rank(rows)] == ["d", "b", "c", "a", "e"]
 
 
-# -- hat check --sensitivity ----------------------------------------------------------------------
+# -- hat sensitivity ------------------------------------------------------------------------------
 
 
 def test_sensitivity_json_ranks_every_quantized_layer(hat, trained):
-    result = hat("check", trained, "--sensitivity", "--batches", "1", "--json")
+    result = hat("sensitivity", trained, "--batches", "1", "--json")
     assert result.code == 0, result.err
     report = result.json()
     assert report["recipe"] == str(trained) and report["metric"] == "top1"
@@ -140,13 +140,13 @@ def test_sensitivity_json_ranks_every_quantized_layer(hat, trained):
 
 
 def test_sensitivity_table_shows_the_ranking(hat, trained, monkeypatch):
-    from hatcli.quant import sensitivity
+    from hatcli.workflows import sensitivity
 
     rows = [sensitivity.LayerSensitivity("features.3.0.0", "conv2d+relu", "uint8", 0.0, 31.5, 50.0),
             sensitivity.LayerSensitivity("classifier", "linear", "int32", 1.5, 40.25, 48.5)]
     report = sensitivity.SensitivityReport(str(trained), "top1", 50.0, 1, 16, sensitivity.rank(rows))
     monkeypatch.setattr(sensitivity, "layer_sensitivity", lambda lr, batches=None: report)
-    result = hat("check", trained, "--sensitivity")
+    result = hat("sensitivity", trained)
     assert result.code == 0, result.err
     assert "rank" in result.out and "SQNR dB" in result.out and "16 val images" in result.out
     lines = [line for line in result.out.splitlines() if "classifier" in line or "features.3.0.0" in line]
@@ -157,7 +157,7 @@ def test_sensitivity_table_shows_the_ranking(hat, trained, monkeypatch):
 
 def test_sensitivity_without_calibration_says_how_to_make_it(hat, tmp_path, tiny_shapes):
     recipe = _write_recipe(tmp_path, tiny_shapes)
-    result = hat("check", recipe, "--sensitivity")
+    result = hat("sensitivity", recipe)
     assert result.code == 1
     assert f"hat train {recipe} --stage calibration" in result.err
     assert len(result.err.strip().splitlines()) == 1
@@ -173,7 +173,7 @@ def test_sensitivity_needs_a_recipe(hat, tmp_path):
 
 
 def test_the_first_set_that_fits_is_kept_else_the_smallest_drop():
-    from hatcli.quant.auto_int16 import Int16Step, choose
+    from hatcli.workflows.auto_int16 import Int16Step, choose
 
     steps = [Int16Step(i, [], [], 0.0, drop) for i, drop in enumerate([2.0, 0.4, 0.2, 0.9])]
     assert choose(steps, 0.5) == 1

@@ -38,7 +38,7 @@ def print_sensitivity(lr: Any, batches: int | None, json_out: bool) -> None:
     """Measure `lr`'s per-layer sensitivity on `batches` val batches (default all) and print the
     ranked table, or the report as JSON."""
     # torch-heavy: imported when measuring, so that `hat --help` stays fast
-    from hatcli.quant.sensitivity import layer_sensitivity
+    from hatcli.workflows.sensitivity import layer_sensitivity
 
     report = layer_sensitivity(lr, batches)
     if json_out:

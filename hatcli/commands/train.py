@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json, print_metrics
 from hatcli.errors import HatError, Interrupted, UsageError
+
+if TYPE_CHECKING:
+    from hatcli.recipe import LoadedRecipe
 
 EXAMPLES = """
 Examples:
@@ -87,8 +90,10 @@ def train(
         raise UsageError("--from applies to calibration and qat (float training starts from scratch)")
     lr = load(recipe, overrides)  # a bad recipe fails here, once, before any process is started
     if auto_int16 or max_drop is not None or write_recipe is not None or sensitivity_batches is not None:
-        _run_auto_int16(recipe, lr, stage, auto_int16, max_drop, write_recipe, sensitivity_batches, from_path,
-                        overrides, json_out, nproc_per_node, nnodes)
+        from hatcli.commands._auto_int16 import run_auto_int16
+
+        run_auto_int16(recipe, lr, stage, auto_int16, max_drop, write_recipe, sensitivity_batches, from_path,
+                       overrides, json_out, nproc_per_node, nnodes)
         return
     try:
         if (nproc_per_node > 1 or nnodes != "1") and "LOCAL_RANK" not in os.environ:
@@ -114,7 +119,7 @@ def _resume_command(recipe: Path, stage: str, overrides: list[str] | None) -> st
     return shlex.join(["hat", "train", str(recipe), "--stage", stage, *sets, "--resume"])
 
 
-def _train_here(lr: object, stage: str, resume: bool, from_path: Path | None, json_out: bool) -> None:
+def _train_here(lr: LoadedRecipe, stage: str, resume: bool, from_path: Path | None, json_out: bool) -> None:
     """Train `stage` in this process (one rank of a distributed run, or the only one)."""
     from hatcli import stages
     from hatcli.engine import distributed
@@ -134,56 +139,6 @@ def _train_here(lr: object, stage: str, resume: bool, from_path: Path | None, js
             print_metrics(f"{stage} ({record['seconds']:.0f}s) -> {stages.stage_dir(lr, stage)}", record["metrics"])
     distributed.barrier()  # nobody leaves while rank 0 may still be writing
     distributed.destroy()
-
-
-def _run_auto_int16(recipe: Path, lr: object, stage: str, auto_int16: bool, max_drop: float | None,
-                    write_recipe: Path | None, sensitivity_batches: int | None, from_path: Path | None,
-                    overrides: list[str] | None, json_out: bool, nproc_per_node: int, nnodes: str) -> None:
-    """`--stage calibration --auto-int16`: the search, its summary table (or JSON), exit 1 when it falls short."""
-    from rich.table import Table
-
-    from hatcli.engine import distributed
-    from hatcli.progress import console, stdout
-    from hatcli.quant.auto_int16 import auto_int16 as search
-    from hatcli.quant.auto_int16 import check_march
-
-    if not auto_int16:
-        raise UsageError("--max-drop, --write-recipe and --sensitivity-batches apply to --auto-int16")
-    if stage != "calibration":
-        raise UsageError("--auto-int16 applies to --stage calibration")
-    if nproc_per_node > 1 or nnodes != "1":
-        raise UsageError("--auto-int16 runs in one process; drop --nproc-per-node / --nnodes")
-    check_march(lr.recipe.quant.march)
-    limit = 0.5 if max_drop is None else max_drop
-    distributed.init_from_env(getattr(lr.recipe, "device", "auto"))
-
-    def report(step: object) -> None:
-        what = "as given" if step.step == 0 else "+ " + ", ".join(step.added)
-        console.print(f"int16 step {step.step} ({what}): PTQ {step.ptq:.2f}, drop {step.drop:.2f}")
-
-    result = search(recipe, overrides, limit, output=write_recipe, from_path=from_path,
-                    sensitivity_batches=sensitivity_batches, on_step=report)
-    if json_out:
-        print_json(result.to_dict())
-    else:
-        table = Table("step", "layers in int16", "added", f"PTQ {result.metric}", "drop",
-                      title=f"float {result.metric} {result.float_metric:.2f}, max drop {result.max_drop:g}")
-        for i, step in enumerate(result.steps):
-            mark = " *" if i == result.chosen else ""
-            colour = "green" if step.drop <= result.max_drop else "yellow"
-            table.add_row(f"{step.step}{mark}", str(len(step.int16)), ", ".join(step.added) or "-",
-                          f"{step.ptq:.2f}", f"[{colour}]{step.drop:.2f}[/]")
-        stdout.print(table)
-        if result.calibration_up_to_date:
-            stdout.print(f"wrote {result.written} (* kept); its calibration stage is up to date: "
-                         f"`hat run {result.written}` goes on from there")
-        else:
-            stdout.print(f"wrote {result.written} (* kept); its calibration stage is not up to date "
-                         f"(`hat run` will calibrate it again)")
-    if not result.met:
-        console.print(f"[yellow]no int16 set reached a drop of {result.max_drop:g} or less; kept the smallest "
-                      f"drop ({result.steps[result.chosen].drop:.2f})[/]")
-        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

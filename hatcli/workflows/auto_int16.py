@@ -2,7 +2,7 @@
 
 `hat train R --stage calibration --auto-int16 --max-drop D` calibrates as usual; when the PTQ
 metric is more than D points below the float one, it ranks the layers by sensitivity
-(`hatcli.quant.sensitivity`) and promotes them to int16 one at a time, most sensitive first,
+(`hatcli.workflows.sensitivity`) and promotes them to int16 one at a time, most sensitive first,
 re-calibrating and re-evaluating after each, until the drop is at most D or no layer is left.
 
 One layer per step, because the drops do not add up (two layers may cost nothing alone and a lot
@@ -26,7 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from hatcli.atomic import atomic_write_text
+from hatcli.engine.trainer import PRIMARY_METRIC
 from hatcli.errors import UsageError
+from hatcli.quant.march import list_marches, load_march
+from hatcli.recipe import apply_overrides, load_recipe
+from hatcli.stages import is_up_to_date
+from hatcli.workflows import stage_models, training
+from hatcli.workflows.sensitivity import SensitivityReport, layer_sensitivity
 
 MARKER = "# Written by `hat train --auto-int16`"
 """First line of every recipe this module writes (and the only kind of file it overwrites)."""
@@ -73,8 +82,6 @@ class AutoInt16Result:
 
 def check_march(march_name: str) -> None:
     """Raise a UsageError when `march_name` has no int16 activations, naming the marches that do."""
-    from hatcli.quant.march import list_marches, load_march
-
     if not load_march(march_name).quant.allow_int16:
         allowed = ", ".join(m.name for m in list_marches() if m.quant.allow_int16)
         raise UsageError(f"--auto-int16: march `{march_name}` has no int16 activations; "
@@ -96,7 +103,7 @@ def _check_output(recipe: Path, output: Path) -> None:
                              f"choose another path")
 
 
-def candidate_patterns(report: Any, existing: list[str]) -> list[str]:
+def candidate_patterns(report: SensitivityReport, existing: list[str]) -> list[str]:
     """`quant.int16` patterns of the ranked layers that are not int16 yet, most sensitive first."""
     out: list[str] = []
     for row in report.layers:
@@ -108,10 +115,6 @@ def candidate_patterns(report: Any, existing: list[str]) -> list[str]:
 
 def recipe_text(recipe: Path, output: Path, overrides: list[str], result: AutoInt16Result) -> str:
     """The recipe kept for the chosen set: a comment with the measured drops, `extends`, overrides, int16."""
-    import tomli_w
-
-    from hatcli.recipe import apply_overrides
-
     chosen = result.steps[result.chosen]
     data: dict[str, Any] = {"extends": Path(os.path.relpath(recipe.resolve(), output.parent.resolve())).as_posix()}
     data.update(apply_overrides({}, [o for o in overrides if not o.split("=", 1)[0].strip() == "quant.int16"], {}))
@@ -148,13 +151,6 @@ def auto_int16(recipe: Path, overrides: list[str] | None, max_drop: float, outpu
     Writes the recipe for the set kept to `output` (default `<stem>.int16.toml`), atomically;
     `runs/<task>/calibration` ends holding that set's calibration. `on_step` hears of each step.
     """
-    from hatcli.atomic import atomic_write_text
-    from hatcli.engine.trainer import PRIMARY_METRIC
-    from hatcli.quant.sensitivity import layer_sensitivity
-    from hatcli.recipe import load_recipe
-    from hatcli.stages import is_up_to_date
-    from hatcli.workflows import stage_models, training
-
     recipe, overrides = Path(recipe), list(overrides or [])
     base = load_recipe(recipe, overrides)
     check_march(base.recipe.quant.march)
