@@ -92,10 +92,14 @@ def test_accumulation_is_exact_in_float32_and_in_float64(fan_in_channels):
 def test_add_rounds_each_float32_step_like_the_lowered_graph():
     a = torch.tensor([10, -3, 127], dtype=torch.int8)
     b = torch.tensor([5, 3, 127], dtype=torch.int8)
-    out = int_add(a, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8, relu=False)
+    out = int_add(a, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8)
     expected = torch.round(a.float() * torch.tensor(0.4) + b.float() * torch.tensor(0.8)).clamp(-128, 127)
     assert out.tolist() == expected.to(torch.int8).tolist()
-    assert int_add(a, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8, relu=True).min() >= 0
+    # a fused ReLU holds the result in [zero point, 127]; a fused ReLU6-like clamp in [zero point, 100]
+    c = torch.tensor([10, -9, 127], dtype=torch.int8)  # 4 - 3.6 + 2.4 = -1.2 in the middle
+    assert int_add(c, 0.02, 0, b, 0.04, 0, 0.05, 0, -128, 127, torch.int8).tolist() == [8, -1, 127]
+    assert int_add(c, 0.02, 0, b, 0.04, 0, 0.05, 0, 0, 127, torch.int8).tolist() == [8, 0, 127]
+    assert int_add(c, 0.02, 0, b, 0.04, 0, 0.05, 0, 0, 100, torch.int8).tolist() == [8, 0, 100]
 
 
 def test_int_infer_stage_uses_the_integer_program(monkeypatch, tmp_path: Path):

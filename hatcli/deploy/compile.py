@@ -84,17 +84,17 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
     weights stay int8 where this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`),
     else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved
     at a level where ONNX Runtime fuses no QDQ pattern: `--opt 0`, `1`) convs and Gemms are
-    fused here into the QLinearConv / QGemm it would build and no table is left to it, so every
-    level computes the same integers."""
+    fused here into the QLinearConv / QGemm it would build and no table is left to it; with it,
+    only the convs and Gemms whose fused clamp ONNX Runtime cannot fold (a Clip, a Relu above the
+    output's minimum) are fused here. So every level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
     proto, _ = lower_output_conv(proto)
     proto, _ = fuse_global_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
     proto, _ = lower_linear_resize(proto)
-    if not runtime_fuses:
-        proto, _ = lower_quantized_conv(proto)
-        proto, _ = lower_quantized_gemm(proto)
+    proto, _ = lower_quantized_conv(proto, clamped_only=runtime_fuses)
+    proto, _ = lower_quantized_gemm(proto, clamped_only=runtime_fuses)
     return proto
 
 

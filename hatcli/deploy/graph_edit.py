@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from hatcli.quant.clamps import ONNX_CLAMPS, ClampBounds
+
 MS_DOMAIN = "com.microsoft"
 """ONNX Runtime's contrib-op domain (QLinearGlobalAveragePool, QGemm, ...)."""
 
@@ -52,10 +54,11 @@ def dequantized_input(name: str, producers: dict[str, onnx.NodeProto],
 
 
 def requantize_chain(node: onnx.NodeProto, users: dict, outputs: set) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
-    """(node [+ Relu], the QuantizeLinear that ends the chain) when `node`'s result is requantized."""
+    """(node [+ its fused clamp: Relu or Clip], the QuantizeLinear that ends the chain) when
+    `node`'s result is requantized; None otherwise."""
     chain = [node]
     nxt = users.get(node.output[0], [])
-    if len(nxt) == 1 and nxt[0].op_type == "Relu" and node.output[0] not in outputs:
+    if len(nxt) == 1 and nxt[0].op_type in ONNX_CLAMPS and node.output[0] not in outputs:
         chain.append(nxt[0])
         nxt = users.get(nxt[0].output[0], [])
     if len(nxt) != 1 or nxt[0].op_type != "QuantizeLinear" or chain[-1].output[0] in outputs:
@@ -63,6 +66,40 @@ def requantize_chain(node: onnx.NodeProto, users: dict, outputs: set) -> tuple[l
     if len(nxt[0].input) < 3:
         return None
     return chain, nxt[0]
+
+
+def float_output(node: onnx.NodeProto, users: dict, outputs: set) -> bool:
+    """Whether `node`'s result is a graph output, directly or through one fused clamp (Relu or
+    Clip): a weighted op the integer program ends in its dequantized accumulator, then the clamp
+    in float."""
+    if node.output[0] in outputs:
+        return True
+    nxt = users.get(node.output[0], [])
+    return len(nxt) == 1 and nxt[0].op_type in ONNX_CLAMPS and nxt[0].output[0] in outputs
+
+
+def onnx_clamp_bounds(node: onnx.NodeProto, initializers: dict, producers: dict) -> ClampBounds | None:
+    """The bounds of a Relu or Clip node (Clip's from its constant inputs, or its attributes before
+    opset 11); None when a bound is not a constant."""
+    if node.op_type == "Relu":
+        return ClampBounds(0.0, None)
+    if node.op_type != "Clip":
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bounds: list[float | None] = [attrs.get("min"), attrs.get("max")]
+    for index in (1, 2):
+        if len(node.input) > index and node.input[index]:
+            value = constant_value(node.input[index], initializers, producers)
+            if value is None or value.size != 1:
+                return None
+            bounds[index - 1] = float(value.reshape(()))
+    low, high = (None if b is None or abs(b) >= np.finfo(np.float32).max else float(b) for b in bounds)
+    return ClampBounds(low, high)
+
+
+def quantized_range(zero_point: onnx.TensorProto) -> tuple[int, int] | None:
+    """(qmin, qmax) of the 8-bit type of a zero-point initializer; None for other types."""
+    return {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}.get(zero_point.data_type)
 
 
 def replace_nodes(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], anchor: onnx.NodeProto) -> None:

@@ -1,17 +1,25 @@
-"""The QDQ fusions ONNX Runtime makes at `--opt 2` and `3` (DequantizeLinear -> Conv / Gemm ->
-QuantizeLinear into QLinearConv / QGemm), made by the compiler for `--opt 0` and `1`, where
-ONNX Runtime fuses nothing and would run float convs of dequantized values instead: so every
-optimization level runs the same integer kernels."""
+"""The QDQ fusions ONNX Runtime makes at `--opt 2` and `3` (DequantizeLinear -> Conv / Gemm
+[-> Relu] -> QuantizeLinear into QLinearConv / QGemm), made by the compiler for `--opt 0` and `1`,
+where ONNX Runtime fuses nothing and would run float convs of dequantized values instead, and at
+every level for the fused clamps ONNX Runtime cannot fold into the requantization (ReLU6,
+hardtanh, clamp: a Clip; a Relu above the output's minimum): the integer kernel, then an integer
+Clip at the clamp's bounds on the output grid (`hatcli.quant.clamps`, as the integer program
+computes them). So every optimization level runs the same integer kernels."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
     MS_DOMAIN,
+    add_constant,
     drop_unused_dequantize,
+    float_output,
     index_graph,
+    onnx_clamp_bounds,
+    quantized_range,
     replace_nodes,
     requantize_chain,
     use_ms_domain,
@@ -19,20 +27,59 @@ from hatcli.deploy.graph_edit import (
 )
 
 
-def lower_quantized_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Conv (8-bit per-channel weights, int32 bias) [-> Relu] ->
-    QuantizeLinear by one QLinearConv, for the optimization levels at which ONNX Runtime does not
-    fuse the pattern itself (`--opt 0` and `1`: it would run a float Conv of the dequantized
-    values, whose sums and requantization round differently from the integer program).
+def _clamp_tail(graph: onnx.GraphProto, chain: list[onnx.NodeProto], quant: onnx.NodeProto,
+                initializers: dict, producers: dict, stem: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """Where the fused integer op of `chain` (weighted op [+ clamp]) -> `quant` writes, and the
+    nodes that follow it: none when there is no clamp or the clamp's bounds on the output grid are
+    the saturation; else an integer Clip at those bounds. None when the output grid or the bounds
+    are not constants."""
+    scale, zero = initializers.get(quant.input[1]), initializers.get(quant.input[2])
+    limits = None if zero is None else quantized_range(zero)
+    if scale is None or limits is None or numpy_helper.to_array(scale).size != 1:
+        return None
+    if len(chain) == 1:
+        return quant.output[0], []
+    bounds = onnx_clamp_bounds(chain[1], initializers, producers)
+    if bounds is None:
+        return None
+    dtype = numpy_helper.to_array(zero).dtype
+    low, high = bounds.on_grid(float(numpy_helper.to_array(scale).reshape(())),
+                               int(numpy_helper.to_array(zero).reshape(())), *limits)
+    if (low, high) == limits:
+        return quant.output[0], []
+    unclamped = f"{stem}_unclamped"
+    clip = onnx.helper.make_node("Clip", [unclamped, add_constant(graph, np.array(low, dtype), f"{stem}_clamp_low"),
+                                          add_constant(graph, np.array(high, dtype), f"{stem}_clamp_high")],
+                                 [quant.output[0]], name=f"{stem}_clamp")
+    return unclamped, [clip]
 
-    The node is the one ONNX Runtime's own fusion builds at `--opt 2` and `3`, so every level
-    runs the same integer kernel. A Relu is dropped only where the output's zero point is its
-    type's minimum (the clamp at real 0 is then the saturation); other patterns are left as they
-    are. Returns the model (modified in place) and the number of fused convs.
+
+def _left_to_runtime(chain: list[onnx.NodeProto], quant: onnx.NodeProto, initializers: dict) -> bool:
+    """Whether ONNX Runtime's own QDQ fusion computes `chain` -> `quant` exactly: no clamp, or a
+    Relu whose bound is the output's saturation (its zero point is the type's minimum)."""
+    if len(chain) == 1:
+        return True
+    zero = initializers.get(quant.input[2])
+    limits = None if zero is None else quantized_range(zero)
+    return (chain[1].op_type == "Relu" and limits is not None
+            and int(numpy_helper.to_array(zero).reshape(())) == limits[0])
+
+
+def lower_quantized_conv(model: onnx.ModelProto, clamped_only: bool = False) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> Conv (8-bit per-channel weights, int32 bias) [-> Relu | Clip] ->
+    QuantizeLinear by one QLinearConv [-> integer Clip].
+
+    Without `clamped_only`, for the optimization levels at which ONNX Runtime does not fuse the
+    pattern itself (`--opt 0` and `1`: it would run a float Conv of the dequantized values, whose
+    sums and requantization round differently from the integer program); the node is the one
+    ONNX Runtime's own fusion builds at `--opt 2` and `3`, so every level runs the same integer
+    kernel. With `clamped_only` (`--opt 2`, `3`) only the chains ONNX Runtime cannot fuse exactly
+    (`_left_to_runtime`) are replaced. A clamp whose bounds on the output grid are the
+    saturation is dropped; other clamps become an integer Clip. Returns the model (modified in
+    place) and the number of fused convs.
     """
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
-    type_min = {onnx.TensorProto.UINT8: 0, onnx.TensorProto.INT8: -128}
     fused = 0
     for conv in list(graph.node):
         ops = weighted_operands(conv, producers, initializers) if conv.op_type == "Conv" else None
@@ -40,29 +87,31 @@ def lower_quantized_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if ops is None or found is None:
             continue
         chain, quant = found
-        y_zero = initializers.get(quant.input[2])
-        if y_zero is None or y_zero.data_type not in type_min:
+        if clamped_only and _left_to_runtime(chain, quant, initializers):
             continue
-        if len(chain) > 1 and int(numpy_helper.to_array(y_zero).reshape(())) != type_min[y_zero.data_type]:
-            continue  # the Relu is not the output's saturation
+        stem = conv.name or conv.output[0]
+        tail = _clamp_tail(graph, chain, quant, initializers, producers, stem)
+        if tail is None:
+            continue
+        target, clamp = tail
         inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], quant.input[1], quant.input[2]]
         if ops.b_dq is not None:
             inputs.append(ops.b_dq.input[0])
-        stem = conv.name or conv.output[0]
-        node = onnx.helper.make_node("QLinearConv", inputs, [quant.output[0]], name=f"{stem}_qlinear")
+        node = onnx.helper.make_node("QLinearConv", inputs, [target], name=f"{stem}_qlinear")
         node.attribute.extend(conv.attribute)
-        replace_nodes(graph, [*chain, quant], [node], quant)
+        replace_nodes(graph, [*chain, quant], [node, *clamp], quant)
         fused += 1
     if fused:
         drop_unused_dequantize(graph)
     return model, fused
 
 
-def lower_quantized_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Gemm (8-bit weights, int32 bias) [-> QuantizeLinear] by one
-    QGemm (ONNX Runtime's contrib op; a float output where no QuantizeLinear follows), for the
-    levels at which ONNX Runtime does not fuse the pattern itself (see `lower_quantized_conv`).
-    Returns the model (modified in place) and the number of fused Gemms."""
+def lower_quantized_gemm(model: onnx.ModelProto, clamped_only: bool = False) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> Gemm (8-bit weights, int32 bias) [-> Relu | Clip] [->
+    QuantizeLinear] by one QGemm (ONNX Runtime's contrib op; a float output where no
+    QuantizeLinear follows) [-> integer Clip], for the levels and chains `lower_quantized_conv`
+    fuses (`clamped_only` as there). Returns the model (modified in place) and the number of fused
+    Gemms."""
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
     fused = 0
@@ -75,17 +124,25 @@ def lower_quantized_gemm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         ops = weighted_operands(gemm, producers, initializers)
         if ops is None:
             continue
-        inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], ops.b_dq.input[0] if ops.b_dq is not None else ""]
-        nxt = users.get(gemm.output[0], [])
-        quant = nxt[0] if len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear" and gemm.output[0] not in outputs else None
-        if quant is not None:
-            inputs += [quant.input[1], quant.input[2]]
-        elif any(node.op_type == "QuantizeLinear" for node in nxt):
-            continue
         stem = gemm.name or gemm.output[0]
-        node = onnx.helper.make_node("QGemm", inputs, [(quant or gemm).output[0]], name=f"{stem}_qgemm",
+        inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], ops.b_dq.input[0] if ops.b_dq is not None else ""]
+        found = requantize_chain(gemm, users, outputs)
+        if found is not None:
+            chain, quant = found
+            if clamped_only and _left_to_runtime(chain, quant, initializers):
+                continue
+            tail = _clamp_tail(graph, chain, quant, initializers, producers, stem)
+            if tail is None:
+                continue
+            (target, clamp), old = tail, [*chain, quant]
+            inputs += [quant.input[1], quant.input[2]]
+        elif clamped_only or not float_output(gemm, users, outputs):
+            continue
+        else:
+            target, clamp, old = gemm.output[0], [], [gemm]
+        node = onnx.helper.make_node("QGemm", inputs, [target], name=f"{stem}_qgemm",
                                      domain=MS_DOMAIN, transB=int(attrs.get("transB", 0)))
-        replace_nodes(graph, [gemm] + ([quant] if quant is not None else []), [node], quant or gemm)
+        replace_nodes(graph, old, [node, *clamp], old[-1])
         fused += 1
     if fused:
         drop_unused_dequantize(graph)

@@ -20,13 +20,17 @@ from hatcli.deploy.graph_edit import (
     add_constant,
     dequantized_input,
     drop_unused_dequantize,
+    float_output,
     index_graph,
+    onnx_clamp_bounds,
+    quantized_range,
     replace_nodes,
     requantize_chain,
     scalar_initializer,
     use_ms_domain,
     weighted_operands,
 )
+from hatcli.quant.clamps import ClampBounds
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -133,8 +137,24 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     return model, fused
 
 
+def _clamp_steps(chain: list[onnx.NodeProto], quant: onnx.NodeProto, scale: np.float32,
+                 initializers: dict, producers: dict) -> tuple[int, int] | None:
+    """The bounds of the fused clamp in `chain` on `quant`'s grid, less its zero point (the
+    saturation without a clamp); None where the grid or the bounds are not constants."""
+    zero = initializers.get(quant.input[2])
+    limits = None if zero is None else quantized_range(zero)
+    if limits is None:
+        return None
+    z = int(numpy_helper.to_array(zero).reshape(()))
+    bounds = ClampBounds(None, None) if len(chain) == 1 else onnx_clamp_bounds(chain[1], initializers, producers)
+    if bounds is None:
+        return None
+    low, high = bounds.on_grid(float(scale), z, *limits)
+    return low - z, high - z
+
+
 def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear x2 -> Add | Sub (-> Relu) | Mul -> QuantizeLinear by explicit
+    """Replace DequantizeLinear x2 -> Add | Sub (-> Relu | Clip) | Mul -> QuantizeLinear by explicit
     elementwise ops whose every step rounds once, the same way on every CPU:
 
     - add / sub: ``Quantize((float(q_a) - z_a) * (s_a / s_c) ± (float(q_b) - z_b) * (s_b / s_c), 1, z_c)``;
@@ -163,6 +183,9 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
         if out_scale is None:
             continue
         out_scale = np.float32(out_scale.reshape(()))
+        clamp_steps = _clamp_steps(chain, quant, out_scale, initializers, producers)
+        if clamp_steps is None:
+            continue
         stem = op.name or op.output[0]
         make = onnx.helper.make_node
         if op.op_type == "Mul":
@@ -190,9 +213,17 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
                 terms.append(scaled)
             total = f"{stem}_sum"
             nodes.append(make(op.op_type, terms, [total], name=total))
-            if len(chain) == 2:
+            if len(chain) == 2 and chain[1].op_type == "Relu":
                 nodes.append(make("Relu", [total], [f"{total}_relu"], name=f"{total}_relu"))
                 total = f"{total}_relu"
+            elif len(chain) == 2:
+                # the clamp's bounds on the output grid, less the zero point: integers, so clamping
+                # before the rounding equals clamping after it (`int_add`)
+                low, high = clamp_steps
+                nodes.append(make("Clip", [total, add_constant(graph, np.float32(low), f"{stem}_clamp_low"),
+                                           add_constant(graph, np.float32(high), f"{stem}_clamp_high")],
+                                  [f"{total}_clamp"], name=f"{total}_clamp"))
+                total = f"{total}_clamp"
         one = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
         nodes.append(make("QuantizeLinear", [total, one, quant.input[2]], [quant.output[0]], name=f"{stem}_requantize"))
         replace_nodes(graph, [*chain, quant], nodes, quant)
@@ -245,7 +276,8 @@ def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Conv (8-bit weights, int32 bias) whose result is a graph output by
+    """Replace DequantizeLinear -> Conv (8-bit weights, int32 bias) whose result is a graph output
+    (directly or through a fused clamp, which stays, in float) by
     ``Mul(Cast(ConvInteger(q_x, q_w) + q_bias, float), s_x * s_w)`` (the sum in int64): the
     dequantized accumulator.
 
@@ -258,10 +290,10 @@ def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     (modified in place) and the number of rewritten convs.
     """
     graph = model.graph
-    initializers, producers, _, outputs = index_graph(graph)
+    initializers, producers, users, outputs = index_graph(graph)
     rewritten = 0
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or conv.output[0] not in outputs:
+        if conv.op_type != "Conv" or not float_output(conv, users, outputs):
             continue
         ops = weighted_operands(conv, producers, initializers)
         if ops is None:

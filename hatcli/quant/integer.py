@@ -13,11 +13,14 @@ exactly what the deployed runtime computes:
 - quantize (the model input): ``q = clamp(round_half_even(x / s)) + z`` (a division, in float32);
 - conv / linear: the int32 accumulator ``sum((q_x - z_x) * q_w) + q_bias`` is computed exactly,
   then requantized with the per-channel float32 multiplier ``m = (s_x * s_w) / s_y``:
-  ``q_y = clamp(round_half_even(float32(acc) * m)) + z_y`` (ReLU is the clamp at z_y). A conv or
-  linear that is a graph output returns ``float32(acc) * (s_x * s_w)`` (the dequantized int32);
+  ``q_y = clamp(round_half_even(float32(acc) * m)) + z_y``, where a fused clamp (ReLU, ReLU6,
+  hardtanh, clamp: `hatcli.quant.clamps`) narrows the clamp to its bounds on the
+  output grid. A conv or linear that is a graph output returns ``float32(acc) * (s_x * s_w)``
+  (the dequantized int32, then the fused clamp in float);
 - global average pooling: the exact integer sum, requantized with ``s_x / (s_y * N)``;
 - add / sub: ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)`` in float32, one rounding
-  per operation, then rounded half to even (the compiler lowers the op to exactly these ops);
+  per operation, then rounded half to even and held in the (clamp-narrowed) output range (the
+  compiler lowers the op to exactly these ops);
 - mul of two 8-bit tensors: the exact integer product times ``(s_a s_b) / s_y``;
 - bilinear upsampling (same scale in and out): interpolation of the integers ``q - z`` in
   float32, exact for a factor of 2, rounded half to even;
@@ -45,6 +48,7 @@ import torch
 import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 from torch.fx import GraphModule, Node
 
+from hatcli.quant.clamps import ClampBounds
 from hatcli.quant.integer_kernels import (
     int_add,
     int_global_avg_pool,
@@ -55,6 +59,7 @@ from hatcli.quant.integer_kernels import (
     lookup_table,
     quantize_input,
 )
+from hatcli.quant.op_sets import CLAMP_OPS, clamp_bounds
 
 QD = torch.ops.quantized_decomposed
 A = torch.ops.aten
@@ -63,7 +68,6 @@ DQ_TENSOR = {QD.dequantize_per_tensor.default}
 DQ_CHANNEL = {QD.dequantize_per_channel.default}
 CONV = {A.conv2d.default}
 LINEAR = {A.linear.default}
-RELU = {A.relu.default, A.relu_.default}
 ADD = {A.add.Tensor, A.add_.Tensor}
 SUB = {A.sub.Tensor, A.sub_.Tensor}
 MUL = {A.mul.Tensor, A.mul_.Tensor}
@@ -103,15 +107,24 @@ def _single_user(node: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _output_quantize(node: Node) -> tuple[Node | None, bool, Node | None]:
-    """(relu node or None, whether a ReLU follows, the quantize node or None if float output)."""
+def _output_quantize(node: Node) -> tuple[Node | None, ClampBounds | None, Node | None]:
+    """(the fused clamp node, its bounds, the quantize node) after `node`; None where absent (no
+    clamp; a float output). A clamp whose bounds are not constants is not fused."""
     user = _single_user(node)
-    relu = None
-    if user is not None and user.op == "call_function" and user.target in RELU:
-        relu, user = user, _single_user(user)
+    clamp, bounds = None, None
+    if user is not None and user.op == "call_function" and user.target in CLAMP_OPS:
+        bounds = clamp_bounds(user.target, user.args, user.kwargs)
+        if bounds is None:
+            return None, None, None
+        clamp, user = user, _single_user(user)
     if user is not None and user.op == "call_function" and user.target in Q_TENSOR:
-        return relu, relu is not None, user
-    return relu, relu is not None, None
+        return clamp, bounds, user
+    return clamp, bounds, None
+
+
+def _grid_bounds(bounds: ClampBounds | None, yq: "_QParams") -> tuple[int, int]:
+    """The integer range an output is held in: its grid's, narrowed by a fused clamp."""
+    return (yq.qmin, yq.qmax) if bounds is None else bounds.on_grid(yq.scale, yq.zero, yq.qmin, yq.qmax)
 
 
 def _is_graph_output(node: Node) -> bool:
@@ -187,20 +200,20 @@ class _Rewriter:
             conv_args = tuple(node.args[3:]) + ([1, 1], [0, 0], [1, 1], 1)[len(node.args[3:]):]
         else:
             conv_args = ()
-        relu_node, relu, quant = _output_quantize(node)
-        last = quant or relu_node or node
-        if quant is None and not _is_graph_output(relu_node or node):
+        clamp_node, bounds, quant = _output_quantize(node)
+        last = quant or clamp_node or node
+        if quant is None and not _is_graph_output(clamp_node or node):
             return False
         yq = _QParams.of(quant) if quant is not None else None
         if quant is not None and yq is None:
             return False
         q_w, w_scale = weights
+        low, high = _grid_bounds(bounds, yq) if yq is not None else (0, 0)
         args = (op, xq.source, xq.scale, xq.zero, xq.qmin, xq.qmax,
                 self.constant(q_w, "weight", last), self.constant(w_scale, "weight_scale", last),
                 None if bias is None else self.constant(bias, "bias", last), conv_args,
-                None if yq is None else yq.scale, 0 if yq is None else yq.zero,
-                0 if yq is None else yq.qmin, 0 if yq is None else yq.qmax,
-                None if yq is None else yq.dtype, relu)
+                None if yq is None else yq.scale, 0 if yq is None else yq.zero, low, high,
+                None if yq is None else yq.dtype, None if bounds is None else bounds.as_float())
         return self.replace(node, last, int_weighted, args, op)
 
     def global_pool(self, node: Node) -> bool:
@@ -233,14 +246,15 @@ class _Rewriter:
 
     def add(self, node: Node) -> bool:
         inputs = self._binary_inputs(node)
-        relu_node, relu, quant = _output_quantize(node)
+        _, bounds, quant = _output_quantize(node)
         yq = _QParams.of(quant) if quant is not None else None
         if inputs is None or yq is None:
             return False
         (aq, bq), subtract = inputs, node.target in SUB
+        low, high = _grid_bounds(bounds, yq)
         return self.replace(node, quant, int_add, (
             aq.source, aq.scale, aq.zero, bq.source, bq.scale, bq.zero,
-            yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, relu, subtract), "sub" if subtract else "add")
+            yq.scale, yq.zero, low, high, yq.dtype, subtract), "sub" if subtract else "add")
 
     def mul(self, node: Node) -> bool:
         inputs = self._binary_inputs(node)

@@ -64,12 +64,13 @@ def _channel_view(values: torch.Tensor, op: str) -> torch.Tensor:
 
 def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin: int, x_qmax: int,
                  q_w: torch.Tensor, w_scale: torch.Tensor, q_bias: torch.Tensor | None,
-                 conv_args: tuple, y_scale: float | None, y_zero: int, y_qmin: int, y_qmax: int,
-                 y_dtype: torch.dtype | None, relu: bool) -> torch.Tensor:
-    """One quantized conv2d / linear in integer arithmetic (see the module docstring).
+                 conv_args: tuple, y_scale: float | None, y_zero: int, y_low: int, y_high: int,
+                 y_dtype: torch.dtype | None, float_clamp: tuple[float, float] | None) -> torch.Tensor:
+    """One quantized conv2d / linear in integer arithmetic (see `hatcli.quant.integer`).
 
-    Returns the requantized output (dtype `y_dtype`), or, when `y_scale` is None (the op is a
-    graph output), the dequantized int32 accumulator in float32.
+    Returns the requantized output (dtype `y_dtype`) held in [y_low, y_high] (the output range,
+    narrowed by a fused clamp), or, when `y_scale` is None (the op is a graph output), the
+    dequantized int32 accumulator in float32, clamped to `float_clamp` where a clamp is fused.
     """
     x = q_x.to(torch.int32) - x_zero
     x_bound = max(abs(x_qmin - x_zero), abs(x_qmax - x_zero))
@@ -80,26 +81,24 @@ def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin
     product = _f32(x_scale) * w_scale.to(torch.float32)
     if y_scale is None:
         out = acc32 * _channel_view(product, op)
-        return torch.relu(out) if relu else out
+        return out if float_clamp is None else out.clamp(*float_clamp)
     multiplier = _channel_view(product / _f32(y_scale), op)
-    lo = max(y_qmin, y_zero) if relu else y_qmin
-    q = round_half_even(acc32 * multiplier).clamp(lo - y_zero, y_qmax - y_zero) + y_zero
+    q = round_half_even(acc32 * multiplier).clamp(y_low - y_zero, y_high - y_zero) + y_zero
     return q.to(y_dtype)
 
 
 def int_add(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
-            y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype,
-            relu: bool, subtract: bool = False) -> torch.Tensor:
+            y_scale: float, y_zero: int, y_low: int, y_high: int, y_dtype: torch.dtype,
+            subtract: bool = False) -> torch.Tensor:
     """Elementwise add (or subtract) of two quantized tensors, one float32 operation at a time:
-    ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)``, rounded half to even (the compiled
-    artifact runs the same sequence, see `hatcli.deploy.lowering.lower_quantized_binary`)."""
+    ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)``, rounded half to even and held in
+    [y_low, y_high] (the output range, narrowed by a fused clamp); the compiled artifact runs the
+    same sequence, see `hatcli.deploy.lowering.lower_quantized_binary`."""
     y = _f32(y_scale)
     a = (q_a.to(torch.int32) - a_zero).to(torch.float32) * (_f32(a_scale) / y)
     b = (q_b.to(torch.int32) - b_zero).to(torch.float32) * (_f32(b_scale) / y)
     total = a - b if subtract else a + b
-    if relu:
-        total = torch.relu(total)
-    return (round_half_even(total).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero).to(y_dtype)
+    return (round_half_even(total).clamp(y_low - y_zero, y_high - y_zero) + y_zero).to(y_dtype)
 
 
 def int_mul(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,

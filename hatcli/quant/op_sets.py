@@ -1,9 +1,21 @@
 """The aten ops `MarchQuantizer` knows, grouped by the part they play in annotation (weighted,
-fused clamp, look-up table, scale-preserving, ...)."""
+fused clamp, look-up table, scale-preserving, ...), and the one table of fusable clamps.
+
+A fused clamp (ReLU, ReLU6, hardtanh, clamp, clamp_min) after a conv / linear / add is applied to
+the requantized integers: its bounds, quantized on the output grid by `ClampBounds.on_grid`,
+clamp the rounded result. The quantizer (which clamps it fuses: `CLAMP_OPS`, `clamp_bounds`), the
+integer program (`hatcli.quant.integer`) and the compiler (`hatcli.deploy.kernel_fusion`,
+`hatcli.deploy.lowering`, reading the ONNX `Relu` / `Clip` the clamp exports to) all take the
+bounds from `hatcli.quant.clamps`, so they cannot disagree on what a clamp is.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from hatcli.quant.clamps import ClampBounds
 
 A = torch.ops.aten
 
@@ -60,3 +72,36 @@ CONSTANT_PAD_OPS = _ops("constant_pad_nd")
 PAD_OPS = CONSTANT_PAD_OPS | _ops("pad")
 NEUTRAL_OPS = _ops("dropout", "dropout_")
 """Ops that vanish in eval mode: neither annotated nor reported."""
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def clamp_bounds(target: Any, args: tuple, kwargs: dict) -> ClampBounds | None:
+    """The bounds of a call of the clamp op `target` (one of CLAMP_OPS) with these arguments;
+    None when `target` is not a clamp or a bound is not a plain number."""
+    if target not in CLAMP_OPS:
+        return None
+    name = target.name() if isinstance(target, torch._ops.OpOverload) else str(target)
+    rest = list(args[1:])
+
+    def arg(index: int, *keys: str, default: Any = None) -> Any:
+        if len(rest) > index:
+            return rest[index]
+        return next((kwargs[k] for k in keys if k in kwargs), default)
+
+    if "relu6" in name:
+        return ClampBounds(0.0, 6.0)
+    if "relu" in name:
+        return ClampBounds(0.0, None)
+    if "hardtanh" in name:
+        low, high = arg(0, "min_val", default=-1.0), arg(1, "max_val", default=1.0)
+    elif "clamp_min" in name:
+        low, high = arg(0, "min"), None
+    else:
+        low, high = arg(0, "min"), arg(1, "max")
+    bounds = ClampBounds(_number(low), _number(high))
+    if (low is not None and bounds.low is None) or (high is not None and bounds.high is None):
+        return None  # a tensor-valued bound: not a clamp of constants
+    return bounds

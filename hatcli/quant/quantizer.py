@@ -85,6 +85,7 @@ from hatcli.quant.op_sets import (
     SCALE_PRESERVING_OPS,
     SILU_OPS,
     SUB_OPS,
+    clamp_bounds,
 )
 
 A = torch.ops.aten
@@ -244,20 +245,10 @@ class MarchQuantizer(Quantizer):
             return None
         return act
 
-    @staticmethod
-    def _clamp_floor(node: Node) -> float | None:
-        """Lower bound of a ReLU-like clamp (None when unbounded or not a number)."""
-        name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else ""
-        if "relu" in name:
-            return 0.0
-        default = -1.0 if "hardtanh" in name else None
-        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val", default))
-        return float(low) if isinstance(low, (int, float)) else None
-
     def _non_negative_activation(self, act: Node) -> bool:
         if act.target in CLAMP_OPS:
-            floor = self._clamp_floor(act)
-            return floor is not None and floor >= 0
+            bounds = clamp_bounds(act.target, act.args, act.kwargs)
+            return bounds is not None and bounds.low is not None and bounds.low >= 0
         return act.target in NON_NEGATIVE_LUTS
 
     def _annotate_head(self, node: Node, inputs: dict, non_negative: bool = False) -> None:
