@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hatcli.commands._options import JsonOpt, SetOpt, load, print_json
@@ -66,6 +67,8 @@ def check(
             colour = "green" if row.status == "BPU" else "yellow"
             table.add_row(row.node, row.module or "-", row.op_type, f"[{colour}]{row.status}[/]", row.reason)
         stdout.print(table)
+        for record in report.bias_saturation:
+            stdout.print(f"[yellow]saturated bias[/] {escape(record.describe())}", highlight=False)
         verdict = "[green]supported[/]" if report.supported else f"[yellow]{report.fallbacks} ops fall back[/]"
         stdout.print(f"{onnx_path} on {profile.name}: {verdict}")
     if not report.supported:

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hatcli.deploy.bias_check import bias_saturation
 from hatcli.deploy.onnx_graph import Graph, Layer, read_graph
+from hatcli.quant.bias_range import BiasSaturation
 from hatcli.quant.march import MarchProfile
 
 Status = Literal["BPU", "CPU fallback"]
@@ -51,6 +53,8 @@ class CheckReport:
     """False for a float model: op support and limits are checked, dtypes are not."""
     rows: list[CheckRow]
     notes: list[str] = field(default_factory=list)
+    bias_saturation: list[BiasSaturation] = field(default_factory=list)
+    """Layers whose int32 bias saturates (`hatcli.deploy.bias_check`)."""
 
     @property
     def fallbacks(self) -> int:
@@ -72,6 +76,7 @@ class CheckReport:
             "model": self.model, "march": self.march, "quantized": self.quantized,
             "supported": self.supported, "fallbacks": self.fallbacks, "layers": len(self.rows),
             "fallback_ops": self.fallback_ops(), "notes": self.notes,
+            "bias_saturation": [r.to_dict() for r in self.bias_saturation],
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -186,4 +191,7 @@ def check_model(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
     breaks a kernel / stride / group limit, computes in float inside a quantized graph, or uses
     int16 where the march has none. Raises UsageError when the file is not an ONNX model.
     """
-    return check_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
+    report = check_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
+    if report.quantized:
+        report.bias_saturation = bias_saturation(str(onnx_path))
+    return report

@@ -22,6 +22,7 @@ import torch
 
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
+from hatcli.deploy.bias_check import write_bias_records
 from hatcli.deploy.consumer import consumer_spec
 from hatcli.deploy.folders import building
 from hatcli.deploy.runtime import sha256_file
@@ -86,6 +87,8 @@ def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[st
         torch.export.save(program, str(pt2))
         output_names = list(lr.family.output_names)
         export_onnx(program, example, onnx_path, output_names)
+        saturation = list(getattr(model, "bias_saturation", []))
+        write_bias_records(str(onnx_path), saturation)
         output_spec = output_specs(onnx_path)
         manifest = {
             "format": "hat-export", "version": 1, "family": lr.family.name,
@@ -96,6 +99,8 @@ def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[st
             "recipe_sha256": lr.sha256, "hatcli_version": __version__, "torch_version": torch.__version__,
             "files": {p.name: sha256_file(p) for p in (pt2, onnx_path)},
         }
+        if saturation:
+            manifest["bias_saturation"] = [record.to_dict() for record in saturation]
         atomic_write_text(tmp_dir / "recipe.toml", lr.to_toml())
         atomic_write_json(tmp_dir / "manifest.json", manifest)
     names = ("model.pt2", "model.onnx", "manifest.json")

@@ -31,10 +31,11 @@ from torchao.quantization.pt2e import export_utils as _export_utils
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-from hatcli.errors import RecipeError
+from hatcli.errors import RecipeError, warn
 from hatcli.family import ModelFamily
+from hatcli.quant.bias_range import saturated_biases
 from hatcli.quant.march import MarchProfile
-from hatcli.quant.quantizer import MarchQuantizer
+from hatcli.quant.quantizer import MarchQuantizer, module_path
 
 Mode = Literal["calibrate", "train", "eval"]
 
@@ -135,10 +136,18 @@ def set_mode(prepared: GraphModule, mode: Mode) -> None:
 
 def convert_to_integer(prepared: GraphModule) -> GraphModule:
     """Convert a calibrated or QAT-trained graph into the integer program (int8 weights, int32
-    biases, quantize/dequantize around every quantized op)."""
+    biases, quantize/dequantize around every quantized op).
+
+    A layer whose int32 bias saturates (`hatcli.quant.bias_range.saturated_biases`) is warned
+    about, and listed in the program's `bias_saturation` attribute (`BiasSaturation` records)."""
     set_mode(prepared, "eval")
+    saturation = saturated_biases(prepared, lambda node: module_path(node) or node.name)
+    for record in saturation:
+        warn(record.describe())
     with torch.no_grad():
-        return convert_pt2e(prepared)
+        integer = convert_pt2e(prepared)
+    integer.bias_saturation = saturation
+    return integer
 
 
 def export_program(integer_model: GraphModule, example: tuple) -> torch.export.ExportedProgram:

@@ -64,6 +64,7 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
+from hatcli.quant.bias_range import bias_limit, weight_fan_in
 from hatcli.quant.lsq import LsqFakeQuantize
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.observers import PercentileObserver, observer_class
@@ -144,10 +145,12 @@ def _derive_bias_qparams(obs_or_fqs: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bias_spec(node: Node, x: Node, w: Node) -> DerivedQuantizationSpec:
-    """int32 bias whose scale is the product of the input and weight scales."""
+    """int32 bias whose scale is the product of the input and weight scales, in the range
+    `hatcli.quant.bias_range.bias_limit` gives the layer (float32 ends, room for the accumulator)."""
+    limit = bias_limit(weight_fan_in(w))
     return DerivedQuantizationSpec(
         derived_from=[(x, node), (w, node)], derive_qparams_fn=_derive_bias_qparams,
-        dtype=torch.int32, quant_min=-(2**31), quant_max=2**31 - 1,
+        dtype=torch.int32, quant_min=-limit, quant_max=limit,
         qscheme=torch.per_channel_symmetric, ch_axis=0,
     )
 
