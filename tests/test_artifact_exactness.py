@@ -9,6 +9,8 @@ calibration data (the saturating clamps must agree as well).
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from torch.nn import functional as F
 
 from artifact_check import compare_with_artifacts
 from hatcli.deploy.cpu import exact_u8s8
-from hatcli.quant.march import MARCH_NAMES
+from hatcli.quant.march import MARCH_NAMES, load_march
 from tiny_nets import Fn, OpNet
 
 
@@ -51,11 +53,17 @@ PATTERNS: dict[str, object] = {
     # elementwise arithmetic, concatenation
     "add": lambda: Fn(lambda m, x: m.a(x) + m.b(x), a=conv(), b=conv()),
     "sub": lambda: Fn(lambda m, x: m.a(x) - x, a=conv()),
-    "mul": lambda: Fn(lambda m, x: x * torch.sigmoid(m.a(x)), a=conv()),
+    "mul": lambda: Fn(lambda m, x: x * m.a(x), a=conv()),
+    "mul_gate": lambda: Fn(lambda m, x: x * torch.sigmoid(F.max_pool2d(m.a(x), 3, 1, 1)), a=conv()),
     "cat_different_scales": lambda: Fn(lambda m, x: torch.cat([m.a(x), 3 * x], 1), a=conv()),
     "cat_mixed_grids": lambda: Fn(lambda m, x: torch.cat([torch.relu(m.a(x)), x], 1), a=conv()),
     # pooling, resizing
     "max_pool": lambda: nn.MaxPool2d(3, 2, 1),
+    "avg_pool_2": lambda: nn.AvgPool2d(2),
+    "avg_pool_3_stride_2_padded": lambda: nn.AvgPool2d(3, 2, 1),
+    "avg_pool_padding_not_counted": lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+    "avg_pool_ceil_mode": lambda: nn.AvgPool2d(3, 2, 0, ceil_mode=True),
+    "avg_pool_ceil_mode_not_counted": lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
     "global_avg_pool": lambda: nn.AdaptiveAvgPool2d(1),
     "mean_keepdim": lambda: Fn(lambda m, x: x.mean((2, 3), keepdim=True)),
     "resize_nearest_x2": lambda: Fn(lambda m, x: F.interpolate(x, scale_factor=2, mode="nearest")),
@@ -67,12 +75,44 @@ PATTERNS: dict[str, object] = {
     "hardswish": lambda: Fn(lambda m, x: F.hardswish(F.max_pool2d(x, 2))),
     "silu": lambda: Fn(lambda m, x: F.silu(F.max_pool2d(x, 2))),
     "relu6_alone": lambda: Fn(lambda m, x: F.relu6(F.max_pool2d(x, 2))),
+    # int16 layers (`INT16` names the modules): int16 in, int16 out, both
+    "int16_conv_in": lambda: nn.Sequential(conv(), conv()),
+    "int16_conv_out": lambda: conv(),
+    "int16_conv_relu_in_and_out": lambda: nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU()),
+    "int16_linear_in": lambda: Fn(lambda m, x: m.fc(torch.flatten(m.c(x), 1)), c=conv(), fc=nn.Linear(256, 6)),
+    "int16_add": lambda: Fn(lambda m, x: m.a(x) + x, a=conv()),
+    "int16_mul": lambda: Fn(lambda m, x: x * torch.sigmoid(F.max_pool2d(x, 1))),
+    "int16_sigmoid": lambda: Fn(lambda m, x: torch.sigmoid(F.max_pool2d(x, 2))),
     # a conv whose (clamped) result is the graph's output: the dequantized accumulator
     "output_conv": lambda: conv(),
     "output_conv_relu": lambda: Fn(lambda m, x: torch.relu(m.c(x)), c=conv()),
 }
 
 WEIGHTS = ("uint8", "int8") if exact_u8s8() else ("uint8",)
+INT16: dict[str, tuple[str, ...]] = {
+    "int16_conv_in": ("op.0",), "int16_conv_out": ("op",), "int16_conv_relu_in_and_out": ("op.0", "op.1", "op.2"),
+    "int16_linear_in": ("op.c",), "int16_add": ("op", "op.a"), "int16_mul": ("op",), "int16_sigmoid": ("op",),
+}
+"""The modules each int16 pattern computes in int16 (`quant.int16`), on the marches that have int16."""
+
+_CONV, _LINEAR = {"conv2d": 1}, {"linear": 1}
+INTEGER_OPS: dict[str, dict[str, int]] = {
+    **{name: _CONV for name in ("conv", "conv_no_bias", "conv_1x1_stride_2", "depthwise", "grouped", "conv_relu",
+                                "conv_relu6", "conv_hardtanh", "conv_clamp", "conv_clamp_min", "output_conv",
+                                "output_conv_relu")},
+    **{name: _LINEAR for name in ("linear", "linear_no_bias", "linear_relu", "linear_relu6")},
+    **{name: {"add": 1} for name in ("add_relu", "add_relu6", "add_hardtanh", "add")},
+    "sub": {"sub": 1}, "mul": {"mul": 1}, "mul_gate": {"mul": 1, "table": 1},
+    **{name: {"avg_pool": 1} for name in PATTERNS if name.startswith("avg_pool")},
+    "global_avg_pool": {"global_avg_pool": 1}, "mean_keepdim": {"global_avg_pool": 1},
+    "resize_bilinear_x2": {"resample": 1},
+    **{name: {"table": 1} for name in ("sigmoid", "tanh", "hardswish", "relu6_alone")},
+    "silu": {"table": 1, "mul": 1},
+    "int16_conv_in": {"conv2d": 2}, "int16_conv_out": _CONV, "int16_conv_relu_in_and_out": {"conv2d": 2},
+    "int16_linear_in": {"conv2d": 1, "linear": 1}, "int16_add": {"add": 1}, "int16_sigmoid": {"table": 1},
+}
+"""What `int_infer` must compute in integers for each pattern (besides the input quantize and the
+stem conv); the patterns not listed move or select integers (max pool, cat, nearest resize)."""
 
 
 class _OutputConv(nn.Module):
@@ -93,11 +133,18 @@ def _network(name: str) -> nn.Module:
     return _OutputConv(op) if name.startswith("output_conv") else OpNet(op)
 
 
-@pytest.mark.parametrize("march", MARCH_NAMES)
-@pytest.mark.parametrize("pattern", list(PATTERNS))
+GRID = [(pattern, march) for pattern in PATTERNS for march in MARCH_NAMES
+        if pattern not in INT16 or load_march(march).quant.allow_int16]
+
+
+@pytest.mark.parametrize(("pattern", "march"), GRID)
 def test_the_artifact_returns_what_int_infer_returns(pattern: str, march: str):
-    comparison = compare_with_artifacts(_network(pattern), march, weights=WEIGHTS)
+    comparison = compare_with_artifacts(_network(pattern), march, int16=INT16.get(pattern, ()), weights=WEIGHTS)
     assert not comparison.disagreements, "\n".join(map(str, comparison.disagreements))
+    kinds = collections.Counter(op.split()[0] for op in comparison.integer_ops)
+    kinds["conv2d"] -= 1  # the stem
+    for kind, count in INTEGER_OPS.get(pattern, {}).items():
+        assert kinds[kind] >= count, f"{pattern} on {march}: expected {count} integer {kind}, int_infer has {dict(kinds)}"
 
 
 @pytest.mark.parametrize("activation", ["relu6", "hardtanh", "clamp"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -60,11 +61,14 @@ def test_integer_program_and_compiled_artifact_agree_bit_for_bit(programs):
     assert (ref - theirs).abs().max() > 0
 
 
-def test_the_compiler_lowers_add_and_global_pooling_to_exact_ops(programs):
+def test_the_compiler_lowers_add_pooling_and_the_float_classifier_to_exact_ops(programs):
+    """The add becomes two Casts and float32 steps, the pool ONNX Runtime's integer-sum kernel,
+    and the classifier (a float output) the exact accumulator: MatMulInteger, then two Casts."""
     *_, compiled = programs
     ops = collections.Counter(node.op_type for node in onnx.load(str(compiled)).graph.node)
     assert ops["QLinearGlobalAveragePool"] == 1
-    assert ops["QLinearAdd"] == 0 and ops["Cast"] == 2 and ops["QLinearConv"] == 2
+    assert ops["QLinearAdd"] == 0 and ops["QLinearConv"] == 2
+    assert ops["MatMulInteger"] == 1 and ops["Gemm"] == ops["QGemm"] == 0 and ops["Cast"] == 2 + 2
 
 
 def test_quantize_divides_by_the_scale_and_rounds_ties_to_even():
@@ -107,7 +111,8 @@ def test_int_infer_stage_uses_the_integer_program(monkeypatch, tmp_path: Path):
 
     calls = []
     monkeypatch.setattr(stage_models, "integer_model", lambda lr: (calls.append(lr) or programs_stub(), {"classes": ["a"]}))
-    model, classes = stage_models.stage_model(object(), "int_infer")
+    recipe = SimpleNamespace(recipe=SimpleNamespace(quant=SimpleNamespace(march="nash_e")))
+    model, classes = stage_models.stage_model(recipe, "int_infer")
     assert calls and hasattr(model, "integer_ops") and classes == ["a"]
 
 
@@ -149,8 +154,8 @@ def test_efficientnet_fpn_fcos_ops_agree_with_the_artifact(tmp_path: Path, opt: 
         cls, reg = integer(images)
     theirs = load_artifact(tmp_path / "compiled").run(images.numpy())
     assert torch.equal(reg, torch.from_numpy(theirs[1]))  # exp table: an integer output, bit for bit
-    # the class head is a float output (dequantized accumulator): equal up to float32 rounding
-    assert torch.allclose(cls, torch.from_numpy(theirs[0]), rtol=0, atol=1e-6)
+    # the class head is a float output: the dequantized accumulator, computed the same way
+    assert torch.equal(cls, torch.from_numpy(theirs[0]))
 
 
 @pytest.mark.parametrize("signed_weights", [False, True], ids=["uint8 weights", "int8 weights"])
@@ -177,20 +182,21 @@ def test_both_weight_formats_compile_to_the_integer_program_bit_for_bit(programs
 
 
 def test_every_optimization_level_runs_the_integer_program(programs, tmp_path):
-    """At `--opt 0` ONNX Runtime fuses no QDQ pattern; the compiler fuses the convs and the
-    classifier itself, so the artifact is the integer program at every level."""
+    """At `--opt 0` ONNX Runtime fuses no QDQ pattern; the compiler fuses the convs itself and
+    writes the classifier (a float output) as its exact accumulator, so the artifact is the
+    integer program at every level, bit for bit."""
     _, integer, _, compiled = programs
     out = compile_model(compiled.parent.parent / "model.onnx", load_march("nash_e"), 0, tmp_path / "art",
                         {"shape": ["N", 3, *SIZE]})
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
-    assert ops["QLinearConv"] and ops["QGemm"] and not ops["Conv"] and not ops["Gemm"]
+    assert ops["QLinearConv"] and ops["MatMulInteger"] and not ops["Conv"] and not ops["Gemm"]
     images = 3 * torch.randn(64, 3, *SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = _first(integer(images))
     level0 = torch.from_numpy(load_artifact(out).run(images.numpy())[0])
     level3 = torch.from_numpy(load_artifact(compiled.parent).run(images.numpy())[0])
     assert torch.equal(level0, level3)
-    assert torch.allclose(ours, level0, rtol=0, atol=1e-6)  # a float (dequantized) output: float32 rounding
+    assert torch.equal(ours, level0)
 
 
 def test_an_int8_weight_artifact_warns_on_a_cpu_without_exact_u8s8(programs, monkeypatch):

@@ -26,6 +26,8 @@ FALLBACK: Status = "CPU fallback"
 _FUSED_OPS = {"SiLU": ["Sigmoid", "Mul"]}
 _ALWAYS_FOLDED = {"BatchNormalization"}
 """Fused ops a compiler folds into the weights, whatever the march supports on its own."""
+_INTEGER_FUSED = {"Relu", "Clip", "BatchNormalization"}
+"""Fused ops that int_infer and the artifact apply to integers (`hatcli.quant.clamps`)."""
 
 
 @dataclass
@@ -161,8 +163,13 @@ def check_layer(layer: Layer, march: MarchProfile, quantized_graph: bool) -> Che
                            "fuse it (quantize its input or use a supported activation)")
         if layer.weight_dtype is not None and layer.quantized and layer.weight_dtype != march.quant.weight_dtype:
             reasons.append(f"weights are {layer.weight_dtype}; {march.name} needs {march.quant.weight_dtype}")
+    in_float = [f for f in layer.float_fused if f not in _INTEGER_FUSED]
     if reasons:
         row.status, row.reason = FALLBACK, "; ".join(reasons)
+    elif quantized_graph and in_float:
+        row.reason = (f"{', '.join(in_float)} fused after {layer.op_type}: not integer in int_infer or the host "
+                      "artifact, which both apply it in float to the exact dequantized accumulator, each with "
+                      "its own float function (they can differ by one output step)")
     elif quantized_graph and layer.graph_output and layer.output_dtype.startswith("float"):
         row.reason = ("float (dequantized) output" if march.quant.float_output else
                       "int32 accumulator output; the dequantize to float runs on the CPU")

@@ -25,6 +25,7 @@ import onnx
 
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
+from hatcli.deploy.accumulator_lowering import lower_exact_weighted
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.folders import building
 from hatcli.deploy.cpu import exact_u8s8
@@ -33,13 +34,13 @@ from hatcli.deploy.lowering import (
     fuse_global_average_pool,
     lower_int8_to_uint8,
     lower_linear_resize,
-    lower_output_conv,
     lower_quantized_binary,
 )
 from hatcli.deploy.table_lowering import lower_lookup_tables
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.perf_html import render_perf_html
+from hatcli.deploy.pool_lowering import lower_average_pool
 from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
 from hatcli.errors import ArtifactError, HatError, UsageError
 from hatcli.quant.march import MarchProfile
@@ -78,9 +79,11 @@ def _io(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [spec(i) for i in session.get_inputs()], [spec(o) for o in session.get_outputs()]
 
 
-def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.ModelProto:
+def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_bits: int = 32) -> onnx.ModelProto:
     """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py,
-    table_lowering.py and kernel_fusion.py): what ONNX Runtime is then given to optimize. Int8
+    accumulator_lowering.py, pool_lowering.py, table_lowering.py and kernel_fusion.py): what ONNX
+    Runtime is then given to optimize. Convs and Gemms with a float or int16 result, or an int16
+    input, get the exact accumulator held in `accumulator_bits` (the march's). Int8
     weights stay int8 where this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`),
     else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved
     at a level where ONNX Runtime fuses no QDQ pattern: `--opt 0`, `1`) convs and Gemms are
@@ -88,8 +91,9 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
     only the convs and Gemms whose fused clamp ONNX Runtime cannot fold (a Clip, a Relu above the
     output's minimum) are fused here. So every level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
-    proto, _ = lower_output_conv(proto)
+    proto, _ = lower_exact_weighted(proto, accumulator_bits)
     proto, _ = fuse_global_average_pool(proto)
+    proto, _ = lower_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
     proto, _ = lower_linear_resize(proto)
@@ -98,7 +102,7 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True) -> onnx.Mode
     return proto
 
 
-def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
+def _write_optimized(src: Path, level: str, tmp_dir: Path, accumulator_bits: int) -> None:
     """Lower the graph (`lower_graph`), then have ONNX Runtime write it optimized at `level` as
     tmp_dir/model.onnx.
 
@@ -106,7 +110,7 @@ def _write_optimized(src: Path, level: str, tmp_dir: Path) -> None:
     below 2 GB; larger models keep their weights in `model.onnx.data` next to the graph.
     """
     model_tmp = tmp_dir / f".{MODEL}.tmp"
-    proto = lower_graph(load_onnx(src), runtime_fuses=level in RUNTIME_FUSING_LEVELS)
+    proto = lower_graph(load_onnx(src), runtime_fuses=level in RUNTIME_FUSING_LEVELS, accumulator_bits=accumulator_bits)
     if proto.ByteSize() < INLINE_LIMIT:
         create_session(proto.SerializeToString(), level, optimized_path=model_tmp, source=str(src))
     else:
@@ -188,7 +192,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
     saved_level = "ORT_ENABLE_EXTENDED" if level == "ORT_ENABLE_ALL" else level
     batch, input_shape = _batch_and_shape(input_spec)
     with building(out, MANIFEST) as tmp_dir:
-        _write_optimized(src, saved_level, tmp_dir)
+        _write_optimized(src, saved_level, tmp_dir, march.quant.accumulator_bits)
         session = create_session(tmp_dir / MODEL, level, source=f"compiled {src}")
         try:
             session.run(None, random_feed(session, batch, input_shape))

@@ -68,14 +68,21 @@ def requantize_chain(node: onnx.NodeProto, users: dict, outputs: set) -> tuple[l
     return chain, nxt[0]
 
 
-def float_output(node: onnx.NodeProto, users: dict, outputs: set) -> bool:
-    """Whether `node`'s result is a graph output, directly or through one fused clamp (Relu or
-    Clip): a weighted op the integer program ends in its dequantized accumulator, then the clamp
-    in float."""
-    if node.output[0] in outputs:
-        return True
-    nxt = users.get(node.output[0], [])
-    return len(nxt) == 1 and nxt[0].op_type in ONNX_CLAMPS and nxt[0].output[0] in outputs
+def kernel_requantized(node: onnx.NodeProto, users: dict, outputs: set, initializers: dict, producers: dict) -> bool:
+    """Whether a Conv / Gemm `node` reads an 8-bit tensor and is requantized (after a clamp of
+    constant bounds, if any) onto an 8-bit grid: what QLinearConv / QGemm compute, fused by
+    `hatcli.deploy.kernel_fusion` or by ONNX Runtime. Every other conv / Gemm is lowered by
+    `hatcli.deploy.accumulator_lowering`."""
+    source = producers.get(node.input[0])
+    x_zero = None if source is None or len(source.input) < 3 else initializers.get(source.input[2])
+    found = requantize_chain(node, users, outputs)
+    if x_zero is None or x_zero.data_type not in EIGHT_BIT or found is None:
+        return False
+    chain, quant = found
+    y_zero = initializers.get(quant.input[2])
+    if y_zero is None or y_zero.data_type not in EIGHT_BIT:
+        return False
+    return len(chain) == 1 or onnx_clamp_bounds(chain[1], initializers, producers) is not None
 
 
 def onnx_clamp_bounds(node: onnx.NodeProto, initializers: dict, producers: dict) -> ClampBounds | None:
@@ -98,8 +105,9 @@ def onnx_clamp_bounds(node: onnx.NodeProto, initializers: dict, producers: dict)
 
 
 def quantized_range(zero_point: onnx.TensorProto) -> tuple[int, int] | None:
-    """(qmin, qmax) of the 8-bit type of a zero-point initializer; None for other types."""
-    return {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}.get(zero_point.data_type)
+    """(qmin, qmax) of the 8- or 16-bit type of a zero-point initializer; None for other types."""
+    return {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+            onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}.get(zero_point.data_type)
 
 
 def replace_nodes(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], anchor: onnx.NodeProto) -> None:
@@ -171,6 +179,18 @@ class WeightedOperands:
     b_dq: onnx.NodeProto | None
 
 
+def _axis(dq: onnx.NodeProto) -> int:
+    return next((int(onnx.helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1)
+
+
+def _output_axis(node: onnx.NodeProto, ndim: int) -> int:
+    """The weight axis of a Conv / Gemm's output channels."""
+    if node.op_type != "Gemm":
+        return 0
+    trans_b = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "transB"), 0)
+    return 0 if trans_b else ndim - 1
+
+
 def weighted_operands(node: onnx.NodeProto, producers: dict, initializers: dict) -> WeightedOperands | None:
     """The operands of a Conv / Gemm `node` that reads a per-tensor DequantizeLinear input,
     constant 8-bit weights and, if it has one, a constant int32 bias with zero point 0 (what an
@@ -181,6 +201,8 @@ def weighted_operands(node: onnx.NodeProto, producers: dict, initializers: dict)
     weight = constant_dequantize(node.input[1], producers, initializers)
     if source is None or weight is None or weight[2].data_type not in EIGHT_BIT:
         return None
+    if weight[1].size > 1 and _axis(producers[node.input[1]]) != _output_axis(node, weight[0].ndim):
+        return None  # scales per input channel: no integer kernel takes them
     bias = b_dq = None
     if len(node.input) > 2 and node.input[2]:
         found = constant_dequantize(node.input[2], producers, initializers)

@@ -16,7 +16,7 @@ from hatcli.deploy.graph_edit import (
     MS_DOMAIN,
     add_constant,
     drop_unused_dequantize,
-    float_output,
+    kernel_requantized,
     index_graph,
     onnx_clamp_bounds,
     quantized_range,
@@ -87,6 +87,8 @@ def lower_quantized_conv(model: onnx.ModelProto, clamped_only: bool = False) -> 
         if ops is None or found is None:
             continue
         chain, quant = found
+        if not kernel_requantized(conv, users, outputs, initializers, producers):
+            continue
         if clamped_only and _left_to_runtime(chain, quant, initializers):
             continue
         stem = conv.name or conv.output[0]
@@ -107,11 +109,10 @@ def lower_quantized_conv(model: onnx.ModelProto, clamped_only: bool = False) -> 
 
 
 def lower_quantized_gemm(model: onnx.ModelProto, clamped_only: bool = False) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Gemm (8-bit weights, int32 bias) [-> Relu | Clip] [->
-    QuantizeLinear] by one QGemm (ONNX Runtime's contrib op; a float output where no
-    QuantizeLinear follows) [-> integer Clip], for the levels and chains `lower_quantized_conv`
-    fuses (`clamped_only` as there). Returns the model (modified in place) and the number of fused
-    Gemms."""
+    """Replace DequantizeLinear -> Gemm (8-bit weights, int32 bias) [-> Relu | Clip] ->
+    QuantizeLinear by one QGemm (ONNX Runtime's contrib op) [-> integer Clip], for the levels and
+    chains `lower_quantized_conv` fuses (`clamped_only` as there). Returns the model (modified in
+    place) and the number of fused Gemms."""
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
     fused = 0
@@ -127,19 +128,16 @@ def lower_quantized_gemm(model: onnx.ModelProto, clamped_only: bool = False) -> 
         stem = gemm.name or gemm.output[0]
         inputs = [*ops.x_dq.input[:3], *ops.w_dq.input[:3], ops.b_dq.input[0] if ops.b_dq is not None else ""]
         found = requantize_chain(gemm, users, outputs)
-        if found is not None:
-            chain, quant = found
-            if clamped_only and _left_to_runtime(chain, quant, initializers):
-                continue
-            tail = _clamp_tail(graph, chain, quant, initializers, producers, stem)
-            if tail is None:
-                continue
-            (target, clamp), old = tail, [*chain, quant]
-            inputs += [quant.input[1], quant.input[2]]
-        elif clamped_only or not float_output(gemm, users, outputs):
+        if found is None or not kernel_requantized(gemm, users, outputs, initializers, producers):
+            continue  # a float result: `hatcli.deploy.accumulator_lowering`
+        chain, quant = found
+        if clamped_only and _left_to_runtime(chain, quant, initializers):
             continue
-        else:
-            target, clamp, old = gemm.output[0], [], [gemm]
+        tail = _clamp_tail(graph, chain, quant, initializers, producers, stem)
+        if tail is None:
+            continue
+        (target, clamp), old = tail, [*chain, quant]
+        inputs += [quant.input[1], quant.input[2]]
         node = onnx.helper.make_node("QGemm", inputs, [target], name=f"{stem}_qgemm",
                                      domain=MS_DOMAIN, transB=int(attrs.get("transB", 0)))
         replace_nodes(graph, old, [node, *clamp], old[-1])

@@ -15,12 +15,10 @@ import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
-    EIGHT_BIT,
     MS_DOMAIN,
     add_constant,
     dequantized_input,
     drop_unused_dequantize,
-    float_output,
     index_graph,
     onnx_clamp_bounds,
     quantized_range,
@@ -28,7 +26,6 @@ from hatcli.deploy.graph_edit import (
     requantize_chain,
     scalar_initializer,
     use_ms_domain,
-    weighted_operands,
 )
 from hatcli.quant.clamps import ClampBounds
 
@@ -269,67 +266,6 @@ def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                  make("QuantizeLinear", [f"{stem}_resized", one, quant.input[2]], [quant.output[0]],
                       name=f"{stem}_requantize")]
         replace_nodes(graph, [op, quant], nodes, quant)
-        rewritten += 1
-    if rewritten:
-        drop_unused_dequantize(graph)
-    return model, rewritten
-
-
-def lower_output_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Conv (8-bit weights, int32 bias) whose result is a graph output
-    (directly or through a fused clamp, which stays, in float) by
-    ``Mul(Cast(ConvInteger(q_x, q_w) + q_bias, float), s_x * s_w)`` (the sum in int64): the
-    dequantized accumulator.
-
-    ONNX Runtime runs that pattern as a float Conv of the dequantized values, whose sums round in
-    an order of its own (one unit in the last place off the exact result). The integer program
-    computes the exact accumulator, rounds it to float32 once and multiplies by the float32
-    per-channel ``s_x * s_w`` (`hatcli.quant.integer_kernels.int_weighted`); so do these ops, bit for bit.
-    Runs after `lower_int8_to_uint8`; int8 weights it left in place are shifted to uint8 here
-    (ConvInteger's exact U8U8 kernel). Returns the model
-    (modified in place) and the number of rewritten convs.
-    """
-    graph = model.graph
-    initializers, producers, users, outputs = index_graph(graph)
-    rewritten = 0
-    for conv in list(graph.node):
-        if conv.op_type != "Conv" or not float_output(conv, users, outputs):
-            continue
-        ops = weighted_operands(conv, producers, initializers)
-        if ops is None:
-            continue
-        source, bias = ops.source, ops.bias
-        x_zero = initializers.get(ops.x_dq.input[2])
-        q_w, w_scale, w_zero = ops.weight
-        w_zeros = numpy_helper.to_array(w_zero).reshape(-1)
-        if x_zero is None or x_zero.data_type not in EIGHT_BIT:
-            continue
-        if w_zeros.size == 0 or not np.all(w_zeros == w_zeros[0]):
-            continue  # ConvInteger takes one weight zero point
-        channels = q_w.shape[0]
-        stem = conv.name or conv.output[0]
-        make = onnx.helper.make_node
-        weight_name = ops.w_dq.input[0]
-        if w_zero.data_type == onnx.TensorProto.INT8:
-            # ConvInteger's U8U8 kernel is exact and several times faster than its U8S8 one
-            weight_name = add_constant(graph, (q_w.astype(np.int16) + 128).astype(np.uint8), f"{stem}_weight_u8")
-            w_zeros = (w_zeros.astype(np.int16) + 128).astype(np.uint8)
-        w_zero_name = add_constant(graph, w_zeros[:1].reshape(()), f"{stem}_w_zero")
-        integer = make("ConvInteger", [source[0], weight_name, ops.x_dq.input[2],
-                                       w_zero_name], [f"{stem}_acc"], name=f"{stem}_integer")
-        integer.attribute.extend(conv.attribute)
-        nodes, acc = [integer], f"{stem}_acc"
-        if bias is not None:
-            # in int64: accumulator + a (saturated) int32 bias can leave int32, the integer program's sum does not wrap
-            q_bias = add_constant(graph, bias.astype(np.int64).reshape(1, channels, 1, 1), f"{stem}_bias")
-            nodes += [make("Cast", [acc], [f"{stem}_acc64"], to=onnx.TensorProto.INT64, name=f"{stem}_acc64"),
-                      make("Add", [f"{stem}_acc64", q_bias], [f"{stem}_biased"], name=f"{stem}_biased")]
-            acc = f"{stem}_biased"
-        multiplier = (np.float32(source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
-        multiplier_name = add_constant(graph, multiplier.reshape(1, channels, 1, 1), f"{stem}_multiplier")
-        nodes += [make("Cast", [acc], [f"{stem}_acc_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_acc_float"),
-                  make("Mul", [f"{stem}_acc_float", multiplier_name], [conv.output[0]], name=f"{stem}_dequantize")]
-        replace_nodes(graph, [conv], nodes, conv)
         rewritten += 1
     if rewritten:
         drop_unused_dequantize(graph)

@@ -1,5 +1,5 @@
 """Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, exp, a
-constant scale) to 256-entry tables, as an accelerator computes them."""
+constant scale, a clamp standing alone) to 256-entry tables, as an accelerator computes them."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from hatcli.deploy.graph_edit import (
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
+    onnx_clamp_bounds,
     replace_nodes,
     requantize_chain,
     scalar_initializer,
 )
+from hatcli.quant.clamps import ONNX_CLAMPS
 
 
 def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, producers: dict):
@@ -29,6 +31,12 @@ def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, prod
               "Exp": aten.exp.default}
     if op.op_type in simple and len(op.input) == 1:
         return simple[op.op_type]
+    if op.op_type in ONNX_CLAMPS:  # a clamp standing alone (a fused one follows a conv, not a dequantize)
+        bounds = onnx_clamp_bounds(op, initializers, producers)
+        if bounds is None:
+            return None
+        low, high = bounds.low, bounds.high
+        return lambda x: torch.clamp(x, low, high)
     if op.op_type == "HardSigmoid":
         alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
         if abs(alpha - 1 / 6) < 1e-6 and beta == 0.5:

@@ -1,4 +1,5 @@
-"""The int32 bias of a conv / linear: its range, and which layers' biases saturate it.
+"""The int32 bias of a conv / linear: its range, and which layers' biases saturate it; and the
+worst case of a layer's accumulator (an int16 layer's can pass 2^31).
 
 A bias is quantized with the scale ``s_x * s_w`` of its channel. When the weight scale is tiny
 (BatchNorm folding of a channel with gamma near 0) a modest bias needs more than 2^31 steps; it
@@ -33,6 +34,36 @@ def bias_limit(fan_in: int) -> int:
     """The largest |int32 bias| of a layer whose accumulator sums `fan_in` products: 2^31 less
     the largest 8-bit accumulator, rounded down to a float32 number."""
     return _float32_floor(max(INT32_MAX - fan_in * EIGHT_BIT_PRODUCT, 2**24))
+
+
+def accumulator_bound(centred_weights, x_bound: int, bias_bound: int) -> int:
+    """The largest |accumulator| a layer can reach: `x_bound` (the largest |q_x - z_x|) times the
+    largest per-channel sum of |q_w - z_w| (`centred_weights`: channels x fan-in, numpy or torch),
+    plus the largest |bias|."""
+    sums = abs(centred_weights).sum(1)
+    return int(x_bound) * int(sums.max()) + int(bias_bound) if len(sums) else int(bias_bound)
+
+
+@dataclass(frozen=True)
+class AccumulatorOverflow:
+    """A layer whose accumulator can pass the march's (saturating) accumulator range."""
+
+    layer: str
+    input_dtype: str
+    fan_in: int
+    bound: int
+    """The largest |accumulator| its weights and input range allow."""
+    bits: int
+
+    def describe(self) -> str:
+        """One line for a warning or `hat check`."""
+        return (f"{self.layer}: the {self.input_dtype} x int8 accumulator (fan-in {self.fan_in}) can reach "
+                f"{self.bound:.3g}, past the {self.bits}-bit accumulator, which saturates there; "
+                "keep this layer in int8 or give it fewer inputs")
+
+    def to_dict(self) -> dict:
+        """The record as plain JSON values."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)

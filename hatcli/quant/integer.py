@@ -48,9 +48,12 @@ import torch
 import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 from torch.fx import GraphModule, Node
 
+from hatcli.errors import warn
+from hatcli.quant.bias_range import AccumulatorOverflow, accumulator_bound
 from hatcli.quant.clamps import ClampBounds
 from hatcli.quant.integer_kernels import (
     int_add,
+    int_avg_pool,
     int_global_avg_pool,
     int_lookup,
     int_mul,
@@ -60,6 +63,7 @@ from hatcli.quant.integer_kernels import (
     quantize_input,
 )
 from hatcli.quant.op_sets import CLAMP_OPS, clamp_bounds
+from hatcli.quant.quantizer import module_path
 
 QD = torch.ops.quantized_decomposed
 A = torch.ops.aten
@@ -77,6 +81,7 @@ TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswi
 EIGHT_BIT = (torch.int8, torch.uint8)
 RESAMPLE = {A.upsample_bilinear2d.vec}
 GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
+AVG_POOL = {A.avg_pool2d.default}
 
 
 @dataclass
@@ -127,6 +132,16 @@ def _grid_bounds(bounds: ClampBounds | None, yq: "_QParams") -> tuple[int, int]:
     return (yq.qmin, yq.qmax) if bounds is None else bounds.on_grid(yq.scale, yq.zero, yq.qmin, yq.qmax)
 
 
+def _pair(value: object, default: tuple[int, int]) -> tuple[int, int]:
+    """An int or a 1- or 2-element list of a 2-D op's argument as (h, w); `default` when empty."""
+    if isinstance(value, int):
+        return value, value
+    if not value:
+        return default
+    values = [int(v) for v in value]  # type: ignore[union-attr]
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
 def _is_graph_output(node: Node) -> bool:
     return any(u.op == "output" for u in node.users)
 
@@ -165,10 +180,12 @@ def _traced_from(node: Node) -> dict:
 
 
 class _Rewriter:
-    def __init__(self, gm: GraphModule) -> None:
+    def __init__(self, gm: GraphModule, accumulator_bits: int) -> None:
         self.gm = gm
         self.count = 0
         self.rewritten: list[str] = []
+        self.accumulator_bits = accumulator_bits
+        self.overflows: list[AccumulatorOverflow] = []
 
     def constant(self, value: torch.Tensor, stem: str, before: Node) -> Node:
         """`value` as a buffer of the module, read by a node placed before `before`."""
@@ -201,20 +218,31 @@ class _Rewriter:
         else:
             conv_args = ()
         clamp_node, bounds, quant = _output_quantize(node)
-        last = quant or clamp_node or node
-        if quant is None and not _is_graph_output(clamp_node or node):
-            return False
         yq = _QParams.of(quant) if quant is not None else None
         if quant is not None and yq is None:
             return False
+        # not requantized (a graph output, a float op after it): the dequantized accumulator
+        last = quant or clamp_node or node
         q_w, w_scale = weights
+        self.check_accumulator(node, q_w, xq, bias)
         low, high = _grid_bounds(bounds, yq) if yq is not None else (0, 0)
         args = (op, xq.source, xq.scale, xq.zero, xq.qmin, xq.qmax,
                 self.constant(q_w, "weight", last), self.constant(w_scale, "weight_scale", last),
                 None if bias is None else self.constant(bias, "bias", last), conv_args,
                 None if yq is None else yq.scale, 0 if yq is None else yq.zero, low, high,
-                None if yq is None else yq.dtype, None if bounds is None else bounds.as_float())
+                None if yq is None else yq.dtype, None if bounds is None else bounds.as_float(),
+                self.accumulator_bits)
         return self.replace(node, last, int_weighted, args, op)
+
+    def check_accumulator(self, node: Node, q_w: torch.Tensor, xq: "_QParams", bias: torch.Tensor | None) -> None:
+        """Record a layer whose accumulator can pass the march's (see `AccumulatorOverflow`)."""
+        x_bound = max(abs(xq.qmin - xq.zero), abs(xq.qmax - xq.zero))
+        bias_bound = 0 if bias is None else int(bias.to(torch.int64).abs().max())
+        bound = accumulator_bound(q_w.reshape(q_w.shape[0], -1).to(torch.int64), x_bound, bias_bound)
+        if bound > 2 ** (self.accumulator_bits - 1) - 1:
+            self.overflows.append(AccumulatorOverflow(
+                module_path(node) or node.name, str(xq.dtype).removeprefix("torch."), int(q_w[0].numel()),
+                bound, self.accumulator_bits))
 
     def global_pool(self, node: Node) -> bool:
         xq = _QParams.of(node.args[0])
@@ -235,6 +263,22 @@ class _Rewriter:
             return False
         return self.replace(node, quant, int_global_avg_pool, (
             xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, keepdim), "global_avg_pool")
+
+    def avg_pool(self, node: Node) -> bool:
+        xq = _QParams.of(node.args[0])
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        if xq is None or yq is None or node.args[0].target not in DQ_TENSOR or xq.dtype not in EIGHT_BIT:
+            return False
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = (
+            list(node.args[1:]) + [None] * 6)[:6]
+        if divisor_override is not None or node.kwargs:
+            return False  # ONNX's AveragePool has no divisor override: left to the reference on both sides
+        kernel = _pair(kernel, (1, 1))
+        args = (kernel, _pair(stride, kernel), _pair(padding, (0, 0)), bool(ceil_mode),
+                True if count_include_pad is None else bool(count_include_pad))
+        return self.replace(node, quant, int_avg_pool, (
+            xq.source, xq.scale, xq.zero, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype, *args), "avg_pool")
 
     def _binary_inputs(self, node: Node) -> tuple[_QParams, _QParams] | None:
         if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -319,14 +363,17 @@ def _dead_in_place(node: Node) -> bool:
     return isinstance(first, Node) and len(first.users) == 1
 
 
-def integer_program(reference: GraphModule) -> GraphModule:
-    """A copy of the converted (reference) program whose quantized ops compute in integers.
+def integer_program(reference: GraphModule, accumulator_bits: int = 32) -> GraphModule:
+    """A copy of the converted (reference) program whose quantized ops compute in integers, with
+    conv / linear accumulators of `accumulator_bits` (the march's `QuantRules.accumulator_bits`),
+    saturating.
 
     The copy's `integer_ops` attribute lists what was rewritten; everything else keeps its
-    reference (float) form.
+    reference (float) form. Layers whose accumulator can saturate are warned about and listed in
+    its `accumulator_overflow` attribute (`AccumulatorOverflow` records).
     """
     gm = copy.deepcopy(reference)
-    rewriter = _Rewriter(gm)
+    rewriter = _Rewriter(gm, accumulator_bits)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -336,17 +383,22 @@ def integer_program(reference: GraphModule) -> GraphModule:
             rewriter.weighted(node)
         elif node.target in GLOBAL_POOL:
             rewriter.global_pool(node)
+        elif node.target in AVG_POOL:
+            rewriter.avg_pool(node)
         elif node.target in ADD or node.target in SUB:
             rewriter.add(node)
         elif node.target in MUL:
             rewriter.mul(node) or rewriter.table(node)
-        elif node.target in TABLE_OPS or node.target in DIV:
-            rewriter.table(node)
+        elif node.target in TABLE_OPS or node.target in DIV or node.target in CLAMP_OPS:
+            rewriter.table(node)  # a clamp fused into the op before it is gone by now: this one stands alone
         elif node.target in RESAMPLE:
             rewriter.resample(node)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _dead_in_place(n))
     gm.recompile()
     gm.integer_ops = list(rewriter.rewritten)
+    gm.accumulator_overflow = list(rewriter.overflows)
+    for record in rewriter.overflows:
+        warn(record.describe())
     return gm
 
 

@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from hatcli.quant.pool_windows import avg_pool_divisors, pool_multipliers
+
 EXACT_FLOAT32_LIMIT = 2**24
 """Integer sums below this are exact in float32."""
 
@@ -65,18 +67,23 @@ def _channel_view(values: torch.Tensor, op: str) -> torch.Tensor:
 def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin: int, x_qmax: int,
                  q_w: torch.Tensor, w_scale: torch.Tensor, q_bias: torch.Tensor | None,
                  conv_args: tuple, y_scale: float | None, y_zero: int, y_low: int, y_high: int,
-                 y_dtype: torch.dtype | None, float_clamp: tuple[float, float] | None) -> torch.Tensor:
+                 y_dtype: torch.dtype | None, float_clamp: tuple[float, float] | None,
+                 accumulator_bits: int = 32) -> torch.Tensor:
     """One quantized conv2d / linear in integer arithmetic (see `hatcli.quant.integer`).
 
-    Returns the requantized output (dtype `y_dtype`) held in [y_low, y_high] (the output range,
-    narrowed by a fused clamp), or, when `y_scale` is None (the op is a graph output), the
-    dequantized int32 accumulator in float32, clamped to `float_clamp` where a clamp is fused.
+    The exact accumulator (bias included) saturates at `accumulator_bits`. Returns the
+    requantized output (dtype `y_dtype`) held in [y_low, y_high] (the output range, narrowed by a
+    fused clamp), or, when `y_scale` is None (the op is not requantized: a graph output, or a
+    float op follows), the dequantized accumulator in float32, clamped to `float_clamp` where a
+    clamp is fused.
     """
     x = q_x.to(torch.int32) - x_zero
     x_bound = max(abs(x_qmin - x_zero), abs(x_qmax - x_zero))
     acc = _accumulate(op, x, q_w.to(torch.int32), x_bound, conv_args)
     if q_bias is not None:
         acc = acc + _channel_view(q_bias.to(torch.float64), op)
+    limit = 2.0 ** (accumulator_bits - 1)
+    acc = acc.clamp(-limit, limit - 1)  # the accumulator saturates (exact in float64 up to 2^53)
     acc32 = acc.to(torch.float32)  # int32 -> float32, round to nearest even, as the runtime does
     product = _f32(x_scale) * w_scale.to(torch.float32)
     if y_scale is None:
@@ -144,6 +151,22 @@ def int_global_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale:
     n = q_x.shape[-1] * q_x.shape[-2]
     acc = (q_x.to(torch.float64) - x_zero).sum(dim=(-2, -1), keepdim=keepdim).to(torch.float32)
     multiplier = _f32(x_scale) / (_f32(y_scale) * _f32(float(n)))
+    q = round_half_even(acc * multiplier).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero
+    return q.to(y_dtype)
+
+
+def int_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float, y_zero: int,
+                 y_qmin: int, y_qmax: int, y_dtype: torch.dtype, kernel: tuple[int, int],
+                 stride: tuple[int, int], padding: tuple[int, int], ceil_mode: bool,
+                 count_include_pad: bool) -> torch.Tensor:
+    """A 2-D average pool: the exact integer sum of each window (padding counts as 0), times the
+    float32 ``s_x / (s_y * divisor)`` of its position (`hatcli.quant.pool_windows`), rounded half
+    to even."""
+    size = (int(q_x.shape[-2]), int(q_x.shape[-1]))
+    centred = q_x.to(torch.float64) - x_zero
+    acc = torch.nn.functional.avg_pool2d(centred, kernel, stride, padding, ceil_mode, True, 1).to(torch.float32)
+    divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, count_include_pad)
+    multiplier = torch.from_numpy(pool_multipliers(x_scale, y_scale, divisors)).to(q_x.device)
     q = round_half_even(acc * multiplier).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero
     return q.to(y_dtype)
 

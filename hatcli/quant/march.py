@@ -32,6 +32,11 @@ class QuantRules(_Strict):
     """Whether the last layer may produce a dequantized (float / int32-accumulator) output."""
     unsigned_after_relu: bool = True
     """Non-negative (post-ReLU) tensors use the unsigned 8-bit grid, zero point still 0."""
+    accumulator_bits: int = Field(32, ge=24, le=64)
+    """Width of the conv / matmul accumulator, which saturates (never wraps) at its ends. Horizon
+    does not publish what its BPUs do past 32 bits; we model a saturating 32-bit accumulator.
+    An 8-bit layer cannot reach it (the int32 bias range leaves room, `hatcli.quant.bias_range`);
+    an int16 layer with a large fan-in can, and conversion reports it."""
 
     @property
     def allow_int16(self) -> bool:

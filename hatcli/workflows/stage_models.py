@@ -87,7 +87,7 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
         flow.set_mode(model, "eval")
     elif stage == "int_infer":
         reference, state = integer_model(lr)
-        model = integer_program(reference)
+        model = integer_program(reference, load_march(lr.recipe.quant.march).quant.accumulator_bits)
     elif stage == "deploy":
         folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
         if not Path(folder).exists():

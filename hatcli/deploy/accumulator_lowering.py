@@ -1,0 +1,163 @@
+"""Compile-time lowering of the convs and Gemms no integer kernel of ONNX Runtime computes the way
+the integer program does: to the exact accumulator and explicit float32 steps.
+
+A conv / Gemm with 8-bit weights is left to QLinearConv / QGemm (`hatcli.deploy.kernel_fusion`)
+when it reads an 8-bit tensor and is requantized onto an 8-bit grid. Every other one is written
+here as `int_weighted` computes it:
+
+- the accumulator ``sum((q_x - z_x) * (q_w - z_w)) + q_bias`` exactly, in int64: ConvInteger /
+  MatMulInteger of 8-bit operands; an int16 input is split into its high and low bytes (two
+  8-bit products, ``256 * high + low``), since no integer kernel takes int16;
+- held in the march's accumulator (`QuantRules.accumulator_bits`, saturating) where it can leave it;
+- cast to float32 once and multiplied by the float32 per-channel ``s_x * s_w`` (a float result:
+  a graph output, or a float op after it) or ``(s_x * s_w) / s_y`` then clamped and rounded by
+  a QuantizeLinear of scale 1 (an int16 output grid).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hatcli.deploy.graph_edit import (
+    EIGHT_BIT,
+    add_constant,
+    drop_unused_dequantize,
+    index_graph,
+    kernel_requantized,
+    onnx_clamp_bounds,
+    replace_nodes,
+    requantize_chain,
+    scalar_initializer,
+    weighted_operands,
+)
+from hatcli.quant.bias_range import accumulator_bound
+
+_MAKE = onnx.helper.make_node
+_SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+
+
+class _Builder:
+    """Nodes and constants for one rewritten op, named after it."""
+
+    def __init__(self, graph: onnx.GraphProto, stem: str) -> None:
+        self.graph, self.stem, self.nodes = graph, stem, []
+
+    def const(self, value: np.ndarray, tag: str) -> str:
+        return add_constant(self.graph, np.asarray(value), f"{self.stem}_{tag}")
+
+    def op(self, op_type: str, inputs: list[str], tag: str, **attrs) -> str:
+        out = f"{self.stem}_{tag}"
+        self.nodes.append(_MAKE(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _unsigned_weights(b: _Builder, q_w: np.ndarray, zero: onnx.TensorProto) -> tuple[str, str]:
+    """(weights, zero point) as uint8: the exact U8U8 integer kernels (one zero point for all)."""
+    zeros = numpy_helper.to_array(zero).reshape(-1).astype(np.int16)
+    if zero.data_type == onnx.TensorProto.INT8:
+        q_w, zeros = q_w.astype(np.int16) + 128, zeros + 128
+    return b.const(q_w.astype(np.uint8), "weight_u8"), b.const(np.uint8(zeros[0]), "weight_zero")
+
+
+def _products(b: _Builder, kind: str, x: str, x_zero: str, weight: str, w_zero: str, attrs: list, tag: str) -> str:
+    """The int64 sum of products of one 8-bit operand `x` with the weights."""
+    if kind == "Conv":
+        node = _MAKE("ConvInteger", [x, weight, x_zero, w_zero], [f"{b.stem}_{tag}"], name=f"{b.stem}_{tag}")
+        node.attribute.extend(attrs)
+        b.nodes.append(node)
+        acc = node.output[0]
+    else:
+        acc = b.op("MatMulInteger", [x, weight, x_zero, w_zero], tag)
+    return b.op("Cast", [acc], f"{tag}64", to=onnx.TensorProto.INT64)
+
+
+def _accumulator(b: _Builder, kind: str, source: tuple[str, np.float32, int], x_zero: onnx.TensorProto,
+                 x_zero_name: str, weight: str, w_zero: str, attrs: list) -> str:
+    """The exact int64 accumulator of `source` (8- or 16-bit) times the weights."""
+    if x_zero.data_type in EIGHT_BIT:
+        return _products(b, kind, source[0], x_zero_name, weight, w_zero, attrs, "acc")
+    # int16: u = q - z + 32768 in [0, 65535]; q - z = 256 * (u // 256 - 128) + u % 256
+    offset = b.op("Sub", [b.op("Cast", [source[0]], "x_int", to=onnx.TensorProto.INT32),
+                          b.const(np.int32(source[2] - 32768), "x_offset")], "x_unsigned")
+    high = b.op("Div", [offset, b.const(np.int32(256), "byte")], "x_high")
+    low = b.op("Sub", [offset, b.op("Mul", [high, f"{b.stem}_byte"], "x_high_bytes")], "x_low")
+    high_u8 = b.op("Cast", [high], "x_high_u8", to=onnx.TensorProto.UINT8)
+    low_u8 = b.op("Cast", [low], "x_low_u8", to=onnx.TensorProto.UINT8)
+    high_acc = _products(b, kind, high_u8, b.const(np.uint8(128), "high_zero"), weight, w_zero, attrs, "high_acc")
+    low_acc = _products(b, kind, low_u8, b.const(np.uint8(0), "low_zero"), weight, w_zero, attrs, "low_acc")
+    return b.op("Add", [b.op("Mul", [high_acc, b.const(np.int64(256), "byte64")], "high_scaled"), low_acc], "acc")
+
+
+def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> tuple[onnx.ModelProto, int]:
+    """Rewrite every Conv / Gemm (8-bit constant weights, int32 bias) that reads a quantized tensor
+    and that no 8-bit integer kernel computes (`kernel_requantized`) as the exact accumulator and
+    the float32 steps of the integer program (see the module docstring). Runs after
+    `lower_int8_to_uint8`. Returns the model (modified in place) and the number of rewritten ops."""
+    graph = model.graph
+    initializers, producers, users, outputs = index_graph(graph)
+    rewritten = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                       or attrs.get("beta", 1.0) != 1.0):
+            continue
+        ops = weighted_operands(node, producers, initializers)
+        x_zero = None if ops is None else initializers.get(ops.x_dq.input[2])
+        if ops is None or x_zero is None or x_zero.data_type not in (*EIGHT_BIT, *_SIXTEEN_BIT):
+            continue
+        if kernel_requantized(node, users, outputs, initializers, producers):
+            continue
+        q_w, w_scale, w_zero = ops.weight
+        if np.unique(numpy_helper.to_array(w_zero)).size != 1:
+            continue  # the integer kernels take one weight zero point
+        b = _Builder(graph, node.name or node.output[0])
+        gemm = node.op_type == "Gemm"
+        if gemm and not attrs.get("transB", 0):
+            q_w = q_w.T  # [K, N] -> [N, K]: one layout below
+        channels = q_w.shape[0]
+        weight, w_zero_name = _unsigned_weights(b, q_w.T if gemm else q_w, w_zero)
+        conv_attrs = [a for a in node.attribute] if not gemm else []
+        acc = _accumulator(b, node.op_type, ops.source, x_zero, ops.x_dq.input[2], weight, w_zero_name, conv_attrs)
+        channel_shape = (1, channels) if gemm else (1, channels, 1, 1)
+        bias_bound = 0
+        if ops.bias is not None:
+            acc = b.op("Add", [acc, b.const(ops.bias.astype(np.int64).reshape(channel_shape), "bias")], "biased")
+            bias_bound = int(np.abs(ops.bias.astype(np.int64)).max(initial=0))
+        x_info = np.iinfo(numpy_helper.to_array(x_zero).dtype)
+        x_bound = max(abs(int(x_info.min) - ops.source[2]), abs(int(x_info.max) - ops.source[2]))
+        limit = 2 ** (accumulator_bits - 1)
+        centred = q_w.reshape(channels, -1).astype(np.int64) - int(numpy_helper.to_array(w_zero).reshape(-1)[0])
+        if accumulator_bound(centred, x_bound, bias_bound) > limit - 1:
+            acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
+                       "saturated")
+        acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
+        product = (np.float32(ops.source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
+        found = requantize_chain(node, users, outputs)
+        quant = None if found is None else found[1]
+        clamp = None if found is None or len(found[0]) == 1 else onnx_clamp_bounds(found[0][1], initializers, producers)
+        y_scale = None if quant is None else scalar_initializer(initializers, quant.input[1])
+        y_zero = None if quant is None else initializers.get(quant.input[2])
+        if quant is not None and y_scale is not None and y_zero is not None and (len(found[0]) == 1 or clamp is not None):
+            multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
+            scaled = b.op("Mul", [acc_float, b.const(multiplier.reshape(channel_shape), "multiplier")], "scaled")
+            if clamp is not None:
+                info = np.iinfo(numpy_helper.to_array(y_zero).dtype)
+                zero = int(numpy_helper.to_array(y_zero).reshape(()))
+                low, high = clamp.on_grid(float(y_scale.reshape(())), zero, int(info.min), int(info.max))
+                scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
+                                       b.const(np.float32(high - zero), "clamp_high")], "clamped")
+            b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
+                                 [quant.output[0]], name=f"{b.stem}_requantize"))
+            replace_nodes(graph, [*found[0], quant], b.nodes, quant)
+        else:
+            b.nodes.append(_MAKE("Mul", [acc_float, b.const(product.reshape(channel_shape), "dequantize")],
+                                 [node.output[0]], name=f"{b.stem}_dequantize"))
+            replace_nodes(graph, [node], b.nodes, node)
+        rewritten += 1
+    if rewritten:
+        drop_unused_dequantize(graph)
+    return model, rewritten

@@ -1,0 +1,95 @@
+"""Compile-time lowering of an 8-bit average pool to the integer program's arithmetic.
+
+DequantizeLinear -> AveragePool -> QuantizeLinear becomes the exact integer sum of each window
+(a ConvInteger of ones, one group per channel, padding at the input's zero point), times the
+float32 multiplier of its position, and a QuantizeLinear of scale 1: what `int_avg_pool`
+computes. ONNX Runtime would otherwise fuse the pattern into QLinearAveragePool at `--opt 2` and
+`3` and run a float AveragePool at `0` and `1`, neither of which the integer program can
+reproduce (nor, with `ceil_mode`, PyTorch's windows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from hatcli.deploy.graph_edit import (
+    add_constant,
+    dequantized_input,
+    drop_unused_dequantize,
+    index_graph,
+    replace_nodes,
+    requantize_chain,
+    scalar_initializer,
+)
+from hatcli.quant.pool_windows import avg_pool_divisors, output_size, pool_multipliers
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """The inferred shape of every tensor of `model` (None for a free dimension)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace every 8-bit DequantizeLinear -> AveragePool (2-D, static C, H, W) ->
+    QuantizeLinear by ConvInteger(ones) -> Cast -> Mul(multipliers) -> QuantizeLinear(1, z_y).
+    Runs after `lower_int8_to_uint8` (ConvInteger takes uint8 activations). Returns the model
+    (modified in place) and the number of rewritten pools."""
+    graph = model.graph
+    initializers, producers, users, outputs = index_graph(graph)
+    pools = [n for n in graph.node if n.op_type == "AveragePool"]
+    if not pools:
+        return model, 0
+    shapes = _static_shapes(model)
+    rewritten = 0
+    for pool in pools:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+        source = dequantized_input(pool.input[0], producers, initializers)
+        found = requantize_chain(pool, users, outputs)
+        shape = shapes.get(pool.input[0], [])
+        if source is None or found is None or len(found[0]) != 1 or len(shape) != 4 or None in shape[1:]:
+            continue
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            continue
+        x_zero = initializers.get(producers[pool.input[0]].input[2])
+        out_scale = scalar_initializer(initializers, found[1].input[1])
+        if x_zero is None or x_zero.data_type != onnx.TensorProto.UINT8 or out_scale is None:
+            continue
+        quant = found[1]
+        channels, size = shape[1], (shape[2], shape[3])
+        kernel = tuple(attrs["kernel_shape"])
+        stride = tuple(attrs.get("strides", [1, 1]))
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            continue  # PyTorch pads symmetrically; anything else did not come from avg_pool2d
+        padding, ceil_mode = (pads[0], pads[1]), bool(attrs.get("ceil_mode", 0))
+        out = output_size(size, kernel, stride, padding, ceil_mode)
+        # ceil_mode's last windows reach past the padding: pad further with zeros (sum unchanged)
+        extra = [max(0, (o - 1) * s + k - (n + 2 * p)) for o, s, k, n, p in zip(out, stride, kernel, size, padding)]
+        divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, bool(attrs.get("count_include_pad", 0)))
+        stem = pool.name or pool.output[0]
+        make = onnx.helper.make_node
+        ones = add_constant(graph, np.ones((channels, 1, *kernel), np.uint8), f"{stem}_window")
+        zero = add_constant(graph, np.uint8(0), f"{stem}_window_zero")
+        multipliers = add_constant(graph, pool_multipliers(float(source[1]), float(out_scale.reshape(())), divisors)
+                                   .reshape(1, 1, *out), f"{stem}_multiplier")
+        unit = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
+        total = make("ConvInteger", [source[0], ones, producers[pool.input[0]].input[2], zero], [f"{stem}_sum"],
+                     name=f"{stem}_sum", group=channels, kernel_shape=list(kernel), strides=list(stride),
+                     pads=[padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]])
+        nodes = [total,
+                 make("Cast", [f"{stem}_sum"], [f"{stem}_sum_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_sum_float"),
+                 make("Mul", [f"{stem}_sum_float", multipliers], [f"{stem}_scaled"], name=f"{stem}_scaled"),
+                 make("QuantizeLinear", [f"{stem}_scaled", unit, quant.input[2]], [quant.output[0]],
+                      name=f"{stem}_requantize")]
+        replace_nodes(graph, [pool, quant], nodes, quant)
+        rewritten += 1
+    if rewritten:
+        drop_unused_dequantize(graph)
+    return model, rewritten
+
