@@ -92,11 +92,12 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_
     output's minimum) are fused here. So every level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
     proto, _ = lower_exact_weighted(proto, accumulator_bits)
-    proto, _ = fuse_global_average_pool(proto)
+    # these two read static shapes: before any contrib op, which ONNX shape inference cannot see through
     proto, _ = lower_average_pool(proto)
+    proto, _ = lower_linear_resize(proto)
+    proto, _ = fuse_global_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
-    proto, _ = lower_linear_resize(proto)
     proto, _ = lower_quantized_conv(proto, clamped_only=runtime_fuses)
     proto, _ = lower_quantized_gemm(proto, clamped_only=runtime_fuses)
     return proto

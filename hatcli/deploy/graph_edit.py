@@ -210,3 +210,13 @@ def weighted_operands(node: onnx.NodeProto, producers: dict, initializers: dict)
             return None
         bias, b_dq = found[0], producers[node.input[2]]
     return WeightedOperands(source, producers[node.input[0]], weight, producers[node.input[1]], bias, b_dq)
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """The inferred shape of every tensor of `model` (None for a free dimension)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from hatcli.deploy.graph_edit import (
     MS_DOMAIN,
     add_constant,
+    constant_value,
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
@@ -25,9 +26,11 @@ from hatcli.deploy.graph_edit import (
     replace_nodes,
     requantize_chain,
     scalar_initializer,
+    static_shapes,
     use_ms_domain,
 )
 from hatcli.quant.clamps import ClampBounds
+from hatcli.quant.resize_weights import linear_weights
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -230,18 +233,37 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
     return model, rewritten
 
 
+def _resize_axes(op: onnx.NodeProto, attrs: dict, shapes: dict, initializers: dict,
+                 producers: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (rows, cols) weight matrices of a 2-D bilinear Resize of static size
+    (`hatcli.quant.resize_weights`); None for any other resize."""
+    mode = attrs.get("coordinate_transformation_mode", b"half_pixel")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        return None
+    before, after = shapes.get(op.input[0], []), shapes.get(op.output[0], [])
+    if len(before) != 4 or len(after) != 4 or None in (*before[2:], *after[2:]):
+        return None
+    scales = constant_value(op.input[2], initializers, producers) if len(op.input) > 2 and op.input[2] else None
+    factors = [None, None] if scales is None or scales.size != 4 else [float(scales[2]), float(scales[3])]
+    return tuple(linear_weights(before[axis], after[axis], mode == "align_corners", factors[axis - 2])
+                 for axis in (2, 3))
+
+
 def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> Resize (linear) -> QuantizeLinear with one scale by a Resize of
-    the integers ``q - z`` (as float32) and a QuantizeLinear of scale 1: for a factor of 2 every
-    weight is a multiple of 1/4 and every sum exact, so the result does not depend on how the
-    runtime orders its arithmetic, and equals the integer program's (`int_resample`). Returns the
-    model (modified in place) and the number of rewritten resizes."""
+    """Replace DequantizeLinear -> Resize (linear, 2-D) -> QuantizeLinear with one scale by the
+    integer program's fixed-point interpolation (`int_resample`): the integers ``q - z`` in
+    float64, ``MatMul(rows, .)``, ``MatMul(., cols^T)`` (exact: dyadic weights), one Cast to
+    float32 and a QuantizeLinear of scale 1. Any factor, size and `align_corners` gives the same
+    bits on both sides. Returns the model (modified in place) and the number of rewritten resizes."""
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
+    resizes = [op for op in graph.node if op.op_type == "Resize"]
+    shapes = static_shapes(model) if resizes else {}
     rewritten = 0
-    for op in list(graph.node):
+    for op in resizes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
-        if op.op_type != "Resize" or attrs.get("mode", b"nearest") not in (b"linear", "linear"):
+        if attrs.get("mode", b"nearest") not in (b"linear", "linear"):
             continue
         source = dequantized_input(op.input[0], producers, initializers)
         found = requantize_chain(op, users, outputs)
@@ -253,17 +275,21 @@ def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         if quant.input[2] != dq.input[2] and scalar_initializer(initializers, quant.input[2]) != source[2]:
             continue
+        axes = _resize_axes(op, attrs, shapes, initializers, producers)
+        if axes is None:
+            continue
         stem = op.name or op.output[0]
         make = onnx.helper.make_node
-        zero = add_constant(graph, np.float32(source[2]), f"{stem}_zero")
+        zero = add_constant(graph, np.float64(source[2]), f"{stem}_zero")
+        rows = add_constant(graph, axes[0], f"{stem}_rows")
+        cols = add_constant(graph, np.ascontiguousarray(axes[1].T), f"{stem}_cols")
         one = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
-        resize = onnx.helper.make_node("Resize", [f"{stem}_centred", *op.input[1:]], [f"{stem}_resized"],
-                                       name=f"{stem}_integer")
-        resize.attribute.extend(op.attribute)
-        nodes = [make("Cast", [source[0]], [f"{stem}_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_float"),
-                 make("Sub", [f"{stem}_float", zero], [f"{stem}_centred"], name=f"{stem}_centred"),
-                 resize,
-                 make("QuantizeLinear", [f"{stem}_resized", one, quant.input[2]], [quant.output[0]],
+        nodes = [make("Cast", [source[0]], [f"{stem}_double"], to=onnx.TensorProto.DOUBLE, name=f"{stem}_double"),
+                 make("Sub", [f"{stem}_double", zero], [f"{stem}_centred"], name=f"{stem}_centred"),
+                 make("MatMul", [rows, f"{stem}_centred"], [f"{stem}_rows_mixed"], name=f"{stem}_rows_mixed"),
+                 make("MatMul", [f"{stem}_rows_mixed", cols], [f"{stem}_resized"], name=f"{stem}_resized"),
+                 make("Cast", [f"{stem}_resized"], [f"{stem}_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_float"),
+                 make("QuantizeLinear", [f"{stem}_float", one, quant.input[2]], [quant.output[0]],
                       name=f"{stem}_requantize")]
         replace_nodes(graph, [op, quant], nodes, quant)
         rewritten += 1

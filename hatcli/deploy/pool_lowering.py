@@ -21,18 +21,9 @@ from hatcli.deploy.graph_edit import (
     replace_nodes,
     requantize_chain,
     scalar_initializer,
+    static_shapes,
 )
 from hatcli.quant.pool_windows import avg_pool_divisors, output_size, pool_multipliers
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """The inferred shape of every tensor of `model` (None for a free dimension)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    return shapes
 
 
 def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -45,7 +36,7 @@ def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     pools = [n for n in graph.node if n.op_type == "AveragePool"]
     if not pools:
         return model, 0
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     rewritten = 0
     for pool in pools:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}

@@ -340,8 +340,10 @@ class _Rewriter:
             return False
         if (xq.scale, xq.zero, xq.qmin, xq.qmax) != (yq.scale, yq.zero, yq.qmin, yq.qmax):
             return False
+        _, out_size, align_corners, scales = (list(node.args) + [None] * 4)[:4]
         return self.replace(node, quant, int_resample, (
-            xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, node.target, tuple(node.args[1:])), "resample")
+            xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, None if out_size is None else tuple(out_size),
+            bool(align_corners), None if scales is None else tuple(scales)), "resample")
 
     def input_quantize(self, node: Node) -> bool:
         q = _QParams.of(node)

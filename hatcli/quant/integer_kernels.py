@@ -5,10 +5,13 @@ listed in `hatcli.quant.integer`, which rewrites the reference program to call t
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 
 import torch
 
 from hatcli.quant.pool_windows import avg_pool_divisors, pool_multipliers
+from hatcli.quant.resize_weights import linear_weights
 
 EXACT_FLOAT32_LIMIT = 2**24
 """Integer sums below this are exact in float32."""
@@ -136,13 +139,26 @@ def int_lookup(q_x: torch.Tensor, table: torch.Tensor, qmin: int) -> torch.Tenso
     return table.to(q_x.device)[q_x.to(torch.int64) - qmin]
 
 
-def int_resample(q_x: torch.Tensor, zero: int, qmin: int, qmax: int, dtype: torch.dtype, op, args: tuple) -> torch.Tensor:
-    """A linear resampling (bilinear upsampling) that keeps the scale, computed on the integer
-    values ``q - z`` in float32 and rounded half to even. For the usual factor of 2 every weight is
-    a multiple of 1/4, so every partial sum is exact and any implementation gives the same bits
-    (the compiler lowers the artifact's Resize the same way)."""
-    y = op(((q_x.to(torch.int32) - zero).to(torch.float32)), *args)
+def int_resample(q_x: torch.Tensor, zero: int, qmin: int, qmax: int, dtype: torch.dtype,
+                 out_size: tuple[int, int] | None, align_corners: bool,
+                 scales: tuple[float, float] | None) -> torch.Tensor:
+    """A bilinear resize that keeps the scale: ``rows @ (q - z) @ cols^T`` with the fixed-point
+    weight matrices of `hatcli.quant.resize_weights` (exact in float64), cast to float32 once and
+    rounded half to even (the compiler lowers the artifact's Resize to the same matrices).
+    `out_size` or `scales` as `upsample_bilinear2d` takes them."""
+    size = (int(q_x.shape[-2]), int(q_x.shape[-1]))
+    factors = scales or (None, None)
+    out = out_size or tuple(int(math.floor(n * f)) for n, f in zip(size, factors))
+    rows, cols = (torch.from_numpy(_axis_weights(n, int(o), align_corners, f if out_size is None else None))
+                  for n, o, f in zip(size, out, factors))
+    centred = q_x.to(torch.float64) - zero
+    y = torch.matmul(torch.matmul(rows.to(centred.device), centred), cols.to(centred.device).T).to(torch.float32)
     return (round_half_even(y).clamp(qmin - zero, qmax - zero) + zero).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_weights(in_size: int, out_size: int, align_corners: bool, scale: float | None):
+    return linear_weights(in_size, out_size, align_corners, scale)
 
 
 def int_global_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float, y_zero: int,
