@@ -58,6 +58,10 @@ class Comparison:
     disagreements: list[Disagreement]
     compiled_ops: dict[tuple[int, str], list[str]]
     """The op types of each compiled graph."""
+    reference: torch.fx.GraphModule | None = None
+    """The converted program the integer program was built from."""
+    images: torch.Tensor | None = None
+    """The inputs both programs ran on."""
 
 
 def _images(size: tuple[int, int], count: int, seed: int) -> torch.Tensor:
@@ -110,7 +114,7 @@ def compare_with_artifacts(net: nn.Module, march: str, size: tuple[int, int] = (
                             gap = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
                             disagreements.append(Disagreement(opt, weight_format, index,
                                                               differ.float().mean().item(), gap))
-    return Comparison(list(integer.integer_ops), disagreements, compiled_ops)
+    return Comparison(list(integer.integer_ops), disagreements, compiled_ops, reference, images)
 
 
 class _keep:

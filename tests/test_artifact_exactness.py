@@ -37,6 +37,7 @@ PATTERNS: dict[str, object] = {
     "conv_1x1_stride_2": lambda: conv(kernel=1, padding=0, stride=2),
     "depthwise": lambda: nn.Sequential(conv(groups=4), nn.BatchNorm2d(4)),
     "grouped": lambda: conv(4, 8, groups=2),
+    "conv1d": lambda: Fn(lambda m, x: torch.relu(m.c(x.flatten(2))), c=nn.Conv1d(4, 4, 3, padding=1)),
     "linear": lambda: flat_linear(),
     "linear_no_bias": lambda: flat_linear(bias=False),
     # each fusable clamp, after a conv, a linear and an add
@@ -92,6 +93,8 @@ PATTERNS: dict[str, object] = {
     # a conv whose (clamped) result is the graph's output: the dequantized accumulator
     "output_conv": lambda: conv(),
     "output_conv_relu": lambda: Fn(lambda m, x: torch.relu(m.c(x)), c=conv()),
+    "output_conv1d": lambda: Fn(lambda m, x: m.c(x.flatten(2)), c=nn.Conv1d(4, 4, 3, padding=1)),
+    "output_linear": lambda: Fn(lambda m, x: m.fc(x.mean((2, 3))), fc=nn.Linear(4, 5)),
 }
 
 WEIGHTS = ("uint8", "int8") if exact_u8s8() else ("uint8",)
@@ -106,6 +109,7 @@ INTEGER_OPS: dict[str, dict[str, int]] = {
     **{name: _CONV for name in ("conv", "conv_no_bias", "conv_1x1_stride_2", "depthwise", "grouped", "conv_relu",
                                 "conv_relu6", "conv_hardtanh", "conv_clamp", "conv_clamp_min", "output_conv",
                                 "output_conv_relu")},
+    "conv1d": {"conv1d": 1}, "output_conv1d": {"conv1d": 1}, "output_linear": {"linear": 1},
     **{name: _LINEAR for name in ("linear", "linear_no_bias", "linear_relu", "linear_relu6")},
     **{name: {"add": 1} for name in ("add_relu", "add_relu6", "add_hardtanh", "add")},
     "sub": {"sub": 1}, "mul": {"mul": 1}, "mul_gate": {"mul": 1, "table": 1},
@@ -136,7 +140,7 @@ class _OutputConv(nn.Module):
 
 def _network(name: str) -> nn.Module:
     op = PATTERNS[name]()
-    return _OutputConv(op) if name.startswith("output_conv") else OpNet(op)
+    return _OutputConv(op) if name.startswith("output_") else OpNet(op)
 
 
 GRID = [(pattern, march) for pattern in PATTERNS for march in MARCH_NAMES

@@ -69,6 +69,8 @@ def check(
         stdout.print(table)
         for record in report.bias_saturation:
             stdout.print(f"[yellow]saturated bias[/] {escape(record.describe())}", highlight=False)
+        for record in report.accumulator_overflow:
+            stdout.print(f"[yellow]accumulator[/] {escape(record.describe())}", highlight=False)
         verdict = "[green]supported[/]" if report.supported else f"[yellow]{report.fallbacks} ops fall back[/]"
         stdout.print(f"{onnx_path} on {profile.name}: {verdict}")
     if not report.supported:

@@ -122,7 +122,7 @@ def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> 
         weight, w_zero_name = _unsigned_weights(b, q_w.T if gemm else q_w, w_zero)
         conv_attrs = [a for a in node.attribute] if not gemm else []
         acc = _accumulator(b, node.op_type, ops.source, x_zero, ops.x_dq.input[2], weight, w_zero_name, conv_attrs)
-        channel_shape = (1, channels) if gemm else (1, channels, 1, 1)
+        channel_shape = (1, channels) + (() if gemm else (1,) * (q_w.ndim - 2))  # conv1d / conv2d
         bias_bound = 0
         if ops.bias is not None:
             acc = b.op("Add", [acc, b.const(ops.bias.astype(np.int64).reshape(channel_shape), "bias")], "biased")

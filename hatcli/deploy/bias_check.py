@@ -1,4 +1,5 @@
-"""Which conv / Gemm layers of an ONNX QDQ model carry a saturated int32 bias.
+"""Which conv / Gemm layers of an ONNX QDQ model carry a saturated int32 bias, and which can
+reach the march's accumulator limit (int16 inputs, `QuantRules.accumulator_bits`).
 
 The export records what conversion found (`hatcli.quant.bias_range.saturated_biases`: the float
 bias and how far it is out of range) in the model's metadata under `METADATA_KEY`. A model
@@ -17,7 +18,7 @@ from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import index_graph
 from hatcli.deploy.module_paths import layer_module
-from hatcli.quant.bias_range import BiasSaturation, bias_limit
+from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation, accumulator_bound, bias_limit
 
 METADATA_KEY = "hat.bias_saturation"
 
@@ -71,3 +72,38 @@ def bias_saturation(path: str) -> list[BiasSaturation]:
     if record is not None:
         return [BiasSaturation(**entry) for entry in json.loads(record)]
     return _from_integers(onnx.load(path))
+
+
+def accumulator_overflow(path: str, bits: int) -> list[AccumulatorOverflow]:
+    """The convs / Gemms of the ONNX model at `path` whose accumulator can pass `bits` (signed,
+    saturating): their input range times their largest per-channel sum of |weights|, plus the
+    bias, from the model's own integers."""
+    model = onnx.load(path)
+    initializers, producers, _, _ = index_graph(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        x_dq, weight_dq = producers.get(node.input[0]), producers.get(node.input[1])
+        if any(n is None or n.op_type != "DequantizeLinear" or len(n.input) < 3 for n in (x_dq, weight_dq)):
+            continue
+        x_zero, weight = initializers.get(x_dq.input[2]), initializers.get(weight_dq.input[0])
+        if x_zero is None or weight is None or len(weight.dims) < 2:
+            continue
+        info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(x_zero.data_type))
+        z = int(numpy_helper.to_array(x_zero).reshape(-1)[0])
+        q_w = numpy_helper.to_array(weight).astype(np.int64)
+        w_zero = initializers.get(weight_dq.input[2])
+        q_w = q_w - (0 if w_zero is None else int(numpy_helper.to_array(w_zero).reshape(-1)[0]))
+        if node.op_type == "Gemm" and _trans_b(node) == 0:
+            q_w = q_w.T
+        bias = 0
+        bias_dq = producers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if bias_dq is not None and bias_dq.input[0] in initializers:
+            bias = int(np.abs(numpy_helper.to_array(initializers[bias_dq.input[0]]).astype(np.int64)).max(initial=0))
+        centred = q_w.reshape(q_w.shape[0], -1)
+        bound = accumulator_bound(centred, max(abs(int(info.min) - z), abs(int(info.max) - z)), bias)
+        if bound > 2 ** (bits - 1) - 1:
+            found.append(AccumulatorOverflow(layer_module([node]) or node.name, info.dtype.name, centred.shape[1],
+                                             bound, bits))
+    return found

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hatcli.deploy.bias_check import bias_saturation
+from hatcli.deploy.bias_check import accumulator_overflow, bias_saturation
 from hatcli.deploy.onnx_graph import Graph, Layer, read_graph
-from hatcli.quant.bias_range import BiasSaturation
+from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation
 from hatcli.quant.march import MarchProfile
 
 Status = Literal["BPU", "CPU fallback"]
@@ -57,6 +57,8 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
     bias_saturation: list[BiasSaturation] = field(default_factory=list)
     """Layers whose int32 bias saturates (`hatcli.deploy.bias_check`)."""
+    accumulator_overflow: list[AccumulatorOverflow] = field(default_factory=list)
+    """Layers whose accumulator can reach the march's limit (`QuantRules.accumulator_bits`)."""
 
     @property
     def fallbacks(self) -> int:
@@ -79,6 +81,7 @@ class CheckReport:
             "supported": self.supported, "fallbacks": self.fallbacks, "layers": len(self.rows),
             "fallback_ops": self.fallback_ops(), "notes": self.notes,
             "bias_saturation": [r.to_dict() for r in self.bias_saturation],
+            "accumulator_overflow": [r.to_dict() for r in self.accumulator_overflow],
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -201,4 +204,5 @@ def check_model(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
     report = check_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
     if report.quantized:
         report.bias_saturation = bias_saturation(str(onnx_path))
+        report.accumulator_overflow = accumulator_overflow(str(onnx_path), march.quant.accumulator_bits)
     return report

@@ -84,14 +84,12 @@ def lower_int8_to_uint8(model: onnx.ModelProto, weights: bool = True) -> tuple[o
 
 
 def _spatial_mean(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
-    """Whether `node` averages over H and W of an NCHW tensor, keeping the dimensions."""
+    """Whether `node` averages over H and W of an NCHW tensor (keeping the dimensions or not)."""
     if node.op_type == "GlobalAveragePool":
         return True
     if node.op_type != "ReduceMean":
         return False
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("keepdims", 1) != 1:
-        return False
     if "axes" in attrs:
         axes = list(attrs["axes"])
     elif len(node.input) > 1 and node.input[1] in initializers:
@@ -123,13 +121,16 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
         q = mean_users[0]
         if q.op_type != "QuantizeLinear" or mean.output[0] in outputs or len(q.input) < 3 or len(dq.input) < 3:
             continue
-        pool = onnx.helper.make_node(
+        stem = mean.name or mean.output[0]
+        keepdims = next((onnx.helper.get_attribute_value(a) for a in mean.attribute if a.name == "keepdims"), 1)
+        pooled = q.output[0] if keepdims else f"{stem}_pooled"
+        nodes = [onnx.helper.make_node(
             "QLinearGlobalAveragePool", [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]],
-            [q.output[0]], name=f"{mean.name or mean.output[0]}_qlinear", domain=MS_DOMAIN, channels_last=0)
-        position = list(graph.node).index(q)
-        graph.node.insert(position, pool)
-        for node in (mean, q):
-            graph.node.remove(node)
+            [pooled], name=f"{stem}_qlinear", domain=MS_DOMAIN, channels_last=0)]
+        if not keepdims:
+            axes = add_constant(graph, np.array([2, 3], np.int64), f"{stem}_axes")
+            nodes.append(onnx.helper.make_node("Squeeze", [pooled, axes], [q.output[0]], name=f"{stem}_squeeze"))
+        replace_nodes(graph, [mean, q], nodes, q)
         fused += 1
     if fused:
         drop_unused_dequantize(graph)

@@ -70,7 +70,7 @@ A = torch.ops.aten
 Q_TENSOR = {QD.quantize_per_tensor.default}
 DQ_TENSOR = {QD.dequantize_per_tensor.default}
 DQ_CHANNEL = {QD.dequantize_per_channel.default}
-CONV = {A.conv2d.default}
+CONV = {A.conv2d.default, A.conv1d.default}
 LINEAR = {A.linear.default}
 ADD = {A.add.Tensor, A.add_.Tensor}
 SUB = {A.sub.Tensor, A.sub_.Tensor}
@@ -206,15 +206,16 @@ class _Rewriter:
         return True
 
     def weighted(self, node: Node) -> bool:
-        op = "conv2d" if node.target in CONV else "linear"
+        op = "linear" if node.target not in CONV else "conv1d" if node.target == A.conv1d.default else "conv2d"
         xq = _QParams.of(node.args[0])
         weights = _weight_parts(self.gm, node.args[1])
         bias_arg = node.args[2] if len(node.args) > 2 else None
         bias = _bias_part(self.gm, bias_arg)
         if xq is None or weights is None or bias is False or node.args[0].target not in DQ_TENSOR:
             return False
-        if op == "conv2d":
-            conv_args = tuple(node.args[3:]) + ([1, 1], [0, 0], [1, 1], 1)[len(node.args[3:]):]
+        if op != "linear":
+            one = [1] * (1 if op == "conv1d" else 2)
+            conv_args = tuple(node.args[3:]) + (one, [0] * len(one), one, 1)[len(node.args[3:]):]
         else:
             conv_args = ()
         clamp_node, bounds, quant = _output_quantize(node)

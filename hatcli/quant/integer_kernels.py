@@ -44,6 +44,8 @@ def _accumulate(op: str, x: torch.Tensor, w: torch.Tensor, x_bound: int, conv_ar
     with _exact_cuda_math(x.is_cuda):
         if op == "conv2d":
             acc = torch.nn.functional.conv2d(xf, wf, None, *conv_args)
+        elif op == "conv1d":
+            acc = torch.nn.functional.conv1d(xf, wf, None, *conv_args)
         else:
             acc = torch.nn.functional.linear(xf, wf)
     return acc.to(torch.float64)
@@ -64,7 +66,7 @@ def _exact_cuda_math(on_cuda: bool):
 
 
 def _channel_view(values: torch.Tensor, op: str) -> torch.Tensor:
-    return values.reshape(1, -1, 1, 1) if op == "conv2d" else values.reshape(1, -1)
+    return values.reshape({"conv2d": (1, -1, 1, 1), "conv1d": (1, -1, 1)}.get(op, (1, -1)))
 
 
 def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin: int, x_qmax: int,
@@ -72,7 +74,7 @@ def int_weighted(op: str, q_x: torch.Tensor, x_scale: float, x_zero: int, x_qmin
                  conv_args: tuple, y_scale: float | None, y_zero: int, y_low: int, y_high: int,
                  y_dtype: torch.dtype | None, float_clamp: tuple[float, float] | None,
                  accumulator_bits: int = 32) -> torch.Tensor:
-    """One quantized conv2d / linear in integer arithmetic (see `hatcli.quant.integer`).
+    """One quantized conv2d / conv1d / linear in integer arithmetic (see `hatcli.quant.integer`).
 
     The exact accumulator (bias included) saturates at `accumulator_bits`. Returns the
     requantized output (dtype `y_dtype`) held in [y_low, y_high] (the output range, narrowed by a
