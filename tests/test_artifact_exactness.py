@@ -90,6 +90,9 @@ PATTERNS: dict[str, object] = {
     "int16_add": lambda: Fn(lambda m, x: m.a(x) + x, a=conv()),
     "int16_mul": lambda: Fn(lambda m, x: x * torch.sigmoid(F.max_pool2d(x, 1))),
     "int16_sigmoid": lambda: Fn(lambda m, x: torch.sigmoid(F.max_pool2d(x, 2))),
+    "int16_table_in": lambda: Fn(lambda m, x: torch.tanh(F.max_pool2d(m.c(x), 2)), c=conv()),
+    "int16_avg_pool_in": lambda: Fn(lambda m, x: F.avg_pool2d(m.c(x), 3, 2, 1), c=conv()),
+    "int16_mul_in": lambda: Fn(lambda m, x: m.c(x) * torch.sigmoid(F.max_pool2d(m.c(x), 3, 1, 1)), c=conv()),
     # a conv whose (clamped) result is the graph's output: the dequantized accumulator
     "output_conv": lambda: conv(),
     "output_conv_relu": lambda: Fn(lambda m, x: torch.relu(m.c(x)), c=conv()),
@@ -101,6 +104,7 @@ WEIGHTS = ("uint8", "int8") if exact_u8s8() else ("uint8",)
 INT16: dict[str, tuple[str, ...]] = {
     "int16_conv_in": ("op.0",), "int16_conv_out": ("op",), "int16_conv_relu_in_and_out": ("op.0", "op.1", "op.2"),
     "int16_linear_in": ("op.c",), "int16_add": ("op", "op.a"), "int16_mul": ("op",), "int16_sigmoid": ("op",),
+    "int16_table_in": ("op.c",), "int16_mul_in": ("op.c",), "int16_avg_pool_in": ("op.c",),
 }
 """The modules each int16 pattern computes in int16 (`quant.int16`), on the marches that have int16."""
 
@@ -120,6 +124,7 @@ INTEGER_OPS: dict[str, dict[str, int]] = {
     "silu": {"table": 1, "mul": 1},
     "int16_conv_in": {"conv2d": 2}, "int16_conv_out": _CONV, "int16_conv_relu_in_and_out": {"conv2d": 2},
     "int16_linear_in": {"conv2d": 1, "linear": 1}, "int16_add": {"add": 1}, "int16_sigmoid": {"table": 1},
+    "int16_table_in": {"table": 1}, "int16_mul_in": {"mul": 1, "table": 1}, "int16_avg_pool_in": {"avg_pool": 1},
 }
 """What `int_infer` must compute in integers for each pattern (besides the input quantize and the
 stem conv); the patterns not listed move or select integers (max pool, cat, nearest resize)."""

@@ -38,7 +38,7 @@ _MAKE = onnx.helper.make_node
 _SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 
 
-class _Builder:
+class Builder:
     """Nodes and constants for one rewritten op, named after it."""
 
     def __init__(self, graph: onnx.GraphProto, stem: str) -> None:
@@ -53,7 +53,7 @@ class _Builder:
         return out
 
 
-def _unsigned_weights(b: _Builder, q_w: np.ndarray, zero: onnx.TensorProto) -> tuple[str, str]:
+def _unsigned_weights(b: Builder, q_w: np.ndarray, zero: onnx.TensorProto) -> tuple[str, str]:
     """(weights, zero point) as uint8: the exact U8U8 integer kernels (one zero point for all)."""
     zeros = numpy_helper.to_array(zero).reshape(-1).astype(np.int16)
     if zero.data_type == onnx.TensorProto.INT8:
@@ -61,7 +61,7 @@ def _unsigned_weights(b: _Builder, q_w: np.ndarray, zero: onnx.TensorProto) -> t
     return b.const(q_w.astype(np.uint8), "weight_u8"), b.const(np.uint8(zeros[0]), "weight_zero")
 
 
-def _products(b: _Builder, kind: str, x: str, x_zero: str, weight: str, w_zero: str, attrs: list, tag: str) -> str:
+def _products(b: Builder, kind: str, x: str, x_zero: str, weight: str, w_zero: str, attrs: list, tag: str) -> str:
     """The int64 sum of products of one 8-bit operand `x` with the weights."""
     if kind == "Conv":
         node = _MAKE("ConvInteger", [x, weight, x_zero, w_zero], [f"{b.stem}_{tag}"], name=f"{b.stem}_{tag}")
@@ -73,9 +73,11 @@ def _products(b: _Builder, kind: str, x: str, x_zero: str, weight: str, w_zero: 
     return b.op("Cast", [acc], f"{tag}64", to=onnx.TensorProto.INT64)
 
 
-def _accumulator(b: _Builder, kind: str, source: tuple[str, np.float32, int], x_zero: onnx.TensorProto,
+def exact_accumulator(b: Builder, kind: str, source: tuple[str, np.float32, int], x_zero: onnx.TensorProto,
                  x_zero_name: str, weight: str, w_zero: str, attrs: list) -> str:
-    """The exact int64 accumulator of `source` (8- or 16-bit) times the weights."""
+    """The exact int64 accumulator of `source` (8- or 16-bit: split into bytes) times the uint8
+    `weight` (ConvInteger with the Conv attributes `attrs`, or MatMulInteger); padding reads as
+    the input's zero point, so it adds nothing."""
     if x_zero.data_type in EIGHT_BIT:
         return _products(b, kind, source[0], x_zero_name, weight, w_zero, attrs, "acc")
     # int16: u = q - z + 32768 in [0, 65535]; q - z = 256 * (u // 256 - 128) + u % 256
@@ -114,14 +116,14 @@ def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> 
         q_w, w_scale, w_zero = ops.weight
         if np.unique(numpy_helper.to_array(w_zero)).size != 1:
             continue  # the integer kernels take one weight zero point
-        b = _Builder(graph, node.name or node.output[0])
+        b = Builder(graph, node.name or node.output[0])
         gemm = node.op_type == "Gemm"
         if gemm and not attrs.get("transB", 0):
             q_w = q_w.T  # [K, N] -> [N, K]: one layout below
         channels = q_w.shape[0]
         weight, w_zero_name = _unsigned_weights(b, q_w.T if gemm else q_w, w_zero)
         conv_attrs = [a for a in node.attribute] if not gemm else []
-        acc = _accumulator(b, node.op_type, ops.source, x_zero, ops.x_dq.input[2], weight, w_zero_name, conv_attrs)
+        acc = exact_accumulator(b, node.op_type, ops.source, x_zero, ops.x_dq.input[2], weight, w_zero_name, conv_attrs)
         channel_shape = (1, channels) + (() if gemm else (1,) * (q_w.ndim - 2))  # conv1d / conv2d
         bias_bound = 0
         if ops.bias is not None:

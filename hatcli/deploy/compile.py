@@ -36,7 +36,7 @@ from hatcli.deploy.lowering import (
     lower_linear_resize,
     lower_quantized_binary,
 )
-from hatcli.deploy.table_lowering import lower_lookup_tables
+from hatcli.deploy.table_lowering import lower_lookup_tables, lower_requantize
 from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.perf_html import render_perf_html
@@ -98,6 +98,7 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_
     proto, _ = fuse_global_average_pool(proto)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
+    proto, _ = lower_requantize(proto)
     proto, _ = lower_quantized_conv(proto, clamped_only=runtime_fuses)
     proto, _ = lower_quantized_gemm(proto, clamped_only=runtime_fuses)
     return proto

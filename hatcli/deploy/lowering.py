@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
+    EIGHT_BIT,
     MS_DOMAIN,
     add_constant,
     constant_value,
@@ -99,6 +100,29 @@ def _spatial_mean(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto
     return sorted(a % 4 for a in axes) == [2, 3]
 
 
+def _exact_mean(graph: onnx.GraphProto, stem: str, dq: onnx.NodeProto, q: onnx.NodeProto, keepdims: int,
+                initializers: dict, shape: list) -> list[onnx.NodeProto] | None:
+    """A spatial mean of 16-bit integers (no integer kernel takes them): the exact sum in double,
+    one cast to float32, times `int_global_avg_pool`'s float32 ``s_x / (s_y N)``, a
+    QuantizeLinear of scale 1. None where a scale or the map size is not a constant."""
+    x_scale, y_scale = scalar_initializer(initializers, dq.input[1]), scalar_initializer(initializers, q.input[1])
+    x_zero = scalar_initializer(initializers, dq.input[2])
+    if x_scale is None or y_scale is None or x_zero is None or len(shape) != 4 or None in shape[2:]:
+        return None
+    multiplier = np.float32(x_scale.reshape(())) / (np.float32(y_scale.reshape(())) * np.float32(shape[2] * shape[3]))
+    make = onnx.helper.make_node
+    zero = add_constant(graph, np.float64(x_zero.reshape(())), f"{stem}_zero")
+    axes = add_constant(graph, np.array([2, 3], np.int64), f"{stem}_sum_axes")
+    factor = add_constant(graph, np.float32(multiplier), f"{stem}_multiplier")
+    unit = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
+    return [make("Cast", [dq.input[0]], [f"{stem}_double"], to=onnx.TensorProto.DOUBLE, name=f"{stem}_double"),
+            make("Sub", [f"{stem}_double", zero], [f"{stem}_centred"], name=f"{stem}_centred"),
+            make("ReduceSum", [f"{stem}_centred", axes], [f"{stem}_sum"], keepdims=keepdims, name=f"{stem}_sum"),
+            make("Cast", [f"{stem}_sum"], [f"{stem}_sum_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_sum_float"),
+            make("Mul", [f"{stem}_sum_float", factor], [f"{stem}_scaled"], name=f"{stem}_scaled"),
+            make("QuantizeLinear", [f"{stem}_scaled", unit, q.input[2]], [q.output[0]], name=f"{stem}_requantize")]
+
+
 def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> spatial mean -> QuantizeLinear by one integer
     QLinearGlobalAveragePool (ONNX Runtime's contrib op: exact integer sum, one requantization).
@@ -110,6 +134,7 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     """
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
+    shapes = static_shapes(model) if any(_spatial_mean(n, initializers) for n in graph.node) else {}
     fused = 0
     for mean in list(graph.node):
         if not _spatial_mean(mean, initializers):
@@ -123,6 +148,16 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
             continue
         stem = mean.name or mean.output[0]
         keepdims = next((onnx.helper.get_attribute_value(a) for a in mean.attribute if a.name == "keepdims"), 1)
+        x_zero, y_zero = initializers.get(dq.input[2]), initializers.get(q.input[2])
+        if x_zero is None or y_zero is None:
+            continue
+        if x_zero.data_type not in EIGHT_BIT or y_zero.data_type not in EIGHT_BIT:
+            nodes = _exact_mean(graph, stem, dq, q, keepdims, initializers, shapes.get(mean.input[0], []))
+            if nodes is None:
+                continue
+            replace_nodes(graph, [mean, q], nodes, q)
+            fused += 1
+            continue
         pooled = q.output[0] if keepdims else f"{stem}_pooled"
         nodes = [onnx.helper.make_node(
             "QLinearGlobalAveragePool", [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]],

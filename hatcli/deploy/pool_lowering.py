@@ -1,7 +1,8 @@
 """Compile-time lowering of an 8-bit average pool to the integer program's arithmetic.
 
 DequantizeLinear -> AveragePool -> QuantizeLinear becomes the exact integer sum of each window
-(a ConvInteger of ones, one group per channel, padding at the input's zero point), times the
+(a ConvInteger of ones, one group per channel, padding at the input's zero point; a 16-bit input
+split into bytes, `hatcli.deploy.accumulator_lowering.exact_accumulator`), times the
 float32 multiplier of its position, and a QuantizeLinear of scale 1: what `int_avg_pool`
 computes. ONNX Runtime would otherwise fuse the pattern into QLinearAveragePool at `--opt 2` and
 `3` and run a float AveragePool at `0` and `1`, neither of which the integer program can
@@ -13,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from hatcli.deploy.accumulator_lowering import Builder, exact_accumulator
 from hatcli.deploy.graph_edit import (
-    add_constant,
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
@@ -24,6 +25,9 @@ from hatcli.deploy.graph_edit import (
     static_shapes,
 )
 from hatcli.quant.pool_windows import avg_pool_divisors, output_size, pool_multipliers
+
+_UNSIGNED_OR_WIDE = (onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+"""Activation grids after `lower_int8_to_uint8`: ConvInteger takes uint8; 16 bits are split in bytes."""
 
 
 def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -49,7 +53,7 @@ def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         x_zero = initializers.get(producers[pool.input[0]].input[2])
         out_scale = scalar_initializer(initializers, found[1].input[1])
-        if x_zero is None or x_zero.data_type != onnx.TensorProto.UINT8 or out_scale is None:
+        if x_zero is None or x_zero.data_type not in _UNSIGNED_OR_WIDE or out_scale is None:
             continue
         quant = found[1]
         channels, size = shape[1], (shape[2], shape[3])
@@ -63,21 +67,20 @@ def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         # ceil_mode's last windows reach past the padding: pad further with zeros (sum unchanged)
         extra = [max(0, (o - 1) * s + k - (n + 2 * p)) for o, s, k, n, p in zip(out, stride, kernel, size, padding)]
         divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, bool(attrs.get("count_include_pad", 0)))
-        stem = pool.name or pool.output[0]
-        make = onnx.helper.make_node
-        ones = add_constant(graph, np.ones((channels, 1, *kernel), np.uint8), f"{stem}_window")
-        zero = add_constant(graph, np.uint8(0), f"{stem}_window_zero")
-        multipliers = add_constant(graph, pool_multipliers(float(source[1]), float(out_scale.reshape(())), divisors)
-                                   .reshape(1, 1, *out), f"{stem}_multiplier")
-        unit = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
-        total = make("ConvInteger", [source[0], ones, producers[pool.input[0]].input[2], zero], [f"{stem}_sum"],
-                     name=f"{stem}_sum", group=channels, kernel_shape=list(kernel), strides=list(stride),
-                     pads=[padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]])
-        nodes = [total,
-                 make("Cast", [f"{stem}_sum"], [f"{stem}_sum_float"], to=onnx.TensorProto.FLOAT, name=f"{stem}_sum_float"),
-                 make("Mul", [f"{stem}_sum_float", multipliers], [f"{stem}_scaled"], name=f"{stem}_scaled"),
-                 make("QuantizeLinear", [f"{stem}_scaled", unit, quant.input[2]], [quant.output[0]],
-                      name=f"{stem}_requantize")]
+        b = Builder(graph, pool.name or pool.output[0])
+        ones = b.const(np.ones((channels, 1, *kernel), np.uint8), "window")
+        window = onnx.helper.make_node("ConvInteger", [], [], group=channels, kernel_shape=list(kernel),
+                                       strides=list(stride),
+                                       pads=[padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]])
+        total = exact_accumulator(b, "Conv", source, x_zero, producers[pool.input[0]].input[2], ones,
+                                  b.const(np.uint8(0), "window_zero"), list(window.attribute))
+        multipliers = b.const(pool_multipliers(float(source[1]), float(out_scale.reshape(())), divisors)
+                              .reshape(1, 1, *out), "multiplier")
+        scaled = b.op("Mul", [b.op("Cast", [total], "sum_float", to=onnx.TensorProto.FLOAT), multipliers], "scaled")
+        b.nodes.append(onnx.helper.make_node("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"),
+                                                                quant.input[2]], [quant.output[0]],
+                                             name=f"{b.stem}_requantize"))
+        nodes = b.nodes
         replace_nodes(graph, [pool, quant], nodes, quant)
         rewritten += 1
     if rewritten:

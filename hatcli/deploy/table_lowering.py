@@ -55,6 +55,63 @@ def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, prod
     return None
 
 
+def _gather(graph: onnx.GraphProto, stem: str, tensor: str, qmin: int, table: np.ndarray,
+            output: str) -> list[onnx.NodeProto]:
+    """The nodes that look `tensor` (integers from `qmin`) up in `table`, writing `output`."""
+    make = onnx.helper.make_node
+    table_name = add_constant(graph, table, f"{stem}_table")
+    nodes = [make("Cast", [tensor], [f"{stem}_index"], to=onnx.TensorProto.INT32, name=f"{stem}_index")]
+    index = f"{stem}_index"
+    if qmin != 0:
+        offset = add_constant(graph, np.int32(-qmin), f"{stem}_offset")
+        nodes.append(make("Add", [index, offset], [f"{stem}_position"], name=f"{stem}_position"))
+        index = f"{stem}_position"
+    nodes.append(make("Gather", [table_name, index], [output], axis=0, name=f"{stem}_lookup"))
+    return nodes
+
+
+INTEGER_TYPES = {onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
+                 onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}
+
+
+def lower_requantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Replace DequantizeLinear -> QuantizeLinear onto another grid (a concatenation's input, an
+    int16 layer's) by a table of the identity (`lookup_table`), as the integer program computes
+    it: a float requantization rounds ties by the runtime's own arithmetic. Returns the model
+    (modified in place) and the number of tables."""
+    import torch
+
+    from hatcli.quant.integer_kernels import lookup_table
+
+    graph = model.graph
+    initializers, producers, _, _ = index_graph(graph)
+    tables = 0
+    for quant in list(graph.node):
+        if quant.op_type != "QuantizeLinear" or len(quant.input) < 3:
+            continue
+        source = dequantized_input(quant.input[0], producers, initializers)
+        dq = producers.get(quant.input[0])
+        in_zero = None if source is None else initializers.get(dq.input[2])
+        out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
+        if in_zero is None or out_zero is None or out_scale is None:
+            continue
+        if in_zero.data_type not in INTEGER_TYPES or out_zero.data_type not in INTEGER_TYPES:
+            continue
+        in_info, out_info = np.iinfo(INTEGER_TYPES[in_zero.data_type]), np.iinfo(INTEGER_TYPES[out_zero.data_type])
+        y_scale, y_zero = float(out_scale.reshape(())), int(numpy_helper.to_array(out_zero).reshape(()))
+        if (float(source[1]), source[2], in_zero.data_type) == (y_scale, y_zero, out_zero.data_type):
+            continue  # the same grid: the pair is the identity
+        table = lookup_table(lambda x: x, float(source[1]), source[2], int(in_info.min), int(in_info.max), y_scale,
+                             y_zero, int(out_info.min), int(out_info.max),
+                             getattr(torch, np.dtype(INTEGER_TYPES[out_zero.data_type]).name)).numpy()
+        nodes = _gather(graph, quant.name or quant.output[0], source[0], int(in_info.min), table, quant.output[0])
+        replace_nodes(graph, [quant], nodes, quant)
+        tables += 1
+    if tables:
+        drop_unused_dequantize(graph)
+    return model, tables
+
+
 RUNTIME_TABLE_OPS = {"Sigmoid": "QLinearSigmoid"}
 """Elementwise ops that ONNX Runtime fuses, between DequantizeLinear and QuantizeLinear, into a
 kernel computing a 256-entry table of its own (much faster than our Cast + Gather)."""
@@ -109,7 +166,9 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
     eight_bit = {onnx.TensorProto.UINT8: (torch.uint8, np.iinfo(np.uint8)),
-                 onnx.TensorProto.INT8: (torch.int8, np.iinfo(np.int8))}
+                 onnx.TensorProto.INT8: (torch.int8, np.iinfo(np.int8)),
+                 onnx.TensorProto.INT16: (torch.int16, np.iinfo(np.int16)),
+                 onnx.TensorProto.UINT16: (torch.uint16, np.iinfo(np.uint16))}  # 8- and 16-bit grids
     tables = 0
     for op in list(graph.node):
         if not op.input:
@@ -134,19 +193,10 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
         table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
                              int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
                              out_dtype).numpy()
-        if runtime_tables and op.op_type in RUNTIME_TABLE_OPS and runtime_table_matches(
+        if runtime_tables and op.op_type in RUNTIME_TABLE_OPS and table.size == 256 and runtime_table_matches(
                 op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
             continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
-        stem = op.name or op.output[0]
-        make = onnx.helper.make_node
-        table_name = add_constant(graph, table, f"{stem}_table")
-        nodes = [make("Cast", [tensor], [f"{stem}_index"], to=onnx.TensorProto.INT32, name=f"{stem}_index")]
-        index = f"{stem}_index"
-        if in_info.min != 0:
-            offset = add_constant(graph, np.int32(-in_info.min), f"{stem}_offset")
-            nodes.append(make("Add", [index, offset], [f"{stem}_position"], name=f"{stem}_position"))
-            index = f"{stem}_position"
-        nodes.append(make("Gather", [table_name, index], [quant.output[0]], axis=0, name=f"{stem}_lookup"))
+        nodes = _gather(graph, op.name or op.output[0], tensor, int(in_info.min), table, quant.output[0])
         replace_nodes(graph, [op, quant], nodes, quant)
         tables += 1
     if tables:

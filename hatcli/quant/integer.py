@@ -79,6 +79,7 @@ DIV = {A.div.Tensor, A.div_.Tensor}
 TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default}
 """Elementwise functions of one tensor, computed as a 256-entry table on 8-bit inputs."""
 EIGHT_BIT = (torch.int8, torch.uint8)
+INTEGER_GRIDS = (*EIGHT_BIT, torch.int16, torch.uint16)
 RESAMPLE = {A.upsample_bilinear2d.vec}
 GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
 AVG_POOL = {A.avg_pool2d.default}
@@ -269,7 +270,7 @@ class _Rewriter:
         xq = _QParams.of(node.args[0])
         quant = _single_user(node)
         yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
-        if xq is None or yq is None or node.args[0].target not in DQ_TENSOR or xq.dtype not in EIGHT_BIT:
+        if xq is None or yq is None or node.args[0].target not in DQ_TENSOR or xq.dtype not in INTEGER_GRIDS:
             return False
         kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = (
             list(node.args[1:]) + [None] * 6)[:6]
@@ -305,7 +306,7 @@ class _Rewriter:
         inputs = self._binary_inputs(node)
         quant = _single_user(node)
         yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
-        if inputs is None or yq is None or any(q.dtype not in EIGHT_BIT for q in inputs):
+        if inputs is None or yq is None or any(q.dtype not in INTEGER_GRIDS for q in inputs):
             return False
         aq, bq = inputs
         return self.replace(node, quant, int_mul, (
@@ -313,7 +314,8 @@ class _Rewriter:
             yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype), "mul")
 
     def table(self, node: Node) -> bool:
-        """An elementwise function of one 8-bit tensor (and constants) becomes a lookup table."""
+        """An elementwise function of one 8- or 16-bit tensor (and constants) becomes a lookup table
+        (256 or 65536 entries)."""
         args = [_attr(self.gm, a.target) if isinstance(a, Node) and a.op == "get_attr" else a for a in node.args]
         if node.target in MUL and len(args) == 2 and not isinstance(args[0], Node):
             args.reverse()  # constant * x: the same float32 product as x * constant
@@ -323,7 +325,7 @@ class _Rewriter:
         xq = _QParams.of(tensors[0])
         quant = _single_user(node)
         yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
-        if xq is None or tensors[0].target not in DQ_TENSOR or xq.dtype not in EIGHT_BIT or yq is None:
+        if xq is None or tensors[0].target not in DQ_TENSOR or xq.dtype not in INTEGER_GRIDS or yq is None:
             return False
         if node.target in MUL | DIV and not (isinstance(args[1], (int, float)) or
                                              (isinstance(args[1], torch.Tensor) and args[1].numel() == 1)):
@@ -345,6 +347,18 @@ class _Rewriter:
         return self.replace(node, quant, int_resample, (
             xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, None if out_size is None else tuple(out_size),
             bool(align_corners), None if scales is None else tuple(scales)), "resample")
+
+    def requantize(self, node: Node) -> bool:
+        """A quantize of a dequantized tensor onto another grid: a table of the identity."""
+        xq, yq = _QParams.of(node.args[0]), _QParams.of(node)
+        if xq is None or yq is None or node.args[0].target not in DQ_TENSOR:
+            return False
+        if (xq.scale, xq.zero, xq.dtype) == (yq.scale, yq.zero, yq.dtype) or xq.dtype not in INTEGER_GRIDS:
+            return False
+        table = lookup_table(lambda x: x, xq.scale, xq.zero, xq.qmin, xq.qmax,
+                             yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype)
+        return self.replace(node, node, int_lookup, (xq.source, self.constant(table, "table", node), xq.qmin),
+                            "requantize")
 
     def input_quantize(self, node: Node) -> bool:
         q = _QParams.of(node)
@@ -381,7 +395,7 @@ def integer_program(reference: GraphModule, accumulator_bits: int = 32) -> Graph
         if node.op != "call_function":
             continue
         if node.target in Q_TENSOR:
-            rewriter.input_quantize(node)
+            rewriter.input_quantize(node) or rewriter.requantize(node)
         elif node.target in CONV or node.target in LINEAR:
             rewriter.weighted(node)
         elif node.target in GLOBAL_POOL:

@@ -115,7 +115,7 @@ def int_add(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b
 
 def int_mul(q_a: torch.Tensor, a_scale: float, a_zero: int, q_b: torch.Tensor, b_scale: float, b_zero: int,
             y_scale: float, y_zero: int, y_qmin: int, y_qmax: int, y_dtype: torch.dtype) -> torch.Tensor:
-    """Elementwise product of two 8-bit tensors: the exact integer product
+    """Elementwise product of two 8- or 16-bit tensors: the exact integer product (within int32)
     ``(q_a - z_a)(q_b - z_b)``, times the float32 multiplier ``(s_a s_b) / s_y``, rounded half to
     even (the compiled artifact runs the same ops)."""
     product = ((q_a.to(torch.int32) - a_zero) * (q_b.to(torch.int32) - b_zero)).to(torch.float32)
