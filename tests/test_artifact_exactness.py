@@ -162,6 +162,40 @@ def test_the_artifact_returns_what_int_infer_returns(pattern: str, march: str):
         assert kinds[kind] >= count, f"{pattern} on {march}: expected {count} integer {kind}, int_infer has {dict(kinds)}"
 
 
+class _InvertedResidual(nn.Module):
+    """A MobileNetV2 block: 1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN,
+    and the residual add."""
+
+    def __init__(self, channels: int = 8, expand: int = 6) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU6())
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.block(y)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("march", MARCH_NAMES)
+def test_a_mobilenet_v2_block_is_bit_identical_at_every_level(march: str):
+    torch.manual_seed(0)
+    net = _InvertedResidual()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2)
+    comparison = compare_with_artifacts(net, march, size=(16, 16), weights=WEIGHTS)
+    kinds = collections.Counter(op.split()[0] for op in comparison.integer_ops)
+    assert (kinds["conv2d"], kinds["add"], kinds["global_avg_pool"], kinds["linear"]) == (4, 1, 1, 1)
+    assert not comparison.disagreements, "\n".join(map(str, comparison.disagreements))
+
+
 @pytest.mark.parametrize("activation", ["relu6", "hardtanh", "clamp"])
 def test_a_conv_bn_clamp_network_is_bit_identical_at_every_level(activation: str):
     """The review's case: three 64-channel conv + BN + clamp layers for nash_e. Before the clamp
