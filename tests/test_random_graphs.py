@@ -1,6 +1,8 @@
 """The exactness property on random networks (`random_nets`): for every seed, the compiled
-artifact returns what int_infer returns, at every `--opt` level, in either weight format. A few
-dozen seeds in the fast tests (two levels each), two hundred in the slow ones (all four)."""
+artifact returns what int_infer returns, in either weight format. A few dozen seeds in the fast
+tests (`--opt 0` and `3`), two hundred in the slow ones, each at one level where ONNX Runtime
+fuses nothing (0 or 1) and one where it fuses (2 or 3), drawn per seed: every level is covered
+(the op grid, `test_artifact_exactness.py`, runs all four on every pattern)."""
 
 from __future__ import annotations
 
@@ -31,5 +33,6 @@ def test_a_random_network_compiles_to_its_integer_program(seed: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
-def test_a_random_network_compiles_to_its_integer_program_at_every_level(seed: int):
-    _check(seed, (0, 1, 2, 3))
+def test_a_random_network_compiles_to_its_integer_program_at_two_levels(seed: int):
+    rng = random.Random(seed)
+    _check(seed, (rng.choice([0, 1]), rng.choice([2, 3])))
