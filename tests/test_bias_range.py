@@ -95,7 +95,7 @@ def test_a_model_without_the_record_is_read_from_its_integers(dead_channel, tmp_
     del model.metadata_props[:]
     plain = tmp_path / "plain.onnx"
     onnx.save(model, str(plain))
-    record, = bias_saturation(str(plain))
+    record, = bias_saturation(onnx.load(str(plain)))
     assert (record.channels, record.worst_channel, record.bias) == (1, 0, None)
     for tensor in model.graph.initializer:
         if tensor.data_type == onnx.TensorProto.INT32 and tensor.dims == [4]:
@@ -104,7 +104,7 @@ def test_a_model_without_the_record_is_read_from_its_integers(dead_channel, tmp_
                 values[0] = -(2**31)
                 tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
     onnx.save(model, str(tmp_path / "wrapped.onnx"))
-    record, = bias_saturation(str(tmp_path / "wrapped.onnx"))
+    record, = bias_saturation(onnx.load(str(tmp_path / "wrapped.onnx")))
     assert record.kept < 0
     assert METADATA_KEY not in json.dumps([p.key for p in model.metadata_props])
 

@@ -22,17 +22,18 @@ from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import (
     EIGHT_BIT,
+    accumulator_worst_case,
     add_constant,
     drop_unused_dequantize,
+    grid_clamp,
     index_graph,
     kernel_requantized,
-    onnx_clamp_bounds,
     replace_nodes,
     requantize_chain,
     scalar_initializer,
+    trans_b,
     weighted_operands,
 )
-from hatcli.quant.bias_range import accumulator_bound
 
 _MAKE = onnx.helper.make_node
 _SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
@@ -118,43 +119,35 @@ def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> 
             continue  # the integer kernels take one weight zero point
         b = Builder(graph, node.name or node.output[0])
         gemm = node.op_type == "Gemm"
-        if gemm and not attrs.get("transB", 0):
+        if gemm and not trans_b(node):
             q_w = q_w.T  # [K, N] -> [N, K]: one layout below
         channels = q_w.shape[0]
         weight, w_zero_name = _unsigned_weights(b, q_w.T if gemm else q_w, w_zero)
-        conv_attrs = [a for a in node.attribute] if not gemm else []
+        conv_attrs = [] if gemm else list(node.attribute)
         acc = exact_accumulator(b, node.op_type, ops.source, x_zero, ops.x_dq.input[2], weight, w_zero_name, conv_attrs)
         channel_shape = (1, channels) + (() if gemm else (1,) * (q_w.ndim - 2))  # conv1d / conv2d
-        bias_bound = 0
         if ops.bias is not None:
             acc = b.op("Add", [acc, b.const(ops.bias.astype(np.int64).reshape(channel_shape), "bias")], "biased")
-            bias_bound = int(np.abs(ops.bias.astype(np.int64)).max(initial=0))
-        x_info = np.iinfo(numpy_helper.to_array(x_zero).dtype)
-        x_bound = max(abs(int(x_info.min) - ops.source[2]), abs(int(x_info.max) - ops.source[2]))
         limit = 2 ** (accumulator_bits - 1)
-        centred = q_w.reshape(channels, -1).astype(np.int64) - int(numpy_helper.to_array(w_zero).reshape(-1)[0])
-        if accumulator_bound(centred, x_bound, bias_bound) > limit - 1:
+        if accumulator_worst_case(ops, x_zero, node)[0] > limit - 1:
             acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
                        "saturated")
         acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
         product = (np.float32(ops.source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
         found = requantize_chain(node, users, outputs)
-        quant = None if found is None else found[1]
-        clamp = None if found is None or len(found[0]) == 1 else onnx_clamp_bounds(found[0][1], initializers, producers)
-        y_scale = None if quant is None else scalar_initializer(initializers, quant.input[1])
-        y_zero = None if quant is None else initializers.get(quant.input[2])
-        if quant is not None and y_scale is not None and y_zero is not None and (len(found[0]) == 1 or clamp is not None):
+        grid = None if found is None else grid_clamp(*found, initializers, producers)
+        if grid is not None:
+            chain, quant = found
+            y_scale = scalar_initializer(initializers, quant.input[1])
             multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
             scaled = b.op("Mul", [acc_float, b.const(multiplier.reshape(channel_shape), "multiplier")], "scaled")
-            if clamp is not None:
-                info = np.iinfo(numpy_helper.to_array(y_zero).dtype)
-                zero = int(numpy_helper.to_array(y_zero).reshape(()))
-                low, high = clamp.on_grid(float(y_scale.reshape(())), zero, int(info.min), int(info.max))
+            if len(chain) > 1:
+                low, high, zero = grid
                 scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
                                        b.const(np.float32(high - zero), "clamp_high")], "clamped")
             b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
                                  [quant.output[0]], name=f"{b.stem}_requantize"))
-            replace_nodes(graph, [*found[0], quant], b.nodes, quant)
+            replace_nodes(graph, [*chain, quant], b.nodes, quant)
         else:
             b.nodes.append(_MAKE("Mul", [acc_float, b.const(product.reshape(channel_shape), "dequantize")],
                                  [node.output[0]], name=f"{b.stem}_dequantize"))

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hatcli.deploy.graph_edit import index_graph
+from hatcli.deploy.graph_edit import accumulator_worst_case, index_graph, trans_b, weighted_operands
 from hatcli.deploy.module_paths import layer_module
-from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation, accumulator_bound, bias_limit
+from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation, bias_limit
 
 METADATA_KEY = "hat.bias_saturation"
 
@@ -48,7 +48,7 @@ def _from_integers(model: onnx.ModelProto) -> list[BiasSaturation]:
         weight = initializers.get(weight_dq.input[0]) if weight_dq is not None else None
         if weight is None or len(weight.dims) < 2:
             continue
-        fan_in = math.prod(weight.dims[1:]) if node.op_type == "Conv" else int(weight.dims[0 if _trans_b(node) == 0 else 1])
+        fan_in = math.prod(weight.dims[1:]) if node.op_type == "Conv" else int(weight.dims[1 if trans_b(node) else 0])
         q = numpy_helper.to_array(bias).astype(np.int64).reshape(-1)
         at_end = (np.abs(q) >= bias_limit(fan_in)) | (q == -(2**31))
         if not at_end.any():
@@ -60,50 +60,27 @@ def _from_integers(model: onnx.ModelProto) -> list[BiasSaturation]:
     return found
 
 
-def _trans_b(node: onnx.NodeProto) -> int:
-    return next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "transB"), 0)
-
-
-def bias_saturation(path: str) -> list[BiasSaturation]:
-    """The saturated biases of the ONNX model at `path`: its export record, else read from its
-    int32 biases."""
-    model = onnx.load(path, load_external_data=False)
+def bias_saturation(model: onnx.ModelProto) -> list[BiasSaturation]:
+    """The saturated biases of `model`: its export record, else read from its int32 biases."""
     record = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
     if record is not None:
         return [BiasSaturation(**entry) for entry in json.loads(record)]
-    return _from_integers(onnx.load(path))
+    return _from_integers(model)
 
 
-def accumulator_overflow(path: str, bits: int) -> list[AccumulatorOverflow]:
-    """The convs / Gemms of the ONNX model at `path` whose accumulator can pass `bits` (signed,
-    saturating): their input range times their largest per-channel sum of |weights|, plus the
-    bias, from the model's own integers."""
-    model = onnx.load(path)
+def accumulator_overflow(model: onnx.ModelProto, bits: int) -> list[AccumulatorOverflow]:
+    """The convs / Gemms of `model` whose accumulator can pass `bits` (signed, saturating): their
+    input range times their largest per-channel sum of |weights|, plus the bias, from the model's
+    own integers (`accumulator_worst_case`)."""
     initializers, producers, _, _ = index_graph(model.graph)
     found = []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        ops = weighted_operands(node, producers, initializers) if node.op_type in ("Conv", "Gemm") else None
+        x_zero = None if ops is None else initializers.get(ops.x_dq.input[2])
+        if x_zero is None:
             continue
-        x_dq, weight_dq = producers.get(node.input[0]), producers.get(node.input[1])
-        if any(n is None or n.op_type != "DequantizeLinear" or len(n.input) < 3 for n in (x_dq, weight_dq)):
-            continue
-        x_zero, weight = initializers.get(x_dq.input[2]), initializers.get(weight_dq.input[0])
-        if x_zero is None or weight is None or len(weight.dims) < 2:
-            continue
-        info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(x_zero.data_type))
-        z = int(numpy_helper.to_array(x_zero).reshape(-1)[0])
-        q_w = numpy_helper.to_array(weight).astype(np.int64)
-        w_zero = initializers.get(weight_dq.input[2])
-        q_w = q_w - (0 if w_zero is None else int(numpy_helper.to_array(w_zero).reshape(-1)[0]))
-        if node.op_type == "Gemm" and _trans_b(node) == 0:
-            q_w = q_w.T
-        bias = 0
-        bias_dq = producers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if bias_dq is not None and bias_dq.input[0] in initializers:
-            bias = int(np.abs(numpy_helper.to_array(initializers[bias_dq.input[0]]).astype(np.int64)).max(initial=0))
-        centred = q_w.reshape(q_w.shape[0], -1)
-        bound = accumulator_bound(centred, max(abs(int(info.min) - z), abs(int(info.max) - z)), bias)
+        bound, fan_in = accumulator_worst_case(ops, x_zero, node)
         if bound > 2 ** (bits - 1) - 1:
-            found.append(AccumulatorOverflow(layer_module([node]) or node.name, info.dtype.name, centred.shape[1],
-                                             bound, bits))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(x_zero.data_type).name
+            found.append(AccumulatorOverflow(layer_module([node]) or node.name, dtype, fan_in, bound, bits))
     return found

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hatcli.deploy.bias_check import accumulator_overflow, bias_saturation
-from hatcli.deploy.onnx_graph import Graph, Layer, read_graph
+from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph
 from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation
 from hatcli.quant.march import MarchProfile
 
@@ -203,6 +203,7 @@ def check_model(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
     """
     report = check_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
     if report.quantized:
-        report.bias_saturation = bias_saturation(str(onnx_path))
-        report.accumulator_overflow = accumulator_overflow(str(onnx_path), march.quant.accumulator_bits)
+        model = load_onnx(onnx_path)  # the integers behind the layers read_graph folded away
+        report.bias_saturation = bias_saturation(model)
+        report.accumulator_overflow = accumulator_overflow(model, march.quant.accumulator_bits)
     return report

@@ -28,6 +28,7 @@ from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.accumulator_lowering import lower_exact_weighted
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.folders import building
+from hatcli.deploy.graph_edit import static_shapes
 from hatcli.deploy.cpu import exact_u8s8
 from hatcli.deploy.kernel_fusion import lower_quantized_conv, lower_quantized_gemm
 from hatcli.deploy.lowering import (
@@ -52,6 +53,8 @@ SIGNED_WEIGHTS_NOTE = ("weights are int8 (zero point 0) for ONNX Runtime's symme
                        "without them for an artifact that is exact everywhere")
 INLINE_LIMIT = 1_800_000_000
 """Models below this many bytes are written as one self-contained model.onnx."""
+SHAPED_OPS = ("AveragePool", "Resize", "ReduceMean", "GlobalAveragePool")
+"""Ops whose compile-time lowering needs the static shapes of their tensors."""
 RUNTIME_FUSING_LEVELS = ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
 """Graph optimization levels at which ONNX Runtime fuses QDQ patterns into its integer kernels."""
 ARTIFACT_FORMAT = "hat-artifact"
@@ -91,11 +94,13 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_
     only the convs and Gemms whose fused clamp ONNX Runtime cannot fold (a Clip, a Relu above the
     output's minimum) are fused here. So every level computes the same integers."""
     proto, _ = lower_int8_to_uint8(proto, weights=not exact_u8s8())
+    # the pool and resize passes read static shapes: inferred once, before any contrib op (which
+    # ONNX shape inference cannot see through); the passes keep the names of the tensors they read
+    shapes = static_shapes(proto) if any(n.op_type in SHAPED_OPS for n in proto.graph.node) else {}
     proto, _ = lower_exact_weighted(proto, accumulator_bits)
-    # these two read static shapes: before any contrib op, which ONNX shape inference cannot see through
-    proto, _ = lower_average_pool(proto)
-    proto, _ = lower_linear_resize(proto)
-    proto, _ = fuse_global_average_pool(proto)
+    proto, _ = lower_average_pool(proto, shapes)
+    proto, _ = lower_linear_resize(proto, shapes)
+    proto, _ = fuse_global_average_pool(proto, shapes)
     proto, _ = lower_quantized_binary(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
     proto, _ = lower_requantize(proto)

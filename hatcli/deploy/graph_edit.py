@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from hatcli.quant.bias_range import accumulator_bound
 from hatcli.quant.clamps import ONNX_CLAMPS, ClampBounds
 
 MS_DOMAIN = "com.microsoft"
@@ -104,10 +105,38 @@ def onnx_clamp_bounds(node: onnx.NodeProto, initializers: dict, producers: dict)
     return ClampBounds(low, high)
 
 
+GRID_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT16)
+"""The integer types of a quantized grid (8- and 16-bit)."""
+
+
 def quantized_range(zero_point: onnx.TensorProto) -> tuple[int, int] | None:
     """(qmin, qmax) of the 8- or 16-bit type of a zero-point initializer; None for other types."""
-    return {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
-            onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}.get(zero_point.data_type)
+    if zero_point.data_type not in GRID_TYPES:
+        return None
+    info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zero_point.data_type))
+    return int(info.min), int(info.max)
+
+
+def grid_clamp(chain: list[onnx.NodeProto], quant: onnx.NodeProto, initializers: dict,
+               producers: dict) -> tuple[int, int, int] | None:
+    """(low, high, zero point) on the grid of `quant`, the QuantizeLinear ending `chain` (an op
+    [+ its fused clamp]): the clamp's bounds quantized as the integer program does
+    (`ClampBounds.on_grid`), the grid's range without a clamp. None where the grid's scale or
+    zero point, or a bound, is not a constant."""
+    scale, zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
+    limits = None if zero is None else quantized_range(zero)
+    if scale is None or limits is None:
+        return None
+    bounds = ClampBounds(None, None) if len(chain) == 1 else onnx_clamp_bounds(chain[1], initializers, producers)
+    if bounds is None:
+        return None
+    z = int(numpy_helper.to_array(zero).reshape(()))
+    return (*bounds.on_grid(float(scale.reshape(())), z, *limits), z)
+
+
+def trans_b(node: onnx.NodeProto) -> int:
+    """A Gemm's `transB` attribute (0 when absent)."""
+    return next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "transB"), 0)
 
 
 def replace_nodes(graph: onnx.GraphProto, old: list[onnx.NodeProto], new: list[onnx.NodeProto], anchor: onnx.NodeProto) -> None:
@@ -187,8 +216,7 @@ def _output_axis(node: onnx.NodeProto, ndim: int) -> int:
     """The weight axis of a Conv / Gemm's output channels."""
     if node.op_type != "Gemm":
         return 0
-    trans_b = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "transB"), 0)
-    return 0 if trans_b else ndim - 1
+    return 0 if trans_b(node) else ndim - 1
 
 
 def weighted_operands(node: onnx.NodeProto, producers: dict, initializers: dict) -> WeightedOperands | None:
@@ -220,3 +248,18 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
         dims = info.type.tensor_type.shape.dim
         shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return shapes
+
+
+def accumulator_worst_case(ops: WeightedOperands, x_zero: onnx.TensorProto, node: onnx.NodeProto) -> tuple[int, int]:
+    """(the largest |accumulator|, the fan-in) of the Conv / Gemm `node` with these operands and
+    this input zero point: the input's range times the largest per-channel sum of |q_w - z_w|,
+    plus the largest |bias| (`hatcli.quant.bias_range.accumulator_bound`)."""
+    info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(x_zero.data_type))
+    z = ops.source[2]
+    q_w = ops.weight[0].astype(np.int64) - int(numpy_helper.to_array(ops.weight[2]).reshape(-1)[0])
+    if node.op_type == "Gemm" and not trans_b(node):
+        q_w = q_w.T  # [K, N] -> [N, K]
+    centred = q_w.reshape(q_w.shape[0], -1)
+    bias = 0 if ops.bias is None else int(np.abs(ops.bias.astype(np.int64)).max(initial=0))
+    x_bound = max(abs(int(info.min) - z), abs(int(info.max) - z))
+    return accumulator_bound(centred, x_bound, bias), int(centred.shape[1])

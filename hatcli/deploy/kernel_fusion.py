@@ -16,9 +16,9 @@ from hatcli.deploy.graph_edit import (
     MS_DOMAIN,
     add_constant,
     drop_unused_dequantize,
-    kernel_requantized,
+    grid_clamp,
     index_graph,
-    onnx_clamp_bounds,
+    kernel_requantized,
     quantized_range,
     replace_nodes,
     requantize_chain,
@@ -33,20 +33,14 @@ def _clamp_tail(graph: onnx.GraphProto, chain: list[onnx.NodeProto], quant: onnx
     nodes that follow it: none when there is no clamp or the clamp's bounds on the output grid are
     the saturation; else an integer Clip at those bounds. None when the output grid or the bounds
     are not constants."""
-    scale, zero = initializers.get(quant.input[1]), initializers.get(quant.input[2])
-    limits = None if zero is None else quantized_range(zero)
-    if scale is None or limits is None or numpy_helper.to_array(scale).size != 1:
+    grid = grid_clamp(chain, quant, initializers, producers)
+    if grid is None:
         return None
-    if len(chain) == 1:
+    low, high, _ = grid
+    zero = initializers[quant.input[2]]
+    if (low, high) == quantized_range(zero):
         return quant.output[0], []
-    bounds = onnx_clamp_bounds(chain[1], initializers, producers)
-    if bounds is None:
-        return None
     dtype = numpy_helper.to_array(zero).dtype
-    low, high = bounds.on_grid(float(numpy_helper.to_array(scale).reshape(())),
-                               int(numpy_helper.to_array(zero).reshape(())), *limits)
-    if (low, high) == limits:
-        return quant.output[0], []
     unclamped = f"{stem}_unclamped"
     clip = onnx.helper.make_node("Clip", [unclamped, add_constant(graph, np.array(low, dtype), f"{stem}_clamp_low"),
                                           add_constant(graph, np.array(high, dtype), f"{stem}_clamp_high")],

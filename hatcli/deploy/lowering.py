@@ -21,16 +21,14 @@ from hatcli.deploy.graph_edit import (
     constant_value,
     dequantized_input,
     drop_unused_dequantize,
+    grid_clamp,
     index_graph,
-    onnx_clamp_bounds,
-    quantized_range,
     replace_nodes,
     requantize_chain,
     scalar_initializer,
     static_shapes,
     use_ms_domain,
 )
-from hatcli.quant.clamps import ClampBounds
 from hatcli.quant.resize_weights import linear_weights
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -123,7 +121,7 @@ def _exact_mean(graph: onnx.GraphProto, stem: str, dq: onnx.NodeProto, q: onnx.N
             make("QuantizeLinear", [f"{stem}_scaled", unit, q.input[2]], [q.output[0]], name=f"{stem}_requantize")]
 
 
-def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def fuse_global_average_pool(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> spatial mean -> QuantizeLinear by one integer
     QLinearGlobalAveragePool (ONNX Runtime's contrib op: exact integer sum, one requantization).
 
@@ -134,7 +132,8 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     """
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
-    shapes = static_shapes(model) if any(_spatial_mean(n, initializers) for n in graph.node) else {}
+    if shapes is None:
+        shapes = static_shapes(model) if any(_spatial_mean(n, initializers) for n in graph.node) else {}
     fused = 0
     for mean in list(graph.node):
         if not _spatial_mean(mean, initializers):
@@ -173,22 +172,6 @@ def fuse_global_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, i
     return model, fused
 
 
-def _clamp_steps(chain: list[onnx.NodeProto], quant: onnx.NodeProto, scale: np.float32,
-                 initializers: dict, producers: dict) -> tuple[int, int] | None:
-    """The bounds of the fused clamp in `chain` on `quant`'s grid, less its zero point (the
-    saturation without a clamp); None where the grid or the bounds are not constants."""
-    zero = initializers.get(quant.input[2])
-    limits = None if zero is None else quantized_range(zero)
-    if limits is None:
-        return None
-    z = int(numpy_helper.to_array(zero).reshape(()))
-    bounds = ClampBounds(None, None) if len(chain) == 1 else onnx_clamp_bounds(chain[1], initializers, producers)
-    if bounds is None:
-        return None
-    low, high = bounds.on_grid(float(scale), z, *limits)
-    return low - z, high - z
-
-
 def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear x2 -> Add | Sub (-> Relu | Clip) | Mul -> QuantizeLinear by explicit
     elementwise ops whose every step rounds once, the same way on every CPU:
@@ -219,8 +202,8 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
         if out_scale is None:
             continue
         out_scale = np.float32(out_scale.reshape(()))
-        clamp_steps = _clamp_steps(chain, quant, out_scale, initializers, producers)
-        if clamp_steps is None:
+        grid = grid_clamp(chain, quant, initializers, producers)
+        if grid is None:
             continue
         stem = op.name or op.output[0]
         make = onnx.helper.make_node
@@ -255,9 +238,9 @@ def lower_quantized_binary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
             elif len(chain) == 2:
                 # the clamp's bounds on the output grid, less the zero point: integers, so clamping
                 # before the rounding equals clamping after it (`int_add`)
-                low, high = clamp_steps
-                nodes.append(make("Clip", [total, add_constant(graph, np.float32(low), f"{stem}_clamp_low"),
-                                           add_constant(graph, np.float32(high), f"{stem}_clamp_high")],
+                low, high, y_zero = grid
+                nodes.append(make("Clip", [total, add_constant(graph, np.float32(low - y_zero), f"{stem}_clamp_low"),
+                                           add_constant(graph, np.float32(high - y_zero), f"{stem}_clamp_high")],
                                   [f"{total}_clamp"], name=f"{total}_clamp"))
                 total = f"{total}_clamp"
         one = add_constant(graph, np.float32(1.0), f"{stem}_unit_scale")
@@ -286,7 +269,7 @@ def _resize_axes(op: onnx.NodeProto, attrs: dict, shapes: dict, initializers: di
                  for axis in (2, 3))
 
 
-def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def lower_linear_resize(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace DequantizeLinear -> Resize (linear, 2-D) -> QuantizeLinear with one scale by the
     integer program's fixed-point interpolation (`int_resample`): the integers ``q - z`` in
     float64, ``MatMul(rows, .)``, ``MatMul(., cols^T)`` (exact: dyadic weights), one Cast to
@@ -295,7 +278,8 @@ def lower_linear_resize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
     resizes = [op for op in graph.node if op.op_type == "Resize"]
-    shapes = static_shapes(model) if resizes else {}
+    if shapes is None:
+        shapes = static_shapes(model) if resizes else {}
     rewritten = 0
     for op in resizes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}

@@ -30,7 +30,7 @@ _UNSIGNED_OR_WIDE = (onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.Tensor
 """Activation grids after `lower_int8_to_uint8`: ConvInteger takes uint8; 16 bits are split in bytes."""
 
 
-def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def lower_average_pool(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """Replace every 8-bit DequantizeLinear -> AveragePool (2-D, static C, H, W) ->
     QuantizeLinear by ConvInteger(ones) -> Cast -> Mul(multipliers) -> QuantizeLinear(1, z_y).
     Runs after `lower_int8_to_uint8` (ConvInteger takes uint8 activations). Returns the model
@@ -40,7 +40,7 @@ def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     pools = [n for n in graph.node if n.op_type == "AveragePool"]
     if not pools:
         return model, 0
-    shapes = static_shapes(model)
+    shapes = static_shapes(model) if shapes is None else shapes
     rewritten = 0
     for pool in pools:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
@@ -69,11 +69,11 @@ def lower_average_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, bool(attrs.get("count_include_pad", 0)))
         b = Builder(graph, pool.name or pool.output[0])
         ones = b.const(np.ones((channels, 1, *kernel), np.uint8), "window")
-        window = onnx.helper.make_node("ConvInteger", [], [], group=channels, kernel_shape=list(kernel),
-                                       strides=list(stride),
-                                       pads=[padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]])
+        window = [onnx.helper.make_attribute(name, value) for name, value in (
+            ("group", channels), ("kernel_shape", list(kernel)), ("strides", list(stride)),
+            ("pads", [padding[0], padding[1], padding[0] + extra[0], padding[1] + extra[1]]))]
         total = exact_accumulator(b, "Conv", source, x_zero, producers[pool.input[0]].input[2], ones,
-                                  b.const(np.uint8(0), "window_zero"), list(window.attribute))
+                                  b.const(np.uint8(0), "window_zero"), window)
         multipliers = b.const(pool_multipliers(float(source[1]), float(out_scale.reshape(())), divisors)
                               .reshape(1, 1, *out), "multiplier")
         scaled = b.op("Mul", [b.op("Cast", [total], "sum_float", to=onnx.TensorProto.FLOAT), multipliers], "scaled")

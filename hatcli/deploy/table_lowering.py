@@ -13,6 +13,7 @@ from hatcli.deploy.graph_edit import (
     dequantized_input,
     drop_unused_dequantize,
     index_graph,
+    quantized_range,
     onnx_clamp_bounds,
     replace_nodes,
     requantize_chain,
@@ -70,8 +71,22 @@ def _gather(graph: onnx.GraphProto, stem: str, tensor: str, qmin: int, table: np
     return nodes
 
 
-INTEGER_TYPES = {onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
-                 onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16}
+def _table(fn, source: tuple[str, np.float32, int], in_zero: onnx.TensorProto | None, quant: onnx.NodeProto,
+           initializers: dict) -> np.ndarray | None:
+    """The table (`lookup_table`) of `fn` from the grid of `source` (its zero-point tensor
+    `in_zero`) onto the grid `quant` writes; None where a grid is not an 8- or 16-bit constant one."""
+    import torch
+
+    from hatcli.quant.integer_kernels import lookup_table
+
+    out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
+    in_range = None if in_zero is None else quantized_range(in_zero)
+    out_range = None if out_zero is None else quantized_range(out_zero)
+    if in_range is None or out_range is None or out_scale is None:
+        return None
+    out_dtype = getattr(torch, onnx.helper.tensor_dtype_to_np_dtype(out_zero.data_type).name)
+    return lookup_table(fn, float(source[1]), source[2], *in_range, float(out_scale.reshape(())),
+                        int(numpy_helper.to_array(out_zero).reshape(())), *out_range, out_dtype).numpy()
 
 
 def lower_requantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -79,10 +94,6 @@ def lower_requantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     int16 layer's) by a table of the identity (`lookup_table`), as the integer program computes
     it: a float requantization rounds ties by the runtime's own arithmetic. Returns the model
     (modified in place) and the number of tables."""
-    import torch
-
-    from hatcli.quant.integer_kernels import lookup_table
-
     graph = model.graph
     initializers, producers, _, _ = index_graph(graph)
     tables = 0
@@ -90,21 +101,18 @@ def lower_requantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if quant.op_type != "QuantizeLinear" or len(quant.input) < 3:
             continue
         source = dequantized_input(quant.input[0], producers, initializers)
-        dq = producers.get(quant.input[0])
-        in_zero = None if source is None else initializers.get(dq.input[2])
+        in_zero = None if source is None else initializers.get(producers[quant.input[0]].input[2])
         out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
         if in_zero is None or out_zero is None or out_scale is None:
             continue
-        if in_zero.data_type not in INTEGER_TYPES or out_zero.data_type not in INTEGER_TYPES:
-            continue
-        in_info, out_info = np.iinfo(INTEGER_TYPES[in_zero.data_type]), np.iinfo(INTEGER_TYPES[out_zero.data_type])
-        y_scale, y_zero = float(out_scale.reshape(())), int(numpy_helper.to_array(out_zero).reshape(()))
-        if (float(source[1]), source[2], in_zero.data_type) == (y_scale, y_zero, out_zero.data_type):
+        if (float(source[1]), source[2], in_zero.data_type) == (
+                float(out_scale.reshape(())), int(numpy_helper.to_array(out_zero).reshape(())), out_zero.data_type):
             continue  # the same grid: the pair is the identity
-        table = lookup_table(lambda x: x, float(source[1]), source[2], int(in_info.min), int(in_info.max), y_scale,
-                             y_zero, int(out_info.min), int(out_info.max),
-                             getattr(torch, np.dtype(INTEGER_TYPES[out_zero.data_type]).name)).numpy()
-        nodes = _gather(graph, quant.name or quant.output[0], source[0], int(in_info.min), table, quant.output[0])
+        table = _table(lambda x: x, source, in_zero, quant, initializers)
+        if table is None:
+            continue
+        in_min = quantized_range(in_zero)[0]
+        nodes = _gather(graph, quant.name or quant.output[0], source[0], in_min, table, quant.output[0])
         replace_nodes(graph, [quant], nodes, quant)
         tables += 1
     if tables:
@@ -149,8 +157,8 @@ def runtime_table_matches(op_type: str, in_zero: onnx.TensorProto, in_scale: flo
 
 
 def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> tuple[onnx.ModelProto, int]:
-    """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8-bit tensor by a
-    256-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
+    """Replace DequantizeLinear -> elementwise function -> QuantizeLinear on an 8- or 16-bit tensor
+    by a 256- or 65536-entry table (Cast + Gather), as an accelerator computes sigmoid, tanh, hardswish, exp, ...
     With `runtime_tables` (ONNX Runtime will fuse QDQ patterns: `--opt 2` and `3`), a pattern it
     fuses into a table kernel of its own (`RUNTIME_TABLE_OPS`) is left as it is when that kernel
     is checked to hold the same 256 entries (`runtime_table_matches`).
@@ -159,16 +167,8 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
     program builds its own tables with, so the artifact and `int_infer` hold the same entries.
     Returns the model (modified in place) and the number of tables.
     """
-    import torch
-
-    from hatcli.quant.integer_kernels import lookup_table
-
     graph = model.graph
     initializers, producers, users, outputs = index_graph(graph)
-    eight_bit = {onnx.TensorProto.UINT8: (torch.uint8, np.iinfo(np.uint8)),
-                 onnx.TensorProto.INT8: (torch.int8, np.iinfo(np.int8)),
-                 onnx.TensorProto.INT16: (torch.int16, np.iinfo(np.int16)),
-                 onnx.TensorProto.UINT16: (torch.uint16, np.iinfo(np.uint16))}  # 8- and 16-bit grids
     tables = 0
     for op in list(graph.node):
         if not op.input:
@@ -176,27 +176,22 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
         dq_name = next((name for name in op.input if dequantized_input(name, producers, initializers)), None)
         if dq_name is None:
             continue
-        tensor, scale, zero = dequantized_input(dq_name, producers, initializers)
+        source = dequantized_input(dq_name, producers, initializers)
         fn = _table_function(op, dq_name, initializers, producers)
         found = requantize_chain(op, users, outputs)
         if fn is None or found is None or len(found[0]) != 1:
             continue
         quant = found[1]
         in_zero = initializers.get(producers[dq_name].input[2])
-        out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers.get(quant.input[2])
-        if in_zero is None or out_zero is None or out_scale is None:
+        table = _table(fn, source, in_zero, quant, initializers)
+        if table is None:
             continue
-        if in_zero.data_type not in eight_bit or out_zero.data_type not in eight_bit:
-            continue
-        in_info = eight_bit[in_zero.data_type][1]
-        out_dtype, out_info = eight_bit[out_zero.data_type]
-        table = lookup_table(fn, float(scale), zero, int(in_info.min), int(in_info.max), float(out_scale.reshape(())),
-                             int(numpy_helper.to_array(out_zero).reshape(())), int(out_info.min), int(out_info.max),
-                             out_dtype).numpy()
+        out_scale, out_zero = scalar_initializer(initializers, quant.input[1]), initializers[quant.input[2]]
+        scale, tensor, in_min = source[1], source[0], quantized_range(in_zero)[0]
         if runtime_tables and op.op_type in RUNTIME_TABLE_OPS and table.size == 256 and runtime_table_matches(
                 op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
             continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
-        nodes = _gather(graph, op.name or op.output[0], tensor, int(in_info.min), table, quant.output[0])
+        nodes = _gather(graph, op.name or op.output[0], tensor, in_min, table, quant.output[0])
         replace_nodes(graph, [op, quant], nodes, quant)
         tables += 1
     if tables:

@@ -33,7 +33,7 @@ from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
 from hatcli.errors import RecipeError, warn
 from hatcli.family import ModelFamily
-from hatcli.quant.bias_range import saturated_biases
+from hatcli.quant.bias_saturation import saturated_biases
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.quantizer import MarchQuantizer, module_path
 

@@ -15,8 +15,9 @@ exactly what the deployed runtime computes:
   then requantized with the per-channel float32 multiplier ``m = (s_x * s_w) / s_y``:
   ``q_y = clamp(round_half_even(float32(acc) * m)) + z_y``, where a fused clamp (ReLU, ReLU6,
   hardtanh, clamp: `hatcli.quant.clamps`) narrows the clamp to its bounds on the
-  output grid. A conv or linear that is a graph output returns ``float32(acc) * (s_x * s_w)``
-  (the dequantized int32, then the fused clamp in float);
+  output grid. A conv or linear that is not requantized (a graph output, or a float op after it)
+  returns ``float32(acc) * (s_x * s_w)`` (the dequantized accumulator, then the fused clamp in
+  float);
 - global average pooling: the exact integer sum, requantized with ``s_x / (s_y * N)``;
 - add / sub: ``(q_a - z_a) * (s_a / s_y) ± (q_b - z_b) * (s_b / s_y)`` in float32, one rounding
   per operation, then rounded half to even and held in the (clamp-narrowed) output range (the
@@ -78,8 +79,8 @@ MUL = {A.mul.Tensor, A.mul_.Tensor}
 DIV = {A.div.Tensor, A.div_.Tensor}
 TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default}
 """Elementwise functions of one tensor, computed as a 256-entry table on 8-bit inputs."""
-EIGHT_BIT = (torch.int8, torch.uint8)
-INTEGER_GRIDS = (*EIGHT_BIT, torch.int16, torch.uint16)
+INTEGER_GRIDS = (torch.int8, torch.uint8, torch.int16, torch.uint16)
+"""The grids integer ops take (8- and 16-bit)."""
 RESAMPLE = {A.upsample_bilinear2d.vec}
 GLOBAL_POOL = {A.adaptive_avg_pool2d.default, A.mean.dim}
 AVG_POOL = {A.avg_pool2d.default}

@@ -159,6 +159,15 @@ def int_resample(q_x: torch.Tensor, zero: int, qmin: int, qmax: int, dtype: torc
 
 
 @functools.lru_cache(maxsize=64)
+def _pool_multipliers(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                      padding: tuple[int, int], ceil_mode: bool, count_include_pad: bool,
+                      x_scale: float, y_scale: float) -> torch.Tensor:
+    """The per-position multipliers of one pool on one map size, built once, not on every batch."""
+    divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, count_include_pad)
+    return torch.from_numpy(pool_multipliers(x_scale, y_scale, divisors))
+
+
+@functools.lru_cache(maxsize=64)
 def _axis_weights(in_size: int, out_size: int, align_corners: bool, scale: float | None):
     return linear_weights(in_size, out_size, align_corners, scale)
 
@@ -183,8 +192,8 @@ def int_avg_pool(q_x: torch.Tensor, x_scale: float, x_zero: int, y_scale: float,
     size = (int(q_x.shape[-2]), int(q_x.shape[-1]))
     centred = q_x.to(torch.float64) - x_zero
     acc = torch.nn.functional.avg_pool2d(centred, kernel, stride, padding, ceil_mode, True, 1).to(torch.float32)
-    divisors = avg_pool_divisors(size, kernel, stride, padding, ceil_mode, count_include_pad)
-    multiplier = torch.from_numpy(pool_multipliers(x_scale, y_scale, divisors)).to(q_x.device)
+    multiplier = _pool_multipliers(size, tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad,
+                                   x_scale, y_scale).to(q_x.device)
     q = round_half_even(acc * multiplier).clamp(y_qmin - y_zero, y_qmax - y_zero) + y_zero
     return q.to(y_dtype)
 

@@ -64,7 +64,8 @@ from torchao.quantization.pt2e.quantizer import (
     SharedQuantizationSpec,
 )
 
-from hatcli.quant.bias_range import bias_limit, weight_fan_in
+from hatcli.quant.bias_range import bias_limit
+from hatcli.quant.bias_saturation import weight_fan_in
 from hatcli.quant.lsq import LsqFakeQuantize
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.observers import PercentileObserver, observer_class
