@@ -71,17 +71,52 @@ class DataConfig(Strict):
     pack: PackConfig | None = None
 
 
+class ParamRule(Strict):
+    """One entry of `param_rules`: the optimizer settings of the parameters whose name matches.
+
+    `pattern` is matched (`fnmatch`, case-sensitive) against each parameter's qualified name as
+    `model.named_parameters()` gives it (`layer1.0.conv.weight`, `fc.bias`; in QAT the learned
+    activation scales are `activation_post_process_<n>.scale`). The first rule that matches a
+    parameter decides its settings; what a rule leaves out keeps the stage's value.
+    """
+
+    pattern: str = Field(min_length=1)
+    """`fnmatch` pattern on the parameter's qualified name: `*` any text (dots included), `?` one
+    character, `[ab]` one of a set (`*.bias`, `fc.*`, `*.clip_val`)."""
+    weight_decay: float | None = Field(None, ge=0)
+    """Weight decay of the matching parameters; it overrides `weight_decay_weights_only` and the
+    `no_weight_decay` of quantizer modules, which otherwise force 0."""
+    lr_scale: float | None = Field(None, gt=0)
+    """Multiplies the stage's `lr` for the matching parameters (the schedule scales the result)."""
+    lr: float | None = Field(None, gt=0)
+    """Base learning rate of the matching parameters instead of the stage's `lr` (scaled by the
+    schedule like it); give `lr` or `lr_scale`, not both."""
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> ParamRule:
+        if self.lr is not None and self.lr_scale is not None:
+            raise ValueError("give either lr or lr_scale in a param rule, not both")
+        if self.lr is None and self.lr_scale is None and self.weight_decay is None:
+            raise ValueError(f"param rule `{self.pattern}` sets nothing: give weight_decay, lr_scale or lr")
+        return self
+
+
+RESTART_DEFAULTS = {"restart_epochs": 10.0, "restart_mult": 1.0}
+"""What `schedule = "cosine_restarts"` uses for the restart keys a recipe leaves out."""
+
+
 class OptimizerConfig(Strict):
     """Optimizer and learning-rate schedule of a training stage.
 
     The LR at iteration `step` is `lr * warmup(step) * decay(step)` (see `hatcli.engine.schedule`):
     a linear warm-up over the first `warmup_iters` (or `warmup_epochs`) iterations, then the
     `schedule`, which for `cosine` and `poly` runs from the end of warm-up to the end of training.
+    `param_rules` give some parameters another weight decay or base LR.
     """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
-    """Base learning rate of every parameter group."""
+    """Base learning rate of every parameter group (unless a `param_rules` entry sets another)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """SGD momentum (unused by AdamW)."""
     nesterov: bool = False
@@ -92,15 +127,29 @@ class OptimizerConfig(Strict):
     """Apply `weight_decay` only to parameters with more than one dimension (conv and linear
     weights); biases, BatchNorm/LayerNorm weights, PReLU slopes and other 1-d or scalar parameters
     get no weight decay."""
-    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    param_rules: list[ParamRule] = []
+    """Per-parameter settings: `[{pattern = "*.bias", weight_decay = 0.0}, {pattern = "fc.*",
+    lr_scale = 0.1}]`. Each trainable parameter takes the first rule whose `pattern` matches its
+    qualified name; a rule's `weight_decay` wins over `weight_decay_weights_only` and over the
+    quantizers' `no_weight_decay`. A pattern that matches no parameter of the model is an error
+    when the stage starts."""
+    schedule: Literal["cosine", "step", "poly", "constant", "cosine_restarts"] = "cosine"
     """Decay after warm-up. `cosine`: `min + (1 - min) * (1 + cos(pi * p)) / 2`; `poly`:
     `min + (1 - min) * (1 - p) ** power`, where `p` is the fraction of the post-warm-up iterations
     done and `min` is `min_lr_factor`; `step`: multiplied by `gamma` at each of `milestones`;
-    `constant`: no decay."""
+    `constant`: no decay; `cosine_restarts`: cosine with warm restarts (SGDR), one cosine from 1
+    to `min` per cycle of `restart_epochs`, each cycle `restart_mult` times longer than the last."""
     power: float = Field(1.0, gt=0)
     """Exponent of the `poly` schedule (1: linear decay)."""
     min_lr_factor: float = Field(0.0, ge=0, lt=1)
-    """`cosine` and `poly` decay towards `min_lr_factor * lr` (reached at the end of training)."""
+    """`cosine` and `poly` decay towards `min_lr_factor * lr` (reached at the end of training);
+    `cosine_restarts` reaches it at the end of every cycle."""
+    restart_epochs: float | None = Field(None, gt=0)
+    """`cosine_restarts` only: length of the first cycle in epochs (SGDR's `T_0`; fractions
+    allowed, rounded to whole iterations, at least 1); default 10."""
+    restart_mult: float | None = Field(None, ge=1)
+    """`cosine_restarts` only: each cycle is `restart_mult` times longer than the previous one
+    (SGDR's `T_mult`, >= 1); default 1 (all cycles equally long)."""
     warmup_epochs: float = Field(0.0, ge=0)
     """Linear warm-up length in epochs (fractions allowed; rounded to whole iterations)."""
     warmup_iters: int = Field(0, ge=0)
@@ -130,6 +179,20 @@ class OptimizerConfig(Strict):
     def _one_warmup(self) -> OptimizerConfig:
         if self.warmup_epochs > 0 and self.warmup_iters > 0:
             raise ValueError("give either warmup_epochs or warmup_iters, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _restart_keys_need_restarts(self) -> OptimizerConfig:
+        given = [key for key in RESTART_DEFAULTS if getattr(self, key) is not None]
+        if self.schedule != "cosine_restarts":
+            if given:
+                verb, pronoun = ("are", "them") if len(given) > 1 else ("is", "it")
+                raise ValueError(f"{' and '.join(given)} {verb} only for schedule = \"cosine_restarts\" "
+                                 f"(the schedule is \"{self.schedule}\"): remove {pronoun} or use that schedule")
+            return self
+        for key, default in RESTART_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)  # so the resolved recipe shows it
         return self
 
 
@@ -191,12 +254,46 @@ class QatStage(TrainingStage):
     point fixed at 0, no weight decay). The integer model uses the scales QAT ends with."""
 
 
+Bits = Annotated[int, Field(ge=1, le=8)]
+"""A low-bit width: 1 (binary) to 8."""
+
+
+class LayerQuantRule(Strict):
+    """One `[[quant.layers]]` entry: the layers whose module path matches `pattern` (fnmatch, as
+    `hat check` prints paths) get this scheme and these bit widths; unset keys keep the `[quant]`
+    values. The first matching entry wins, and it wins over `keep_first_last` and `real_skip`."""
+
+    pattern: str = Field(min_length=1)
+    scheme: str | None = None
+    """A registered scheme (`hat plugins`), or `march` to keep these layers at the march's int8."""
+    weight_bits: Bits | None = None
+    activation_bits: Bits | None = None
+
+
 class QuantConfig(Strict):
     """Quantization target and precision choices."""
 
     march: str = "nash_e"
     int16: list[str] = []
     """Module name patterns (fnmatch) whose outputs are computed in int16."""
+    scheme: str = "march"
+    """The QAT scheme of the convolution and linear layers: `march` (the march's int8 / int16
+    rules, HAT's default) or a registered low-bit scheme: `lsq`, `pact`, `dorefa`, `xnor`,
+    `xnorpp`, `lqnet` or a plugin's (`hat plugins` lists them; docs/quant_schemes.md)."""
+    weight_bits: Bits = 8
+    """Bits of the scheme's weights (1..8; each scheme says which it can train)."""
+    activation_bits: Bits = 8
+    """Bits of the scheme's layer inputs (1..8); the producers' own outputs stay on the march's grid."""
+    weight_groups: int = Field(0, ge=0)
+    """Weight scale granularity along the output channels: 0 one per channel, 1 one per tensor,
+    G one per group of C / G consecutive channels (C must divide by G)."""
+    keep_first_last: bool = True
+    """Keep the first and the last weighted layer at the march's int8 (the usual practice)."""
+    real_skip: bool = False
+    """Keep shortcut (downsample) convolutions, modules matching `*downsample*` or `*shortcut*`,
+    at the march's int8."""
+    layers: list[LayerQuantRule] = []
+    """Per-layer overrides, `[[quant.layers]]` tables (see `LayerQuantRule`)."""
 
 
 class DeployConfig(Strict):

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torchao.quantization.pt2e import FakeQuantize
 
-from hatcli.engine.callbacks import Callback
 from hatcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from hatcli.engine.schedule import build_optimizer, param_groups
 from hatcli.engine.trainer import TrainSpec, fit
@@ -33,6 +32,7 @@ from hatcli.quant.march import load_march
 from hatcli.recipe import load_recipe
 from hatcli.recipe_schema import OptimizerConfig
 from tiny_nets import TinyFamily, calibrate, rank_batches
+from replay import ReplayBatches, StopAt
 
 Q = torch.ops.quantized_decomposed
 SIZE = (16, 16)
@@ -238,35 +238,11 @@ def test_the_state_round_trips_through_a_checkpoint_into_a_rebuilt_graph(tmp_pat
 # -- QAT resume ------------------------------------------------------------------------------------
 
 
-class _Batches:
-    """A loader over fixed batches whose order depends on the epoch (like the real one)."""
-
-    def __init__(self, count: int = 4) -> None:
-        gen = torch.Generator().manual_seed(11)
-        self.batches = [(torch.randn(8, 3, *SIZE, generator=gen), torch.randint(0, 5, (8,), generator=gen))
-                        for _ in range(count)]
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch)).tolist()
-        for i in order[self.skip:]:
-            yield self.batches[i]
-        self.skip = 0
-
-
-class _StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, loss: float) -> None:
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
+def _Batches(count: int = 4) -> ReplayBatches:
+    """Fixed batches whose order depends on the epoch (like the real loader)."""
+    gen = torch.Generator().manual_seed(11)
+    return ReplayBatches([(torch.randn(8, 3, *SIZE, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+                          for _ in range(count)])
 
 
 def _qat(out_dir: Path, calibration_state: dict, callbacks=(), resume: bool = False) -> dict:
@@ -284,7 +260,7 @@ def test_learned_scale_qat_resumes_exactly(tmp_path: Path):
     _qat(tmp_path / "whole", calibration)
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint-last.pt")
     with pytest.raises(Interrupted):
-        _qat(tmp_path / "cut", calibration, callbacks=[_StopAt(5)])  # epoch 2, 1 step in
+        _qat(tmp_path / "cut", calibration, callbacks=[StopAt(5)])  # epoch 2, 1 step in
     _qat(tmp_path / "cut", calibration, resume=True)
     cut = load_checkpoint(tmp_path / "cut" / "checkpoint-last.pt")
     assert whole["model"].keys() == cut["model"].keys()

@@ -24,6 +24,7 @@ from hatcli.engine.callbacks import Callback
 from hatcli.engine.checkpoint import load_checkpoint
 from hatcli.errors import HatError, Interrupted
 from hatcli.recipe import load_recipe
+from replay import StopAt
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
@@ -35,17 +36,6 @@ def _recipe(tmp_path: Path, tiny_recipe: Path, extra: str = "", name: str = "r.t
     path = tmp_path / name
     path.write_text(text + "\n" + textwrap.dedent(extra))
     return path
-
-
-class StopAt(Callback):
-    """Press Ctrl-C once `step` optimizer steps are done."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, loss: float) -> None:
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.optimizer = build_optimizer(model, spec.optimizer)
+        self.optimizer = build_optimizer(model, spec.optimizer, where=f"{spec.stage}.optimizer")
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
             raise HatError(f"{spec.stage}: the training data gives no batch; lower `data.batch_size`")
@@ -202,7 +202,11 @@ class Trainer:
             raise ArtifactError(f"{path} was written with other recipe settings for this stage; "
                                 f"drop --resume to start the stage again")
         self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # other parameter groups: other `param_rules` or another model
+            raise ArtifactError(f"{path}: its optimizer state does not fit this stage's parameter groups ({exc}); "
+                                f"drop --resume to start the stage again") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
