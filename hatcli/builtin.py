@@ -11,8 +11,9 @@ from collections.abc import Callable
 from hatcli.data.packers import coco, imagenet, mnist
 from hatcli.data.shapes import pack_shapes
 from hatcli.engine.callbacks import EarlyStopping
-from hatcli.family import CallbackSpec, Packer
+from hatcli.family import CallbackSpec, Packer, QuantSchemeSpec
 from hatcli.hookspecs import hookimpl
+from hatcli.quant.low_bit.schemes import BUILTIN_SCHEMES
 
 
 @hookimpl
@@ -37,3 +38,10 @@ def register_callbacks(register: Callable[[CallbackSpec], None]) -> None:
         description="stop when the validation metric has not improved for `patience` validations",
         factory=EarlyStopping,
     ))
+
+
+@hookimpl
+def register_quant_schemes(register: Callable[[QuantSchemeSpec], None]) -> None:
+    """Register the march's default scheme and the low-bit schemes that ship with hat."""
+    for spec in BUILTIN_SCHEMES:
+        register(spec)

@@ -178,3 +178,25 @@ class CallbackSpec:
     name: str
     description: str
     factory: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class QuantSchemeSpec:
+    """A quantization-aware-training scheme registered under a plain name (recipes:
+    ``[quant] scheme = "NAME"``); `docs/quant_schemes.md` says how to write one.
+
+    `factory()` returns the scheme object (`hatcli.quant.low_bit.scheme.Scheme`), imported lazily
+    so that registering a scheme costs no torch import. `weight_bits` / `activation_bits` are the
+    inclusive bit-width ranges the scheme can train; a recipe asking for others is refused at load.
+    `integer` is False for schemes whose levels are not a uniform grid (LQ-Net): they train and
+    evaluate in fake quantization only, and `why_not_integer` says why they cannot be deployed.
+    """
+
+    name: str
+    description: str
+    factory: Callable[[], Any]
+    weight_bits: tuple[int, int] = (2, 8)
+    activation_bits: tuple[int, int] = (2, 8)
+    integer: bool = True
+    why_not_integer: str = ""
+

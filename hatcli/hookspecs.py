@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from hatcli.family import CallbackSpec, ModelFamily, Packer
+from hatcli.family import CallbackSpec, ModelFamily, Packer, QuantSchemeSpec
 
 hookspec = pluggy.HookspecMarker("hat")
 hookimpl = pluggy.HookimplMarker("hat")
@@ -50,3 +50,13 @@ def register_callbacks(register: Callable[[CallbackSpec], None]) -> None:
     Recipes switch one on per stage with ``callbacks = [{name = "NAME", arg = value}]`` in the
     stage's table (``[float]``, ``[qat]``).
     """
+
+
+@hookspec
+def register_quant_schemes(register: Callable[[QuantSchemeSpec], None]) -> None:
+    """Register quantization-aware-training schemes: call `register(spec)` with a `QuantSchemeSpec`.
+
+    Recipes choose one with ``[quant] scheme = "NAME"`` (with `weight_bits`, `activation_bits`
+    and per-layer overrides); docs/quant_schemes.md describes the scheme object and its fake quants.
+    """
+

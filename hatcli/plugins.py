@@ -29,7 +29,7 @@ import pluggy
 
 from hatcli import __version__, hookspecs
 from hatcli.errors import PluginError
-from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, TaskKind
+from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, QuantSchemeSpec, TaskKind
 from hatcli.registry import Registry, closest
 
 ENTRY_POINT_GROUP = "hat.plugins"
@@ -50,6 +50,7 @@ HOOKS: dict[str, _Hook] = {
     "register_families": _Hook(ModelFamily, "families"),
     "register_packers": _Hook(Packer, "packers"),
     "register_callbacks": _Hook(CallbackSpec, "callbacks"),
+    "register_quant_schemes": _Hook(QuantSchemeSpec, "quant_schemes"),
 }
 """Every hook of `hatcli.hookspecs`, in the order they are called for each plugin."""
 
@@ -66,6 +67,7 @@ class PluginInfo:
     families: list[str] = field(default_factory=list)
     packers: list[str] = field(default_factory=list)
     callbacks: list[str] = field(default_factory=list)
+    quant_schemes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class PluginState:
     families: Registry[ModelFamily]
     packers: Registry[Packer]
     callbacks: Registry[CallbackSpec]
+    quant_schemes: Registry[QuantSchemeSpec]
 
 
 _state: PluginState | None = None
@@ -244,7 +247,8 @@ def load_plugins(reload: bool = False) -> PluginState:
     _admit(pm, infos[BUILTIN], lambda: builtin)
     _entry_point_infos(pm, infos)
     state = PluginState(manager=pm, infos=infos, families=Registry("model family"),
-                        packers=Registry("packer"), callbacks=Registry("callback"))
+                        packers=Registry("packer"), callbacks=Registry("callback"),
+                        quant_schemes=Registry("quantization scheme"))
     for owner in sorted(infos, key=lambda name: (name != BUILTIN, name)):
         if infos[owner].status == "ok":
             _register_plugin(state, owner)
@@ -268,6 +272,11 @@ def packers() -> Registry[Packer]:
 def callbacks() -> Registry[CallbackSpec]:
     """Return the registry of training callbacks that plugins provide."""
     return load_plugins().callbacks
+
+
+def quant_schemes() -> Registry[QuantSchemeSpec]:
+    """Return the registry of quantization-aware-training schemes (`[quant] scheme = ...`)."""
+    return load_plugins().quant_schemes
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -2,7 +2,7 @@
 
 `check_plain_values` refuses what TOML (or a `--set` value) can hold but no recipe key means:
 non-finite numbers (`inf`, `nan`), dates, and text with a NUL or undecodable bytes. `check_registered_names` looks up the names that registries own (the
-march, transforms, callbacks, the packer of `[data.pack]`) and checks their arguments by building
+march, quantization schemes and their bit widths, transforms, callbacks, the packer of `[data.pack]`) and checks their arguments by building
 the transforms and callbacks once (their constructors only store settings). Each error names
 where the key was set (`locate(dotted)` gives `file:line` or `--set`), the dotted key and the
 closest valid name.
@@ -75,6 +75,35 @@ def _check_march(recipe: Recipe, locate: Locate) -> None:
                           f"int16 activations; remove the patterns or choose a march that has them ({allowed})")
 
 
+def _bits_error(spec: Any, kind: str, bits: int) -> str | None:
+    low, high = getattr(spec, f"{kind}_bits")
+    if low <= bits <= high:
+        return None
+    can = f"{low}" if low == high else f"{low} to {high}"
+    return f"scheme `{spec.name}` trains {kind}s at {can} bits, not {bits}"
+
+
+def _check_schemes(recipe: Recipe, locate: Locate) -> None:
+    """Every scheme `[quant]` and `[[quant.layers]]` name exists, at bit widths it can train."""
+    from hatcli.plugins import quant_schemes
+
+    registry, quant = quant_schemes(), recipe.quant
+    choices = [("quant", quant.scheme, quant.weight_bits, quant.activation_bits)]
+    for index, rule in enumerate(quant.layers):
+        choices.append((f"quant.layers[{index}]", rule.scheme or quant.scheme,
+                        rule.weight_bits or quant.weight_bits, rule.activation_bits or quant.activation_bits))
+    for where, name, weight_bits, activation_bits in choices:
+        key = f"{where}.scheme"
+        if name not in registry:
+            raise RecipeError(f"{locate(key)}: `{key}`: {_unknown('quantization scheme', name, registry.names())}")
+        spec = registry.get(name)
+        for kind, bits in (("weight", weight_bits), ("activation", activation_bits)):
+            problem = _bits_error(spec, kind, bits)
+            if problem:
+                raise RecipeError(f"{locate(f'{where}.{kind}_bits')}: `{where}.{kind}_bits`: {problem}; "
+                                  f"set `{kind}_bits` within that range or choose another scheme")
+
+
 def _check_pack_kind(recipe: Recipe, locate: Locate) -> None:
     from hatcli.plugins import packers
 
@@ -130,6 +159,7 @@ def _check_callbacks(recipe: Recipe, locate: Locate) -> None:
 def check_registered_names(recipe: Recipe, locate: Locate) -> None:
     """Raise a RecipeError for an unknown march, packer, transform or callback, or bad arguments to them."""
     _check_march(recipe, locate)
+    _check_schemes(recipe, locate)
     _check_pack_kind(recipe, locate)
     _check_transforms(recipe, locate)
     _check_callbacks(recipe, locate)

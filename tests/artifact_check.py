@@ -76,18 +76,32 @@ def _as_tuple(output) -> tuple[torch.Tensor, ...]:
 
 def compare_with_artifacts(net: nn.Module, march: str, size: tuple[int, int] = (8, 8), int16: tuple[str, ...] = (),
                            opts: tuple[int, ...] = (0, 1, 2, 3), weights: tuple[str, ...] = ("uint8", "int8"),
-                           seed: int = 0, folder: Path | None = None) -> Comparison:
+                           seed: int = 0, folder: Path | None = None, plan=None, schemes=None,
+                           qat_steps: int = 0) -> Comparison:
     """Quantize `net` for `march` (int16 on the modules `int16` names), calibrate it on random
     data, build its integer program, export and compile it at every `opts` level in every weight
-    format, and run both on the same wide-spread inputs. Returns what disagreed."""
+    format, and run both on the same wide-spread inputs. Returns what disagreed.
+
+    `plan` / `schemes` give layers low-bit schemes (`hatcli.quant.low_bit`); `qat_steps` trains
+    that many SGD steps of fake-quant training after calibration (learned scales move)."""
     torch.manual_seed(seed)
     profile = load_march(march)
-    prepared, _ = prepare_quantized(_Family(net.eval()), net.eval(), size, profile, list(int16))
+    prepared, _ = prepare_quantized(_Family(net.eval()), net.eval(), size, profile, list(int16),
+                                    plan=plan, schemes=schemes)
     set_mode(prepared, "calibrate")
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _ in range(2):
             prepared(torch.randn(8, 3, *size, generator=gen))
+    if qat_steps:
+        set_mode(prepared, "train")
+        optimizer = torch.optim.SGD([p for p in prepared.parameters() if p.requires_grad], lr=0.01)
+        for _ in range(qat_steps):
+            outputs = _as_tuple(prepared(torch.randn(8, 3, *size, generator=gen)))
+            loss = sum(o.float().square().mean() for o in outputs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     set_mode(prepared, "eval")
     reference = convert_to_integer(prepared)
     integer = integer_program(reference)

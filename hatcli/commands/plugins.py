@@ -24,15 +24,15 @@ Examples:
   HAT_LOAD_PLUGINS=mobilenet hat plugins --json
 """
 
-HEADERS = ("plugin", "distribution", "version", "families", "packers", "callbacks", "status")
-LISTS = {"families", "packers", "callbacks"}
+HEADERS = ("plugin", "distribution", "version", "families", "packers", "callbacks", "schemes", "status")
+LISTS = {"families", "packers", "callbacks", "schemes"}
 """Columns that hold comma-separated names: they may wrap between names, never inside one."""
 
 
 def _rows(infos: list) -> list[tuple[str, ...]]:
     """One row of plain strings per plugin, in HEADERS order."""
     return [(i.name, i.distribution, i.version, ", ".join(i.families) or "-", ", ".join(i.packers) or "-",
-             ", ".join(i.callbacks) or "-", i.status) for i in infos]
+             ", ".join(i.callbacks) or "-", ", ".join(i.quant_schemes) or "-", i.status) for i in infos]
 
 
 def _column_widths(rows: list[tuple[str, ...]], available: int) -> list[int] | None:
@@ -89,7 +89,7 @@ def _print_family_descriptions() -> None:
 
 
 def plugins(json_out: JsonOpt = False) -> None:
-    """List plugins with version, registered families, packers and callbacks, and status (broken ones say why);
+    """List plugins with version, registered families, packers, callbacks and quantization schemes, and status (broken ones say why);
     then each family with its description."""
     from hatcli.plugins import plugin_infos
 

@@ -53,6 +53,7 @@ def lower_int8_to_uint8(model: onnx.ModelProto, weights: bool = True) -> tuple[o
     initializers = {t.name: t for t in graph.initializer}
     made: dict[str, str] = {}
     rewritten = 0
+    shifted_codes: set[str] = set()
 
     def uint8_copy(name: str) -> str:
         if name not in made:
@@ -73,6 +74,14 @@ def lower_int8_to_uint8(model: onnx.ModelProto, weights: bool = True) -> tuple[o
             node.input[0] = uint8_copy(node.input[0])
         node.input[2] = uint8_copy(node.input[2])
         rewritten += 1
+        if node.op_type == "QuantizeLinear":
+            shifted_codes.add(node.output[0])
+    for node in graph.node:  # a clamp of the codes of a narrow (low-bit) grid moves with them
+        if node.op_type == "Clip" and node.input and node.input[0] in shifted_codes:
+            for position in range(1, len(node.input)):
+                bound = initializers.get(node.input[position])
+                if bound is not None and bound.data_type == onnx.TensorProto.INT8:
+                    node.input[position] = uint8_copy(node.input[position])
     if rewritten:
         del graph.value_info[:]  # stale int8 type annotations; ONNX Runtime re-infers them
         used = {name for node in graph.node for name in node.input} | {i.name for i in graph.input}

@@ -1,4 +1,4 @@
-"""Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, exp, a
+"""Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, exp, sign, a
 constant scale, a clamp standing alone) to 256-entry tables, as an accelerator computes them."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, prod
     aten = torch.ops.aten
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
     simple = {"Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default, "HardSwish": aten.hardswish.default,
-              "Exp": aten.exp.default}
+              "Exp": aten.exp.default, "Sign": aten.sign.default}
     if op.op_type in simple and len(op.input) == 1:
         return simple[op.op_type]
     if op.op_type in ONNX_CLAMPS:  # a clamp standing alone (a fused one follows a conv, not a dequantize)

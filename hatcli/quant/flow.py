@@ -12,6 +12,7 @@ recipe (deterministic node names) and the state loaded into it, with `weights_on
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from typing import Literal
@@ -34,6 +35,9 @@ from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 from hatcli.errors import RecipeError, warn
 from hatcli.family import ModelFamily
 from hatcli.quant.bias_saturation import saturated_biases
+from hatcli.quant.low_bit.bias import quantize_low_bit_biases
+from hatcli.quant.low_bit.conversion import clamp_narrow_grids, narrow_quantizes, prepare_conversion
+from hatcli.quant.low_bit.plan import QuantPlan
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.quantizer import MarchQuantizer, module_path
 
@@ -62,6 +66,7 @@ def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
 def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_size: tuple[int, int],
                       march: MarchProfile, int16: list[str], observer: str = "minmax",
                       percentile: float = 99.99, activation_scales: str = "frozen",
+                      plan: QuantPlan | None = None, schemes: dict[str, object] | None = None,
                       ) -> tuple[GraphModule, MarchQuantizer]:
     """Return the prepared (fake-quant) graph of the deploy model, and the quantizer used.
 
@@ -70,6 +75,8 @@ def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_s
     `activation_scales` (`qat.activation_scales`) is `frozen` (torchao `FakeQuantize`: QAT keeps
     the calibrated scales) or `learned` (`hatcli.quant.lsq.LsqFakeQuantize`: QAT trains them, LSQ);
     both fake quants have the same state-dict keys, so either kind of checkpoint loads into either graph.
+    `plan` and `schemes` give layers a low-bit scheme (`hatcli.quant.low_bit`): `schemes` maps
+    every scheme name the plan uses to its scheme object.
     """
     if activation_scales not in ("frozen", "learned"):
         raise RecipeError(f"`qat.activation_scales` is {activation_scales!r}; choose \"frozen\" or \"learned\"")
@@ -77,9 +84,11 @@ def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_s
         raise RecipeError(f"`quant.int16` asks for int16 but march `{march.name}` has no int16 "
                           f"activations; remove the patterns or choose another march")
     quantizer = MarchQuantizer(march=march, int16=list(int16), observer=observer, percentile=percentile,
-                               learned_scales=activation_scales == "learned")
+                               learned_scales=activation_scales == "learned", plan=plan,
+                               schemes=dict(schemes or {}))
     graph = export_deploy_graph(family, float_model, input_size)
     prepared = prepare_qat_pt2e(graph, quantizer)
+    quantize_low_bit_biases(prepared)  # low-bit layers: QAT rounds the int32 bias as deployed
     return prepared, quantizer
 
 
@@ -141,6 +150,7 @@ def convert_to_integer(prepared: GraphModule) -> GraphModule:
     A layer whose int32 bias saturates (`hatcli.quant.bias_range.saturated_biases`) is warned
     about, and listed in the program's `bias_saturation` attribute (`BiasSaturation` records)."""
     set_mode(prepared, "eval")
+    prepare_conversion(prepared)  # low-bit schemes: weights baked onto their grid, sign made explicit
     saturation = saturated_biases(prepared, lambda node: module_path(node) or node.name)
     for record in saturation:
         warn(record.describe())
@@ -151,7 +161,12 @@ def convert_to_integer(prepared: GraphModule) -> GraphModule:
 
 
 def export_program(integer_model: GraphModule, example: tuple) -> torch.export.ExportedProgram:
-    """Capture the integer program as an ExportedProgram with a free batch dimension."""
+    """Capture the integer program as an ExportedProgram with a free batch dimension; quantizes onto
+    narrow (low-bit) grids are followed by an explicit clamp, which ONNX needs (its QuantizeLinear
+    saturates to the whole 8-bit range)."""
+    if narrow_quantizes(integer_model):
+        integer_model = copy.deepcopy(integer_model)
+        clamp_narrow_grids(integer_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(integer_model, example, dynamic_shapes=batch_dynamic_shapes(example))

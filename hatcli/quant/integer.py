@@ -25,7 +25,8 @@ exactly what the deployed runtime computes:
 - mul of two 8-bit tensors: the exact integer product times ``(s_a s_b) / s_y``;
 - bilinear upsampling (same scale in and out): interpolation of the integers ``q - z`` in
   float32, exact for a factor of 2, rounded half to even;
-- sigmoid, tanh, hardsigmoid, hardswish, exp, and mul / div by a constant, on an 8-bit input: a
+- sigmoid, tanh, hardsigmoid, hardswish, exp, sign (binary networks), and mul / div by a constant,
+  on an 8-bit input: a
   256-entry lookup table, built by `lookup_table` here and by the compiler alike.
 
 Those are the formulas of the kernels the compiled artifact runs (ONNX Runtime's QLinearConv,
@@ -77,7 +78,8 @@ ADD = {A.add.Tensor, A.add_.Tensor}
 SUB = {A.sub.Tensor, A.sub_.Tensor}
 MUL = {A.mul.Tensor, A.mul_.Tensor}
 DIV = {A.div.Tensor, A.div_.Tensor}
-TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default}
+TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default,
+             A.sign.default}
 """Elementwise functions of one tensor, computed as a 256-entry table on 8-bit inputs."""
 INTEGER_GRIDS = (torch.int8, torch.uint8, torch.int16, torch.uint16)
 """The grids integer ops take (8- and 16-bit)."""

@@ -66,6 +66,8 @@ from torchao.quantization.pt2e.quantizer import (
 
 from hatcli.quant.bias_range import bias_limit
 from hatcli.quant.bias_saturation import weight_fan_in
+from hatcli.quant.low_bit.plan import LayerBits, QuantPlan
+from hatcli.quant.low_bit.specs import grid_spec
 from hatcli.quant.lsq import LsqFakeQuantize
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.observers import PercentileObserver, observer_class
@@ -181,6 +183,13 @@ class MarchQuantizer(Quantizer):
     """`qat.activation_scales = "learned"`: activation fake quants are `LsqFakeQuantize`."""
     unquantized: list[str] = field(default_factory=list)
     int16_nodes: list[str] = field(default_factory=list)
+    plan: QuantPlan | None = None
+    """Low-bit schemes per layer (`[quant] scheme`, `hatcli.quant.low_bit.plan`); None: march rules."""
+    schemes: dict[str, object] = field(default_factory=dict)
+    """Scheme objects by name (`hatcli.quant.low_bit.schemes.Scheme`), for the plan's schemes."""
+    layer_bits: dict[str, LayerBits] = field(default_factory=dict)
+    """What each low-bit layer was annotated with, by module path (filled by `annotate`)."""
+    _ends: tuple[set, set] = field(default_factory=lambda: (set(), set()))
 
     # -- helpers ---------------------------------------------------------------------------
     def _output_spec(self, node: Node, non_negative: bool, head: Node | None = None) -> QuantizationSpec:
@@ -269,9 +278,25 @@ class MarchQuantizer(Quantizer):
             self._annotate(node, inputs)
             self._annotate(act, output=out)
 
+    def _low_bit_layer(self, node: Node) -> LayerBits | None:
+        if self.plan is None or not self.plan.low_bit:
+            return None
+        first, last = self._ends
+        return self.plan.layer(module_path(node) or node.name, node in first, node in last)
+
     def _annotate_weighted(self, node: Node) -> None:
         x, w = node.args[0], node.args[1]
-        inputs = {x: self._input_spec(x), w: weight_spec()}
+        layer = self._low_bit_layer(node)
+        if layer is None:
+            inputs = {x: self._input_spec(x), w: weight_spec()}
+        else:
+            scheme = self.schemes[layer.scheme]
+            signed = not self._unsigned(x)
+            inputs = {
+                x: grid_spec(lambda: scheme.activation_quantizer(layer.activation_bits, signed), layer.scheme),
+                w: grid_spec(lambda: scheme.weight_quantizer(layer.weight_bits, layer.weight_groups), layer.scheme),
+            }
+            self.layer_bits[module_path(node) or node.name] = layer
         if len(node.args) > 2 and isinstance(node.args[2], Node):
             inputs[node.args[2]] = bias_spec(node, x, w)
         self._annotate_head(node, inputs)
@@ -349,7 +374,9 @@ class MarchQuantizer(Quantizer):
         """Attach quantization annotations to every node we know how to quantize."""
         self.unquantized.clear()
         self.int16_nodes.clear()
+        self.layer_bits.clear()
         constants = _constant_nodes(model)
+        self._ends = _end_layers(model, CONV_OPS | LINEAR_OPS)
         for node in model.graph.nodes:
             if node.op != "call_function" or ANNOTATION_KEY in node.meta or node in constants:
                 continue
@@ -381,6 +408,20 @@ class MarchQuantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to validate beyond annotation: unsupported ops stay float by design."""
+
+
+def _end_layers(model: GraphModule, weighted: set) -> tuple[set[Node], set[Node]]:
+    """(first, last) weighted layers: those with no weighted layer before / after them."""
+    nodes = [n for n in model.graph.nodes]
+    is_weighted = {n: n.op == "call_function" and n.target in weighted for n in nodes}
+    before: dict[Node, bool] = {}
+    for n in nodes:
+        before[n] = any(before[a] or is_weighted[a] for a in n.all_input_nodes)
+    after: dict[Node, bool] = {}
+    for n in reversed(nodes):
+        after[n] = any(after[u] or is_weighted[u] for u in n.users)
+    return ({n for n in nodes if is_weighted[n] and not before[n]},
+            {n for n in nodes if is_weighted[n] and not after[n]})
 
 
 def _constant_nodes(model: GraphModule) -> set[Node]:

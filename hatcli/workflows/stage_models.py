@@ -17,7 +17,10 @@ from hatcli.engine.loaders import build_loader
 from hatcli.engine.trainer import evaluate
 from hatcli.errors import ArtifactError, UsageError
 from hatcli.quant import flow
+from hatcli.plugins import quant_schemes
 from hatcli.quant.integer import integer_program
+from hatcli.quant.low_bit.plan import LayerRule, QuantPlan
+from hatcli.quant.low_bit.schemes import MARCH
 from hatcli.quant.march import load_march
 from hatcli.recipe import LoadedRecipe
 from hatcli.stages import EVAL_STAGES, checkpoint_path, default_compile_dir, quant_source, warn_unfinished
@@ -44,14 +47,29 @@ def int16_patterns(lr: LoadedRecipe, march: Any) -> list[str]:
     return patterns
 
 
+def quant_plan(lr: LoadedRecipe) -> tuple[QuantPlan, dict[str, Any]]:
+    """The recipe's low-bit plan (`[quant] scheme`, bits, `[[quant.layers]]`) and the scheme
+    objects it names, built from the registered `QuantSchemeSpec`s."""
+    quant = lr.recipe.quant
+    rules = tuple(LayerRule(r.pattern, r.scheme, r.weight_bits, r.activation_bits) for r in quant.layers)
+    plan = QuantPlan(scheme=quant.scheme, weight_bits=quant.weight_bits, activation_bits=quant.activation_bits,
+                     weight_groups=quant.weight_groups, keep_first_last=quant.keep_first_last,
+                     real_skip=quant.real_skip, rules=rules)
+    registry = quant_schemes()
+    names = {quant.scheme} | {r.scheme for r in quant.layers if r.scheme}
+    return plan, {name: registry.get(name).factory() for name in sorted(names) if name != MARCH}
+
+
 def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[torch.fx.GraphModule, dict, list[str]]:
     """The prepared (fake-quant) deploy graph built from the float checkpoint."""
     model, state = load_float_model(lr, float_path)
     march = load_march(lr.recipe.quant.march)
+    plan, schemes = quant_plan(lr)
     prepared, quantizer = flow.prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
                                                  int16_patterns(lr, march), observer=lr.recipe.calibration.observer,
                                                  percentile=lr.recipe.calibration.percentile,
-                                                 activation_scales=lr.recipe.qat.activation_scales)
+                                                 activation_scales=lr.recipe.qat.activation_scales,
+                                                 plan=plan, schemes=schemes)
     for op in quantizer.unquantized:
         warnings.warn(f"left in float (runs as CPU fallback): {op}", stacklevel=2)
     return prepared, state, quantizer.unquantized
