@@ -34,10 +34,12 @@ from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
 from hatcli.errors import RecipeError, warn
 from hatcli.family import ModelFamily
+from hatcli.quant.batchnorm import unfoldable_bn_as_conv
 from hatcli.quant.bias_saturation import saturated_biases
 from hatcli.quant.low_bit.bias import quantize_low_bit_biases
 from hatcli.quant.low_bit.conversion import clamp_narrow_grids, narrow_quantizes, prepare_conversion
 from hatcli.quant.low_bit.plan import QuantPlan
+from hatcli.quant.low_bit_records import record_low_bit_layers
 from hatcli.quant.march import MarchProfile
 from hatcli.quant.quantizer import MarchQuantizer, module_path
 
@@ -52,13 +54,15 @@ def batch_dynamic_shapes(example: tuple) -> tuple:
 
 def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
                         input_size: tuple[int, int]) -> GraphModule:
-    """Export the family's deploy model in eval mode and fold BatchNorm into the convolutions."""
+    """Export the family's deploy model in eval mode and fold BatchNorm into the convolutions
+    (those that cannot be folded exactly become depthwise 1x1 convs: `hatcli.quant.batchnorm`)."""
     deploy = family.build_deploy_model(float_model).eval()
     example = family.example_inputs(tuple(input_size), batch=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(deploy, example, dynamic_shapes=batch_dynamic_shapes(example))
     graph = program.module()
+    unfoldable_bn_as_conv(graph)  # torchao would fold into a conv whose output others read too
     _fuse_conv_bn_(graph)
     return graph
 
@@ -76,7 +80,8 @@ def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_s
     the calibrated scales) or `learned` (`hatcli.quant.lsq.LsqFakeQuantize`: QAT trains them, LSQ);
     both fake quants have the same state-dict keys, so either kind of checkpoint loads into either graph.
     `plan` and `schemes` give layers a low-bit scheme (`hatcli.quant.low_bit`): `schemes` maps
-    every scheme name the plan uses to its scheme object.
+    every scheme name the plan uses to its scheme object; the low-bit layers are recorded in the
+    graph's `meta` (`hatcli.quant.low_bit_records`), which conversion keeps for the export.
     """
     if activation_scales not in ("frozen", "learned"):
         raise RecipeError(f"`qat.activation_scales` is {activation_scales!r}; choose \"frozen\" or \"learned\"")
@@ -89,6 +94,7 @@ def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_s
     graph = export_deploy_graph(family, float_model, input_size)
     prepared = prepare_qat_pt2e(graph, quantizer)
     quantize_low_bit_biases(prepared)  # low-bit layers: QAT rounds the int32 bias as deployed
+    record_low_bit_layers(prepared, quantizer.layer_bits)
     return prepared, quantizer
 
 

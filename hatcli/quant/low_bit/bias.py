@@ -24,8 +24,9 @@ class LowBitBiasFakeQuantize(DerivedObserverOrFakeQuantize):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The bias on its int32 grid (straight-through), or unchanged while calibrating."""
         quantizers = [q for q in self.obs_or_fqs if isinstance(q, GridFakeQuantize)]
-        if not quantizers or any(q.calibrating or not bool(q.fake_quant_enabled[0]) for q in quantizers):
-            return x
+        if not quantizers or any(q.calibrating or not bool(q.fake_quant_enabled[0]) or not q.integer
+                                 for q in quantizers):
+            return x  # calibrating, fake quant off, or no integer grid (LQ-Net): nothing to round to
         scale, _ = self.calculate_qparams()
         scale = scale.to(x.device, x.dtype).reshape(-1)
         codes = torch.clamp(torch.round(x.detach() / scale), self.quant_min, self.quant_max)
