@@ -125,7 +125,7 @@ def test_family_validates_its_own_model_table(base):
 
 def test_unknown_family_suggests_the_closest(base):
     with pytest.raises(RecipeError, match="(?i)did you mean `mobilenet_v1`"):
-        load_recipe(base, ["model.name=mobilenet_v2"])
+        load_recipe(base, ["model.name=mobilenetv1"])
 
 
 def test_wrong_type_names_the_key_and_value(base):

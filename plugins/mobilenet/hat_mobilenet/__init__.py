@@ -1,3 +1,3 @@
-"""MobileNetV1 model family for hatcli."""
+"""MobileNetV1 and MobileNetV2 model families for hatcli."""
 
 __version__ = "0.1.0"

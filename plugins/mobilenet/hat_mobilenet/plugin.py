@@ -1,4 +1,4 @@
-"""Entry point of the plugin: registers the `mobilenet_v1` family (torch is imported lazily)."""
+"""Entry point of the plugin: registers `mobilenet_v1` and `mobilenet_v2` (torch is imported lazily)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hatcli.hookspecs import hookimpl
 
 @hookimpl
 def register_families(register: Callable[[ModelFamily], None]) -> None:
-    """Register MobileNetV1."""
-    from hat_mobilenet.family import MobileNetV1Family
+    """Register MobileNetV1 and MobileNetV2."""
+    from hat_mobilenet.family import MobileNetV1Family, MobileNetV2Family
 
     register(MobileNetV1Family())
+    register(MobileNetV2Family())
