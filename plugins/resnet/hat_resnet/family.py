@@ -35,9 +35,11 @@ class ResNetConfig(FamilyConfig):
     bireal: bool = False
     """Bi-Real Net per-conv shortcuts: every 3x3 conv with its BN gets its own identity shortcut
     (the shape-changing one on the block's first conv). BasicBlock depths only (not 50)."""
-    activation: Literal["relu", "prelu", "none"] = "relu"
-    """The nonlinearity everywhere (stem included): `relu`, `prelu` (one learned slope per channel)
-    or `none` (no nonlinearity at all besides what the fake quantizers add; binary-network style)."""
+    activation: Literal["relu", "prelu", "hardtanh", "none"] = "relu"
+    """The nonlinearity everywhere (stem included): `relu`, `prelu` (one learned slope per channel),
+    `hardtanh` (clamp to [-1, 1], BinaryNet's: signed, so sign activations after it stay +-1, and
+    an integer clamp on every march) or `none` (no nonlinearity at all besides what the fake
+    quantizers add; binary-network style)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout probability before the fc layer (0: none)."""
 

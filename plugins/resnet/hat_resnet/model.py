@@ -22,7 +22,8 @@ Variants, each a constructor argument (`BlockSpec`):
   `order="post"` a unit is act(bn(conv(x)) + x); with `order="pre"` it is Bi-Real Net's own
   layout bn(conv(act(x))) + x (the identity carries the value before the activation, and the stem
   keeps its BN but has no activation).
-- `activation`: `"relu"`, `"prelu"` (one slope per channel, as Bi-Real / ReActNet use) or
+- `activation`: `"relu"`, `"prelu"` (one slope per channel, as Bi-Real / ReActNet use),
+  `"hardtanh"` (clamp to [-1, 1], BinaryNet's: signed, so a sign quantizer after it keeps +-1) or
   `"none"` (an `nn.Identity`: no nonlinearity anywhere, stem included, besides what fake
   quantizers add).
 
@@ -46,7 +47,7 @@ from hatcli.nn_init import init_conv_bn_
 
 Order = Literal["post", "pre"]
 Shortcut = Literal["conv", "avgpool", "pad"]
-Activation = Literal["relu", "prelu", "none"]
+Activation = Literal["relu", "prelu", "hardtanh", "none"]
 Stem = Literal["imagenet", "cifar"]
 
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -80,11 +81,13 @@ def scaled(channels: int, width: float) -> int:
 
 
 def make_activation(kind: Activation, channels: int) -> nn.Module:
-    """The activation module: ReLU (not in place), per-channel PReLU, or the identity."""
+    """The activation module: ReLU (not in place), per-channel PReLU, Hardtanh(-1, 1) or the identity."""
     if kind == "relu":
         return nn.ReLU(inplace=False)
     if kind == "prelu":
         return nn.PReLU(channels)
+    if kind == "hardtanh":  # BinaryNet's: keeps the sign of x, so a binary (sign) input stays +-1
+        return nn.Hardtanh(-1.0, 1.0)
     return nn.Identity()
 
 

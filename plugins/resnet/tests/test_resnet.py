@@ -31,6 +31,7 @@ VARIANTS = {
     "bireal-pre": {"bireal": True, "order": "pre"},
     "prelu": {"activation": "prelu"},
     "none": {"activation": "none"},
+    "bireal-pre-hardtanh": {"bireal": True, "order": "pre", "activation": "hardtanh"},
     "pre-avgpool-prelu": {"order": "pre", "shortcut": "avgpool", "activation": "prelu"},
 }
 """The structure keys each variant sets (on top of a tiny depth)."""
@@ -234,12 +235,12 @@ def test_bireal_pre_is_bi_real_nets_activation_conv_bn_unit():
 
 @pytest.mark.parametrize("variant", ["post", "pre", "bireal", "bireal-pre"])
 def test_activation_modules_follow_the_activation_key(variant):
-    for kind, module in (("relu", nn.ReLU), ("prelu", nn.PReLU)):
+    for kind, module in (("relu", nn.ReLU), ("prelu", nn.PReLU), ("hardtanh", nn.Hardtanh)):
         net = build(depth=20, width=0.25, activation=kind, **VARIANTS[variant])
-        acts = {name: m for name, m in net.named_modules() if isinstance(m, (nn.ReLU, nn.PReLU))}
+        acts = {name: m for name, m in net.named_modules() if isinstance(m, (nn.ReLU, nn.PReLU, nn.Hardtanh))}
         assert acts and all(isinstance(m, module) for m in acts.values())
         assert all("act" in name.rsplit(".", 1)[-1] for name in acts)
-        if kind == "relu":
+        if kind in ("relu", "hardtanh"):
             assert not any(m.inplace for m in acts.values())
         else:  # one slope per channel of the tensor it activates
             assert all(m.num_parameters in (4, 8, 16) for m in acts.values())
