@@ -307,3 +307,41 @@ def test_a_third_party_scheme_written_from_the_docs_registers_and_trains(hat, si
                                     plan=QuantPlan(scheme="ternary", weight_bits=2, activation_bits=4),
                                     schemes={"ternary": module.Ternary()}, qat_steps=2)
     assert not result.disagreements, [str(d) for d in result.disagreements]
+
+
+# -- QAT resumes exactly ---------------------------------------------------------------------------
+
+def _low_bit_qat(out_dir: Path, scheme: str, wb: int, ab: int, calibration: dict, callbacks=(), resume=False):
+    from hatcli.engine.trainer import TrainSpec, fit
+    from hatcli.recipe_schema import OptimizerConfig
+    from replay import ReplayBatches
+
+    prepared, _ = _prepared(scheme, wb, ab)
+    prepared.load_state_dict(calibration)
+    gen = torch.Generator().manual_seed(5)
+    loader = ReplayBatches([(torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+                            for _ in range(3)])
+    spec = TrainSpec(epochs=2, optimizer=OptimizerConfig(lr=0.05, momentum=0.9, schedule="cosine", weight_decay=0.0),
+                     label_smoothing=0.0, val_every=1, out_dir=out_dir, stage="qat")
+    return fit(prepared, _Family(ResidualNet()), loader, loader, spec, set_mode=set_mode, resume=resume,
+               callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("scheme,wb,ab", [("lsq", 2, 2), ("pact", 3, 3), ("xnorpp", 1, 1), ("lqnet", 2, 2)])
+def test_low_bit_qat_resumes_bitwise_exactly(tmp_path, scheme, wb, ab):
+    from hatcli.engine.checkpoint import load_checkpoint
+    from hatcli.errors import Interrupted
+    from replay import StopAt
+
+    calibration = _prepared(scheme, wb, ab)[0].state_dict()
+    _low_bit_qat(tmp_path / "whole", scheme, wb, ab, calibration)
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint-last.pt")
+    with pytest.raises(Interrupted):
+        _low_bit_qat(tmp_path / "cut", scheme, wb, ab, calibration, callbacks=[StopAt(4)])  # epoch 2, 1 step in
+    _low_bit_qat(tmp_path / "cut", scheme, wb, ab, calibration, resume=True)
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint-last.pt")
+    assert whole["model"].keys() == cut["model"].keys()
+    for key in whole["model"]:
+        assert torch.equal(whole["model"][key], cut["model"][key]), key
+    moved = [k for k in whole["model"] if not torch.equal(whole["model"][k], calibration[k])]
+    assert any(k.endswith((".scale", ".alpha", ".basis")) for k in moved)  # the scheme's parameters trained
