@@ -238,7 +238,10 @@ def main() -> int:
         result["train_images"] = pack(subset(src, "train", args.train_limit, work), "train", data_dir, True)
         result["val_images"] = pack(subset(src, "test", args.val_limit, work), "test", data_dir, True)
         seconds["data"] = round(time.perf_counter() - tic, 1)
-        base = [f"data.root={data_dir}", f"float.epochs={args.float_epochs}", f"seed={args.seed}"]
+        # validate the float model every 10 epochs and at the end (hat always validates the last
+        # epoch); QAT runs validate every epoch
+        base = [f"data.root={data_dir}", f"float.epochs={args.float_epochs}", f"seed={args.seed}",
+                f"float.val_every={min(10, args.float_epochs)}"]
         float_work = work / "runs" / "float"
         result["float_top1"] = _train(args.recipe, base + [f"work_dir={float_work}"], "float", "float", seconds)
         save()

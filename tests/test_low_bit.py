@@ -345,3 +345,16 @@ def test_low_bit_qat_resumes_bitwise_exactly(tmp_path, scheme, wb, ab):
         assert torch.equal(whole["model"][key], cut["model"][key]), key
     moved = [k for k in whole["model"] if not torch.equal(whole["model"][k], calibration[k])]
     assert any(k.endswith((".scale", ".alpha", ".basis")) for k in moved)  # the scheme's parameters trained
+
+
+def test_hat_run_of_lqnet_stops_after_qat_and_says_why(hat, tmp_path, tiny_recipe):
+    recipe = _recipe(tmp_path, tiny_recipe, 'scheme = "lqnet"\nweight_bits = 2\nactivation_bits = 2')
+    result = hat("run", recipe, "--json")
+    assert result.code == 0, result.err
+    rows = result.json()
+    assert [r["stage"] for r in rows] == ["pack", "float", "calibration", "qat", "int_infer"]
+    assert rows[-1]["values"]["deployable"] is False and "not a uniform grid" in rows[-1]["values"]["reasons"]["lqnet"]
+    evaluated = hat("eval", recipe, "--stage", "qat", "--json")
+    assert evaluated.code == 0 and 0 <= evaluated.json()["metrics"]["top1"] <= 100
+    refused = hat("eval", recipe, "--stage", "int_infer")
+    assert refused.code == 2 and "not a uniform grid" in refused.err

@@ -9,7 +9,6 @@ bias at the end of its layer's range saturated; one at -2^31 wrapped (an int32 c
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -17,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from hatcli.deploy.graph_edit import accumulator_worst_case, index_graph, trans_b, weighted_operands
+from hatcli.deploy.metadata import read_records, write_records
 from hatcli.deploy.module_paths import layer_module
 from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation, bias_limit
 
@@ -25,12 +25,7 @@ METADATA_KEY = "hat.bias_saturation"
 
 def write_bias_records(path: str, records: list[BiasSaturation]) -> None:
     """Store conversion's saturation records in the ONNX model at `path` (nothing when empty)."""
-    if not records:
-        return
-    model = onnx.load(path)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps([r.to_dict() for r in records])
-    onnx.save(model, path)
+    write_records(path, METADATA_KEY, records)
 
 
 def _from_integers(model: onnx.ModelProto) -> list[BiasSaturation]:
@@ -62,9 +57,9 @@ def _from_integers(model: onnx.ModelProto) -> list[BiasSaturation]:
 
 def bias_saturation(model: onnx.ModelProto) -> list[BiasSaturation]:
     """The saturated biases of `model`: its export record, else read from its int32 biases."""
-    record = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    record = read_records(model, METADATA_KEY)
     if record is not None:
-        return [BiasSaturation(**entry) for entry in json.loads(record)]
+        return [BiasSaturation(**entry) for entry in record]
     return _from_integers(model)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hatcli.deploy.bias_check import accumulator_overflow, bias_saturation
+from hatcli.deploy.low_bit_check import LowBitVerdict, low_bit_verdict, read_low_bit_records
+from hatcli.deploy.module_paths import module_scopes
 from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph
 from hatcli.quant.bias_range import AccumulatorOverflow, BiasSaturation
 from hatcli.quant.march import MarchProfile
@@ -43,6 +45,8 @@ class CheckRow:
     """Activation dtype the layer computes with (int8, uint8, int16, float32)."""
     module: str = ""
     """Dotted path of the module the layer was traced from ("" for the root)."""
+    trained: str = ""
+    """The low-bit scheme and bits the layer was trained with (`lsq W2A2`); "" for the march's own."""
 
 
 @dataclass
@@ -59,6 +63,8 @@ class CheckReport:
     """Layers whose int32 bias saturates (`hatcli.deploy.bias_check`)."""
     accumulator_overflow: list[AccumulatorOverflow] = field(default_factory=list)
     """Layers whose accumulator can reach the march's limit (`QuantRules.accumulator_bits`)."""
+    low_bit_layers: list[LowBitVerdict] = field(default_factory=list)
+    """The layers a low-bit scheme trained (the export's record) and how the march runs each."""
 
     @property
     def fallbacks(self) -> int:
@@ -82,6 +88,7 @@ class CheckReport:
             "fallback_ops": self.fallback_ops(), "notes": self.notes,
             "bias_saturation": [r.to_dict() for r in self.bias_saturation],
             "accumulator_overflow": [r.to_dict() for r in self.accumulator_overflow],
+            "low_bit_layers": [v.to_dict() for v in self.low_bit_layers],
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -199,11 +206,40 @@ def check_model(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
 
     A layer is a "CPU fallback" when its op (or a fused activation) is not in the march's `ops`,
     breaks a kernel / stride / group limit, computes in float inside a quantized graph, or uses
-    int16 where the march has none. Raises UsageError when the file is not an ONNX model.
+    int16 where the march has none. The layers a low-bit scheme trained (the export's record in
+    the model's metadata) are listed with how the march runs them (`low_bit_layers`). Raises
+    UsageError when the file is not an ONNX model.
     """
-    report = check_graph(read_graph(onnx_path, batch=batch, input_shape=input_shape), march)
+    graph = read_graph(onnx_path, batch=batch, input_shape=input_shape)
+    report = check_graph(graph, march)
     if report.quantized:
         model = load_onnx(onnx_path)  # the integers behind the layers read_graph folded away
         report.bias_saturation = bias_saturation(model)
         report.accumulator_overflow = accumulator_overflow(model, march.quant.accumulator_bits)
+        records = read_low_bit_records(model)
+        if records:
+            report.low_bit_layers = low_bit_verdicts(report, graph, model, records, march)
     return report
+
+
+def low_bit_verdicts(report: CheckReport, graph: Graph, model: Any, records: list,
+                     march: MarchProfile) -> list[LowBitVerdict]:
+    """How `march` runs each recorded low-bit layer (`hatcli.deploy.low_bit_check`); marks the
+    report's rows of those layers with their trained bits. A record names the conv / linear
+    module itself (`features.1.0.0`), the innermost scope of the layer's head node, where the
+    row shows the module enclosing the whole fused layer (`features.1.0`)."""
+    scopes = {node.name: module_scopes(node) for node in model.graph.node}
+    by_module: dict[str, list[CheckRow]] = {}
+    for layer, row in zip(graph.layers, report.rows):
+        if layer.weight_shape is None:
+            continue  # not a conv / linear layer
+        head = scopes.get(layer.nodes[0] if layer.nodes else layer.name)
+        by_module.setdefault(head[-1] if head else row.module, []).append(row)
+    verdicts = []
+    for layer in records:
+        rows = by_module.get(layer.module, [])
+        for row in rows:
+            row.trained = layer.describe()
+        falling = [r.reason for r in rows if r.status == FALLBACK]
+        verdicts.append(low_bit_verdict(layer, march, "; ".join(falling) or None))
+    return verdicts

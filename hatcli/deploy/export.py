@@ -25,10 +25,12 @@ from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.deploy.bias_check import write_bias_records
 from hatcli.deploy.consumer import consumer_spec
 from hatcli.deploy.folders import building
+from hatcli.deploy.low_bit_check import write_low_bit_records
 from hatcli.deploy.runtime import sha256_file
 from hatcli.errors import HatError
 from hatcli.inputs import input_color_space
 from hatcli.quant.flow import export_program
+from hatcli.quant.low_bit_records import low_bit_layers
 from hatcli.recipe import LoadedRecipe
 from hatcli.stages import export_fingerprint
 
@@ -78,7 +80,9 @@ def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[st
     """Write model.pt2, model.onnx, recipe.toml and manifest.json into `out_dir` for the integer
     program `model` converted from stage `source`. The folder is built beside `out_dir` and
     renamed into place at the end: a failed export leaves the previous export, or nothing.
-    `started` (a `time.perf_counter()` value) is when the export began, for the seconds reported."""
+    `started` (a `time.perf_counter()` value) is when the export began, for the seconds reported.
+    The low-bit layers conversion kept on `model` (`hatcli.quant.low_bit_records`) go into the
+    manifest (`low_bit_layers`) and the ONNX metadata (`hat.low_bit_layers`), for `hat check`."""
     tic = time.perf_counter() if started is None else started
     with building(out_dir, "manifest.json") as tmp_dir:
         example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
@@ -89,6 +93,8 @@ def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[st
         export_onnx(program, example, onnx_path, output_names)
         saturation = list(getattr(model, "bias_saturation", []))
         write_bias_records(str(onnx_path), saturation)
+        low_bit = low_bit_layers(model)  # what prepare_quantized recorded, kept by conversion
+        write_low_bit_records(str(onnx_path), low_bit)
         output_spec = output_specs(onnx_path)
         manifest = {
             "format": "hat-export", "version": 1, "family": lr.family.name,
@@ -101,6 +107,8 @@ def write_export(lr: LoadedRecipe, model: torch.fx.GraphModule, classes: list[st
         }
         if saturation:
             manifest["bias_saturation"] = [record.to_dict() for record in saturation]
+        if low_bit:
+            manifest["low_bit_layers"] = [record.to_dict() for record in low_bit]
         atomic_write_text(tmp_dir / "recipe.toml", lr.to_toml())
         atomic_write_json(tmp_dir / "manifest.json", manifest)
     names = ("model.pt2", "model.onnx", "manifest.json")

@@ -1,6 +1,8 @@
 """`hat run`: the whole chain, skipping stages whose outputs are up to date.
 
-pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy.
+pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy;
+a recipe whose quantization scheme has no integer form (LQ-Net) ends after qat, with a row that
+says why.
 Each row of the summary says what the stage measured, how long it took (0 when reused) and
 where its files are; each stage also prints one line as it ends. A training stage that an
 earlier run left unfinished (Ctrl-C, `kill -9`) with the same settings is resumed from its
@@ -36,6 +38,7 @@ from hatcli.stages import (
 )
 from hatcli.workflows.exporting import export_stage
 from hatcli.workflows.stage_models import evaluate_stage
+from hatcli.workflows.low_bit_reports import not_integer_schemes
 from hatcli.workflows.training import calibrate, evaluate_int_infer, train_float, train_qat
 
 
@@ -137,6 +140,14 @@ def _deploy_eval(lr: LoadedRecipe, artifact: Path) -> StageRow:
     return StageRow("deploy", _metric_text(metrics), time.perf_counter() - tic, [str(artifact)], values=metrics)
 
 
+def _stops_here(blocked: dict[str, str]) -> StageRow:
+    """The row of a recipe whose scheme has no integer form: the chain ends with its QAT model."""
+    reasons = "; ".join(f"`{name}`: {why}" for name, why in blocked.items())
+    return StageRow("int_infer", f"not integer-deployable, the run ends here ({reasons}); "
+                                 f"`hat eval RECIPE --stage qat` evaluates it, `hat check RECIPE` explains",
+                    0.0, values={"deployable": False, "reasons": blocked})
+
+
 def _reported(row: StageRow) -> StageRow:
     """Print the one line that says how a stage ended (also in a log file, where no bar is drawn)."""
     when = "up to date, reused" if row.reused else f"{row.seconds:.1f} s"
@@ -153,6 +164,11 @@ def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
         row = _reported(_run_recorded_stage(lr, stage, force))
         force = force or not row.reused  # everything after a re-run stage is re-run too
         rows.append(row)
+    blocked = not_integer_schemes(lr)
+    if blocked:  # LQ-Net: no integer program to convert to, export or compile
+        rows.append(_reported(_stops_here(blocked)))
+        atomic_write_json(lr.run_dir / "summary.json", [asdict(r) for r in rows])
+        return rows
     rows.append(_reported(_run_recorded_stage(lr, "int_infer", force)))
     rows.append(_reported(_export(lr, force)))
     rows.append(_reported(_check(lr)))

@@ -60,16 +60,25 @@ def quant_plan(lr: LoadedRecipe) -> tuple[QuantPlan, dict[str, Any]]:
     return plan, {name: registry.get(name).factory() for name in sorted(names) if name != MARCH}
 
 
-def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[torch.fx.GraphModule, dict, list[str]]:
-    """The prepared (fake-quant) deploy graph built from the float checkpoint."""
-    model, state = load_float_model(lr, float_path)
+def prepare_recipe_model(lr: LoadedRecipe, model: torch.nn.Module) -> tuple[torch.fx.GraphModule, Any]:
+    """The prepared (fake-quant) deploy graph of float `model` with the recipe's march, int16
+    patterns, observers and low-bit plan, and the quantizer (`layer_bits`: its low-bit layers;
+    also recorded in the graph, `hatcli.quant.low_bit_records.low_bit_layers`)."""
     march = load_march(lr.recipe.quant.march)
     plan, schemes = quant_plan(lr)
-    prepared, quantizer = flow.prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
-                                                 int16_patterns(lr, march), observer=lr.recipe.calibration.observer,
-                                                 percentile=lr.recipe.calibration.percentile,
-                                                 activation_scales=lr.recipe.qat.activation_scales,
-                                                 plan=plan, schemes=schemes)
+    return flow.prepare_quantized(lr.family, model, tuple(lr.recipe.data.input_size), march,
+                                  int16_patterns(lr, march), observer=lr.recipe.calibration.observer,
+                                  percentile=lr.recipe.calibration.percentile,
+                                  activation_scales=lr.recipe.qat.activation_scales,
+                                  plan=plan, schemes=schemes)
+
+
+def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[torch.fx.GraphModule, dict, list[str]]:
+    """The prepared (fake-quant) deploy graph built from the float checkpoint; its low-bit layers
+    are in the graph (`hatcli.quant.low_bit_records.low_bit_layers`), and the integer program
+    converted from it keeps them."""
+    model, state = load_float_model(lr, float_path)
+    prepared, quantizer = prepare_recipe_model(lr, model)
     for op in quantizer.unquantized:
         warnings.warn(f"left in float (runs as CPU fallback): {op}", stacklevel=2)
     return prepared, state, quantizer.unquantized
