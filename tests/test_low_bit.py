@@ -358,3 +358,24 @@ def test_hat_run_of_lqnet_stops_after_qat_and_says_why(hat, tmp_path, tiny_recip
     assert evaluated.code == 0 and 0 <= evaluated.json()["metrics"]["top1"] <= 100
     refused = hat("eval", recipe, "--stage", "int_infer")
     assert refused.code == 2 and "not a uniform grid" in refused.err
+
+
+class StandaloneNorm(nn.Module):
+    """A BatchNorm after a ReLU (pre-activation style): it becomes a depthwise 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv2(self.norm(torch.relu(self.conv1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_batchnorm_written_as_a_conv_stays_at_int8():
+    net = StandaloneNorm().eval()
+    _, quantizer = prepare_quantized(_Family(net), net, (8, 8), load_march("nash_e"), [], schemes=SCHEMES,
+                                     plan=QuantPlan(scheme="xnor", weight_bits=1, activation_bits=1,
+                                                    keep_first_last=False))
+    assert sorted(quantizer.layer_bits) == ["conv1", "conv2", "fc"]

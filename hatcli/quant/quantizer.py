@@ -279,7 +279,7 @@ class MarchQuantizer(Quantizer):
             self._annotate(act, output=out)
 
     def _low_bit_layer(self, node: Node) -> LayerBits | None:
-        if self.plan is None or not self.plan.low_bit:
+        if self.plan is None or not self.plan.low_bit or _per_channel_scale(node):
             return None
         first, last = self._ends
         return self.plan.layer(module_path(node) or node.name, node in first, node in last)
@@ -408,6 +408,18 @@ class MarchQuantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to validate beyond annotation: unsupported ops stay float by design."""
+
+
+def _per_channel_scale(node: Node) -> bool:
+    """A depthwise 1x1 conv: one weight per channel, a BatchNorm written as a conv (what
+    `hatcli.quant.batchnorm` makes of an unfoldable one). It normalises, it does not mix features,
+    so low-bit schemes leave it (and its input) at the march's int8."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    value = weight.meta.get("val") if isinstance(weight, Node) else None
+    if value is None and isinstance(weight, Node) and weight.op == "get_attr":
+        value = weight.graph.owning_module.get_parameter(weight.target) if weight.graph.owning_module else None
+    return (node.target in CONV_OPS and value is not None and value.dim() >= 3
+            and all(d == 1 for d in value.shape[1:]))
 
 
 def _end_layers(model: GraphModule, weighted: set) -> tuple[set[Node], set[Node]]:
