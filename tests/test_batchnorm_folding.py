@@ -51,17 +51,3 @@ def test_a_batchnorm_on_a_shared_conv_output_keeps_the_other_reader_unnormalised
                  and len(n.args) > 6 and n.args[6] == 8]
     assert len(depthwise) == 2
 
-
-class WithDropout(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.pool = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1)
-        self.dropout, self.fc = nn.Dropout(0.2), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.dropout(torch.flatten(self.pool(self.conv(x)), 1)))
-
-
-def test_eval_mode_dropout_leaves_the_deploy_graph():
-    graph = export_deploy_graph(_Family(), WithDropout().eval(), (8, 8))
-    assert not [n for n in graph.graph.nodes if n.op == "call_function" and "dropout" in str(n.target)]

@@ -379,3 +379,20 @@ def test_a_batchnorm_written_as_a_conv_stays_at_int8():
                                      plan=QuantPlan(scheme="xnor", weight_bits=1, activation_bits=1,
                                                     keep_first_last=False))
     assert sorted(quantizer.layer_bits) == ["conv1", "conv2", "fc"]
+
+
+class DropoutHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.dropout, self.fc = nn.Conv2d(3, 8, 3), nn.Dropout(0.2), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
+        return self.fc(self.dropout(x))
+
+
+def test_dropout_keeps_its_inputs_grid_and_the_artifact_stays_exact():
+    result = compare_with_artifacts(DropoutHead(), "nash_e", size=(8, 8), opts=(0, 3), weights=("uint8",))
+    assert not result.disagreements, [str(d) for d in result.disagreements]
+    requantized = [op for op in result.integer_ops if op.startswith("requantize")]
+    assert not requantized  # no second grid after the dropout

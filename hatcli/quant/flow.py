@@ -62,30 +62,9 @@ def export_deploy_graph(family: ModelFamily, float_model: torch.nn.Module,
         warnings.simplefilter("ignore")
         program = torch.export.export(deploy, example, dynamic_shapes=batch_dynamic_shapes(example))
     graph = program.module()
-    _drop_eval_dropout(graph)
     unfoldable_bn_as_conv(graph)  # torchao would fold into a conv whose output others read too
     _fuse_conv_bn_(graph)
     return graph
-
-
-DROPOUT_OPS = {torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
-               torch.ops.aten.alpha_dropout.default}
-
-
-def _drop_eval_dropout(graph: GraphModule) -> None:
-    """Remove the dropouts an eval-mode export leaves (identities): left in, each would get an
-    observer of its own and requantize its input onto a second grid for nothing."""
-    changed = False
-    for node in list(graph.graph.nodes):
-        if node.op == "call_function" and node.target in DROPOUT_OPS:
-            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
-            if not training:
-                node.replace_all_uses_with(node.args[0])
-                graph.graph.erase_node(node)
-                changed = True
-    if changed:
-        graph.graph.lint()
-        graph.recompile()
 
 
 def prepare_quantized(family: ModelFamily, float_model: torch.nn.Module, input_size: tuple[int, int],

@@ -39,8 +39,9 @@ absorb a ReLU into QLinearConv. Outputs of modules matched by `int16` patterns u
 scale-preserving ops after them stay int16.
 
 An op it does not know stays float and is reported (`unquantized`; the stages warn), and
-`hat check` shows it as a CPU fallback. Ops that vanish in eval mode (dropout), compute on
-constants only, or do not return a tensor (shape arithmetic) are neither annotated nor reported.
+`hat check` shows it as a CPU fallback. Dropout (an identity in eval mode) shares its input's
+quantizer, like the scale-preserving ops; ops that compute on constants only, or do not return a
+tensor (shape arithmetic) are neither annotated nor reported.
 """
 
 from __future__ import annotations
@@ -392,6 +393,12 @@ class MarchQuantizer(Quantizer):
                 handled = False
             elif target in MULTI_OUTPUT_OPS:
                 self._annotate_multi_output(node)
+            elif target in NEUTRAL_OPS:
+                # dropout: an identity in eval mode; its output keeps its input's grid (a fresh
+                # observer would requantize the tensor onto a second grid for nothing)
+                if self._root_spec(x) is not None:
+                    self._annotate(node, {x: SharedQuantizationSpec(x)}, SharedQuantizationSpec((x, node)))
+                handled = True
             elif target in SCALE_PRESERVING_OPS and _preserves_scale(node):
                 self._annotate(node, {x: self._input_spec(x)}, SharedQuantizationSpec((x, node)))
             elif target in CLAMP_OPS:
