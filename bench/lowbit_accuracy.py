@@ -1,7 +1,7 @@
 """Low-bit QAT on CIFAR-10 ResNet-20: every scheme x bit width fine-tuned from one float model,
 beside the published figures.
 
-    .venv/bin/python bench/lowbit_accuracy.py [--float-epochs 30] [--qat-epochs 6] [--qat-lr 0.01]
+    .venv/bin/python bench/lowbit_accuracy.py [--float-epochs 30] [--qat-epochs 6] [--qat-lr 0.001]
         [--calibration-batches 8] [--runs lsq_w4a4,pact_w2a2,...] [--train-limit N] [--val-limit N]
         [--work-dir DIR]
 
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--float-epochs", type=int, default=30)
     parser.add_argument("--qat-epochs", type=int, default=6)
-    parser.add_argument("--qat-lr", type=float, default=0.01)
+    parser.add_argument("--qat-lr", type=float, default=0.001)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated scheme_wXaY keys")
     parser.add_argument("--train-limit", type=int, default=None)
