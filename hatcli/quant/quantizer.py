@@ -67,6 +67,7 @@ from torchao.quantization.pt2e.quantizer import (
 
 from hatcli.quant.bias_range import bias_limit
 from hatcli.quant.bias_saturation import weight_fan_in
+from hatcli.quant.low_bit.layers import end_layers, per_channel_scale
 from hatcli.quant.low_bit.plan import LayerBits, QuantPlan
 from hatcli.quant.low_bit.specs import grid_spec
 from hatcli.quant.lsq import LsqFakeQuantize
@@ -280,7 +281,7 @@ class MarchQuantizer(Quantizer):
             self._annotate(act, output=out)
 
     def _low_bit_layer(self, node: Node) -> LayerBits | None:
-        if self.plan is None or not self.plan.low_bit or _per_channel_scale(node):
+        if self.plan is None or not self.plan.low_bit or per_channel_scale(node, CONV_OPS):
             return None
         first, last = self._ends
         return self.plan.layer(module_path(node) or node.name, node in first, node in last)
@@ -377,7 +378,7 @@ class MarchQuantizer(Quantizer):
         self.int16_nodes.clear()
         self.layer_bits.clear()
         constants = _constant_nodes(model)
-        self._ends = _end_layers(model, CONV_OPS | LINEAR_OPS)
+        self._ends = end_layers(model, CONV_OPS | LINEAR_OPS)
         for node in model.graph.nodes:
             if node.op != "call_function" or ANNOTATION_KEY in node.meta or node in constants:
                 continue
@@ -415,32 +416,6 @@ class MarchQuantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         """Nothing to validate beyond annotation: unsupported ops stay float by design."""
-
-
-def _per_channel_scale(node: Node) -> bool:
-    """A depthwise 1x1 conv: one weight per channel, a BatchNorm written as a conv (what
-    `hatcli.quant.batchnorm` makes of an unfoldable one). It normalises, it does not mix features,
-    so low-bit schemes leave it (and its input) at the march's int8."""
-    weight = node.args[1] if len(node.args) > 1 else None
-    value = weight.meta.get("val") if isinstance(weight, Node) else None
-    if value is None and isinstance(weight, Node) and weight.op == "get_attr":
-        value = weight.graph.owning_module.get_parameter(weight.target) if weight.graph.owning_module else None
-    return (node.target in CONV_OPS and value is not None and value.dim() >= 3
-            and all(d == 1 for d in value.shape[1:]))
-
-
-def _end_layers(model: GraphModule, weighted: set) -> tuple[set[Node], set[Node]]:
-    """(first, last) weighted layers: those with no weighted layer before / after them."""
-    nodes = [n for n in model.graph.nodes]
-    is_weighted = {n: n.op == "call_function" and n.target in weighted for n in nodes}
-    before: dict[Node, bool] = {}
-    for n in nodes:
-        before[n] = any(before[a] or is_weighted[a] for a in n.all_input_nodes)
-    after: dict[Node, bool] = {}
-    for n in reversed(nodes):
-        after[n] = any(after[u] or is_weighted[u] for u in n.users)
-    return ({n for n in nodes if is_weighted[n] and not before[n]},
-            {n for n in nodes if is_weighted[n] and not after[n]})
 
 
 def _constant_nodes(model: GraphModule) -> set[Node]:
