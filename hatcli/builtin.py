@@ -13,7 +13,9 @@ from hatcli.data.shapes import pack_shapes
 from hatcli.engine.callbacks import EarlyStopping
 from hatcli.family import CallbackSpec, Packer, QuantSchemeSpec
 from hatcli.hookspecs import hookimpl
+from hatcli.march_profile import MarchProfile, read_march_file
 from hatcli.quant.low_bit.schemes import BUILTIN_SCHEMES
+from hatcli.quant.march import SHIPPED_MARCHES, shipped_march_file
 
 
 @hookimpl
@@ -45,3 +47,10 @@ def register_quant_schemes(register: Callable[[QuantSchemeSpec], None]) -> None:
     """Register the march's default scheme and the low-bit schemes that ship with hat."""
     for spec in BUILTIN_SCHEMES:
         register(spec)
+
+
+@hookimpl
+def register_marches(register: Callable[[MarchProfile], None]) -> None:
+    """Register the march profiles that ship with hat (`hatcli/quant/marches/*.toml`)."""
+    for name in SHIPPED_MARCHES:
+        register(read_march_file(shipped_march_file(name), what=f"hatcli/quant/marches/{name}.toml"))

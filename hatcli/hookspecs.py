@@ -21,6 +21,7 @@ from collections.abc import Callable
 import pluggy
 
 from hatcli.family import CallbackSpec, ModelFamily, Packer, QuantSchemeSpec
+from hatcli.march_profile import MarchProfile
 
 hookspec = pluggy.HookspecMarker("hat")
 hookimpl = pluggy.HookimplMarker("hat")
@@ -60,3 +61,13 @@ def register_quant_schemes(register: Callable[[QuantSchemeSpec], None]) -> None:
     and per-layer overrides); docs/quant_schemes.md describes the scheme object and its fake quants.
     """
 
+
+@hookspec
+def register_marches(register: Callable[[MarchProfile], None]) -> None:
+    """Register march profiles: call `register(profile)` with a `hatcli.march_profile.MarchProfile`.
+
+    A profile is data (quantization rules, supported ops and their limits, the latency cost model);
+    ship it as a TOML file in the plugin's package and register `read_march_file(path)`. Recipes
+    choose it with ``[quant] march = "NAME"``, commands with ``--march NAME``; docs/marches.md
+    describes every field.
+    """

@@ -30,6 +30,7 @@ import pluggy
 from hatcli import __version__, hookspecs
 from hatcli.errors import PluginError
 from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, QuantSchemeSpec, TaskKind
+from hatcli.march_profile import MarchProfile
 from hatcli.registry import Registry, closest
 
 ENTRY_POINT_GROUP = "hat.plugins"
@@ -51,6 +52,7 @@ HOOKS: dict[str, _Hook] = {
     "register_packers": _Hook(Packer, "packers"),
     "register_callbacks": _Hook(CallbackSpec, "callbacks"),
     "register_quant_schemes": _Hook(QuantSchemeSpec, "quant_schemes"),
+    "register_marches": _Hook(MarchProfile, "marches"),
 }
 """Every hook of `hatcli.hookspecs`, in the order they are called for each plugin."""
 
@@ -68,6 +70,7 @@ class PluginInfo:
     packers: list[str] = field(default_factory=list)
     callbacks: list[str] = field(default_factory=list)
     quant_schemes: list[str] = field(default_factory=list)
+    marches: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class PluginState:
     packers: Registry[Packer]
     callbacks: Registry[CallbackSpec]
     quant_schemes: Registry[QuantSchemeSpec]
+    marches: Registry[MarchProfile]
 
 
 _state: PluginState | None = None
@@ -248,7 +252,8 @@ def load_plugins(reload: bool = False) -> PluginState:
     _entry_point_infos(pm, infos)
     state = PluginState(manager=pm, infos=infos, families=Registry("model family"),
                         packers=Registry("packer"), callbacks=Registry("callback"),
-                        quant_schemes=Registry("quantization scheme"))
+                        quant_schemes=Registry("quantization scheme"),
+                        marches=Registry("march"))
     for owner in sorted(infos, key=lambda name: (name != BUILTIN, name)):
         if infos[owner].status == "ok":
             _register_plugin(state, owner)
@@ -277,6 +282,11 @@ def callbacks() -> Registry[CallbackSpec]:
 def quant_schemes() -> Registry[QuantSchemeSpec]:
     """Return the registry of quantization-aware-training schemes (`[quant] scheme = ...`)."""
     return load_plugins().quant_schemes
+
+
+def marches() -> Registry[MarchProfile]:
+    """Return the registry of march profiles (`[quant] march = ...`, `--march`)."""
+    return load_plugins().marches
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from hatcli.errors import RecipeError
+from hatcli.errors import RecipeError, UsageError
 from hatcli.recipe_schema import Recipe
 from hatcli.registry import closest
 
@@ -64,12 +64,19 @@ def _unknown(what: str, name: str, names: list[str]) -> str:
 
 
 def _check_march(recipe: Recipe, locate: Locate) -> None:
-    from hatcli.quant.march import MARCH_NAMES, list_marches, load_march
+    from hatcli.quant.march import is_march_file, list_marches, load_march, march_names
 
     name = recipe.quant.march
-    if name not in MARCH_NAMES:
-        raise RecipeError(f"{locate('quant.march')}: `quant.march`: {_unknown('march', name, list(MARCH_NAMES))}")
-    if recipe.quant.int16 and not load_march(name).quant.allow_int16:
+    if is_march_file(name):
+        try:
+            profile = load_march(name)
+        except UsageError as exc:
+            raise RecipeError(f"{locate('quant.march')}: `quant.march`: {exc}") from None
+    elif name not in march_names():
+        raise RecipeError(f"{locate('quant.march')}: `quant.march`: {_unknown('march', name, march_names())}")
+    else:
+        profile = load_march(name)
+    if recipe.quant.int16 and not profile.quant.allow_int16:
         allowed = ", ".join(m.name for m in list_marches() if m.quant.allow_int16)
         raise RecipeError(f"{locate('quant.int16')}: `quant.int16` asks for int16 but march `{name}` has no "
                           f"int16 activations; remove the patterns or choose a march that has them ({allowed})")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hatcli.quant.march import MARCH_NAMES, load_march
+from hatcli.quant.march import SHIPPED_MARCHES as MARCH_NAMES, load_march
 from hatcli.quant.pool_windows import output_size
 
 CLAMPS = {

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from artifact_check import compare_with_artifacts
 from hatcli.deploy.cpu import exact_u8s8
-from hatcli.quant.march import MARCH_NAMES, load_march
+from hatcli.quant.march import SHIPPED_MARCHES as MARCH_NAMES, load_march
 from tiny_nets import Fn, OpNet
 
 

@@ -24,7 +24,7 @@ from hatcli.deploy.onnx_graph import read_graph
 from hatcli.deploy.perf import estimate_latency, measure_latency
 from hatcli.deploy.runtime import load_artifact
 from hatcli.errors import ArtifactError, UsageError
-from hatcli.quant.march import MARCH_NAMES, MarchProfile, load_march
+from hatcli.quant.march import SHIPPED_MARCHES as MARCH_NAMES, MarchProfile, load_march
 
 
 class TinyCNN(nn.Module):

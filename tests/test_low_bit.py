@@ -26,7 +26,7 @@ from hatcli.quant.low_bit.lsq import LsqActivationFakeQuantize, LsqWeightFakeQua
 from hatcli.quant.low_bit.pact import PactFakeQuantize
 from hatcli.quant.low_bit.plan import LayerRule, QuantPlan
 from hatcli.quant.low_bit.xnor import SignFakeQuantize, XnorWeightFakeQuantize
-from hatcli.quant.march import MARCH_NAMES, load_march
+from hatcli.quant.march import SHIPPED_MARCHES as MARCH_NAMES, load_march
 
 SCHEMES = {"lsq": S.LsqScheme(), "pact": S.DorefaScheme(name="pact", learned_clip=True), "dorefa": S.DorefaScheme(),
            "xnor": S.XnorScheme(), "xnorpp": S.XnorScheme(name="xnorpp", learned_scale=True), "lqnet": S.LqScheme()}

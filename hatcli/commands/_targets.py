@@ -32,4 +32,4 @@ def march_name(march: str | None, lr: Any) -> str:
         return march
     if lr is not None:
         return lr.recipe.quant.march
-    raise UsageError("--march is required with --model (one of bayes, nash_e, nash_m, nash_p, host)")
+    raise UsageError("--march is required with --model (a march from `hat march list`, or a profile .toml)")

@@ -35,7 +35,7 @@ deployed at all (a low-bit scheme with no integer form, e.g. lqnet: said without
 def check(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe (checks its exported model).", metavar="[RECIPE]")] = None,
     model: Annotated[Path | None, typer.Option(help="An ONNX file to check instead of a recipe's export.")] = None,
-    march: Annotated[str | None, typer.Option(help="bayes, nash_e, nash_m, nash_p or host (default: the recipe's).")] = None,
+    march: Annotated[str | None, typer.Option(help="A march (`hat march list`) or a profile .toml (default: the recipe's).")] = None,
     # the spellings from before `hat march` and `hat sensitivity`, kept for scripts
     list_marches: Annotated[bool, typer.Option("--list-marches", hidden=True)] = False,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", hidden=True)] = False,

@@ -23,7 +23,7 @@ Examples:
 def compile_cmd(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe (compiles its exported model).", metavar="[RECIPE]")] = None,
     model: Annotated[Path | None, typer.Option(help="An ONNX file to compile instead of a recipe's export.")] = None,
-    march: Annotated[str | None, typer.Option(help="bayes, nash_e, nash_m, nash_p or host (default: the recipe's).")] = None,
+    march: Annotated[str | None, typer.Option(help="A march (`hat march list`) or a profile .toml (default: the recipe's).")] = None,
     opt: Annotated[int | None, typer.Option(help="Optimization level 0 (none) .. 3 (all); default: the recipe's.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact folder (default runs/<task>/compile/<march>-O<opt>).")] = None,
     overrides: SetOpt = None,

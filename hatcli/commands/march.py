@@ -34,7 +34,7 @@ def list_command(json_out: JsonOpt = False) -> None:
 
 
 @app.command("show", epilog=EXAMPLES)
-def show_command(name: Annotated[str, typer.Argument(help="bayes, nash_e, nash_m, nash_p or host.",
+def show_command(name: Annotated[str, typer.Argument(help="A march from `hat march list`, or a profile .toml.",
                                                      metavar="NAME", show_default=False)],
                  json_out: JsonOpt = False) -> None:
     """Show one march's quantization rules and its supported ops with their limits."""

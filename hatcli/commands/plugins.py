@@ -24,15 +24,17 @@ Examples:
   HAT_LOAD_PLUGINS=mobilenet hat plugins --json
 """
 
-HEADERS = ("plugin", "distribution", "version", "families", "packers", "callbacks", "schemes", "status")
-LISTS = {"families", "packers", "callbacks", "schemes"}
+HEADERS = ("plugin", "distribution", "version", "families", "packers", "callbacks", "schemes", "marches",
+           "status")
+LISTS = {"families", "packers", "callbacks", "schemes", "marches"}
 """Columns that hold comma-separated names: they may wrap between names, never inside one."""
 
 
 def _rows(infos: list) -> list[tuple[str, ...]]:
     """One row of plain strings per plugin, in HEADERS order."""
     return [(i.name, i.distribution, i.version, ", ".join(i.families) or "-", ", ".join(i.packers) or "-",
-             ", ".join(i.callbacks) or "-", ", ".join(i.quant_schemes) or "-", i.status) for i in infos]
+             ", ".join(i.callbacks) or "-", ", ".join(i.quant_schemes) or "-",
+             ", ".join(i.marches) or "-", i.status) for i in infos]
 
 
 def _column_widths(rows: list[tuple[str, ...]], available: int) -> list[int] | None:

@@ -1,129 +1,56 @@
-"""March profiles: what each target accelerator can run, and how fast, as data.
+"""March profiles by name: the ones hat ships, the ones plugins register, and profile files.
 
-Each march is a TOML file in `hatcli/quant/marches/`. Nothing here branches on a march name:
-the quantizer, `hat check` and the latency model read the profile's fields.
+The schema (`MarchProfile` and its parts) lives in `hatcli.march_profile`; this module finds a
+profile. Names come from the `register_marches` hook (hat's own profiles, `SHIPPED_MARCHES`, are
+registered by the built-in plugin like any other); a name ending in `.toml` is read as a profile
+file, so a recipe or `--march` can point at a profile that `hat perf --fit` wrote.
 """
 
 from __future__ import annotations
 
-import tomllib
-from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from importlib.resources.abc import Traversable
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from hatcli.march_profile import CostModel, MarchProfile, OpRule, QuantRules, read_march_file
 
-from hatcli.errors import UsageError
-from hatcli.registry import closest
+__all__ = ["CostModel", "MarchProfile", "OpRule", "QuantRules", "SHIPPED_MARCHES", "is_march_file",
+           "list_marches", "load_march", "march_names", "shipped_march_file"]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class QuantRules(_Strict):
-    """Quantization constraints of a march."""
-
-    activation_dtypes: list[Literal["int8", "int16"]] = ["int8"]
-    """Activation dtypes the march computes with (per-tensor, zero point 0)."""
-    weight_dtype: Literal["int8"] = "int8"
-    """Weights are always symmetric, per output channel."""
-    float_output: bool = True
-    """Whether the last layer may produce a dequantized (float / int32-accumulator) output."""
-    unsigned_after_relu: bool = True
-    """Non-negative (post-ReLU) tensors use the unsigned 8-bit grid, zero point still 0."""
-    accumulator_bits: int = Field(32, ge=24, le=64)
-    """Width of the conv / matmul accumulator, which saturates (never wraps) at its ends. Horizon
-    does not publish what its BPUs do past 32 bits; we model a saturating 32-bit accumulator.
-    An 8-bit layer cannot reach it (the int32 bias range leaves room, `hatcli.quant.bias_range`);
-    an int16 layer with a large fan-in can, and conversion reports it."""
-
-    @property
-    def allow_int16(self) -> bool:
-        """Whether int16 activations may be requested on this march."""
-        return "int16" in self.activation_dtypes
+SHIPPED_MARCHES = ("bayes", "bayes_e", "bernoulli2", "nash_e", "nash_m", "nash_p", "host")
+"""The profiles in `hatcli/quant/marches/`, in the order `hat march list` shows them."""
 
 
-class OpRule(_Strict):
-    """Limits of one operator type on a march (ONNX op names)."""
-
-    max_kernel: int | None = None
-    max_stride: int | None = None
-    group_channel_multiple: int | None = None
-    """Grouped (non-depthwise) convolutions need channels-per-group a multiple of this."""
-    spatial_mean_only: bool = False
-    """The op (ReduceMean) runs as an integer kernel only as a mean over H and W that keeps the
-    dimensions (global average pooling, N x C x 1 x 1 out)."""
-    note: str = ""
+def shipped_march_file(name: str) -> Traversable:
+    """The packaged TOML file of shipped march `name`."""
+    return resources.files("hatcli.quant").joinpath("marches", f"{name}.toml")
 
 
-class CostModel(_Strict):
-    """Numbers behind the latency estimate (see docs/perf_model.md)."""
-
-    utilisation: float = Field(0.5, gt=0, le=1)
-    """Fraction of peak int8 throughput a dense conv reaches."""
-    depthwise_utilisation: float = Field(0.1, gt=0, le=1)
-    """Fraction of peak reached by depthwise / small-channel convs."""
-    ddr_gbytes_per_s: float = Field(gt=0)
-    """Sustained DRAM bandwidth in GB/s."""
-    per_layer_overhead_us: float = 0.0
-    """Fixed cost per layer (dispatch, synchronisation)."""
-    narrow_input_utilisation: float | None = Field(None, gt=0, le=1)
-    """Fraction of peak reached by a conv whose input channels per group are not a multiple of
-    4 (the stem on an RGB image); None: `utilisation`."""
-    narrow_input_ns_per_element: float = Field(0.0, ge=0)
-    """Extra time per output element of a narrow-input conv (its im2col and requantization)."""
-    output_conv_utilisation: float | None = Field(None, gt=0, le=1)
-    """Fraction of peak reached by a conv / matmul whose int32 accumulator is a graph output;
-    None: `utilisation`."""
-    elementwise_ns_per_element: float = Field(0.0, ge=0)
-    """Compute time per output element of a layer without MACs (add, mul, pooling, resize...),
-    on top of its memory traffic; 0: those layers are memory-bound."""
-    table_ns_per_element: float = Field(0.0, ge=0)
-    """Compute time per output element of a look-up-table activation (sigmoid, tanh, hard-swish,
-    exp) the march cannot fuse into the layer before it; 0: fused or memory-bound."""
+def is_march_file(name: str) -> bool:
+    """Whether `name` names a profile file (ends in `.toml`) rather than a registered march."""
+    return name.endswith(".toml")
 
 
-class MarchProfile(_Strict):
-    """One target: public throughput, quantization rules, op support and a cost model."""
-
-    name: str
-    chip: str
-    description: str = ""
-    int8_tops: float = Field(gt=0)
-    """Public peak int8 TOPS (tera-operations per second, 1 MAC = 2 ops)."""
-    estimated: bool = True
-    """True for accelerators we cannot run here: their latency is an estimate."""
-    quant: QuantRules = QuantRules()
-    ops: dict[str, OpRule] = {}
-    """Supported ONNX op types (after Q/DQ folding) and their limits."""
-    fusible_activations: list[str] = [
-        "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
-        "SiLU", "BatchNormalization"]
-    """Activations applied on a conv/matmul/add result before requantization (no int8 tensor
-    between them). Others must be quantized on their own, or they run in float on the CPU."""
-    cost: CostModel
-    sources: list[str] = []
-    """Where the public figures come from."""
-
-
-MARCH_NAMES = ("bayes", "nash_e", "nash_m", "nash_p", "host")
-
-
-@lru_cache(maxsize=None)
 def load_march(name: str) -> MarchProfile:
-    """Return the profile of march `name`, or raise a UsageError naming the valid ones."""
-    if name not in MARCH_NAMES:
-        hint = closest(name, list(MARCH_NAMES))
-        did = f" Did you mean `{hint}`?" if hint else ""
-        raise UsageError(f"unknown march `{name}`.{did} Available: {', '.join(MARCH_NAMES)}")
-    text = resources.files("hatcli.quant").joinpath("marches", f"{name}.toml").read_text()
-    try:
-        return MarchProfile.model_validate(tomllib.loads(text))
-    except ValidationError as exc:  # a packaging bug, not a user error
-        raise RuntimeError(f"march profile {name}.toml is invalid: {exc}") from exc
+    """Return the profile of march `name` (registered by a plugin, or a `.toml` profile file).
+
+    Raises a UsageError naming the valid marches (or the file and its bad key)."""
+    if is_march_file(name):
+        return read_march_file(Path(name))
+    from hatcli.plugins import marches
+
+    return marches().get(name)
+
+
+def march_names() -> list[str]:
+    """The names of every registered march: hat's own in `SHIPPED_MARCHES` order, then the
+    plugins' by name."""
+    from hatcli.plugins import marches
+
+    names = marches().names()
+    return [n for n in SHIPPED_MARCHES if n in names] + [n for n in names if n not in SHIPPED_MARCHES]
 
 
 def list_marches() -> list[MarchProfile]:
-    """Return every march profile, in a stable order."""
-    return [load_march(n) for n in MARCH_NAMES]
+    """Return every registered march profile, in `march_names` order."""
+    return [load_march(n) for n in march_names()]

@@ -20,8 +20,9 @@ def default_export_dir(lr: LoadedRecipe) -> Path:
 
 
 def default_compile_dir(lr: LoadedRecipe, march: str, opt: int) -> Path:
-    """Where `hat compile` writes by default."""
-    return lr.run_dir / "compile" / f"{march}-O{opt}"
+    """Where `hat compile` writes by default (a march given as a profile file: by its file stem)."""
+    label = Path(march).stem if march.endswith(".toml") else march
+    return lr.run_dir / "compile" / f"{label}-O{opt}"
 
 
 def checkpoint_path(lr: LoadedRecipe, stage: str) -> Path:

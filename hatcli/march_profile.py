@@ -1,0 +1,135 @@
+"""The march profile schema: what a target accelerator can run, and how fast, as data.
+
+A profile is a TOML file (hat's own are in `hatcli/quant/marches/`; a plugin ships its own through
+the `register_marches` hook, and `hat perf --fit` writes one from a user's board measurements).
+Nothing in hat branches on a march name: the quantizer, `hat check` and the latency model read the
+profile's fields. This module sits below the plugin manager, so plugins.py can check what a plugin
+registers; `hatcli.quant.march` looks profiles up by name.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hatcli.errors import UsageError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantRules(_Strict):
+    """Quantization constraints of a march."""
+
+    activation_dtypes: list[Literal["int8", "int16"]] = ["int8"]
+    """Activation dtypes the march computes with (per-tensor, zero point 0)."""
+    weight_dtype: Literal["int8"] = "int8"
+    """Weights are always symmetric, per output channel."""
+    float_output: bool = True
+    """Whether the last layer may produce a dequantized (float / int32-accumulator) output."""
+    unsigned_after_relu: bool = True
+    """Non-negative (post-ReLU) tensors use the unsigned 8-bit grid, zero point still 0."""
+    accumulator_bits: int = Field(32, ge=24, le=64)
+    """Width of the conv / matmul accumulator, which saturates (never wraps) at its ends. Horizon
+    does not publish what its BPUs do past 32 bits; we model a saturating 32-bit accumulator.
+    An 8-bit layer cannot reach it (the int32 bias range leaves room, `hatcli.quant.bias_range`);
+    an int16 layer with a large fan-in can, and conversion reports it."""
+
+    @property
+    def allow_int16(self) -> bool:
+        """Whether int16 activations may be requested on this march."""
+        return "int16" in self.activation_dtypes
+
+
+class OpRule(_Strict):
+    """Limits of one operator type on a march (ONNX op names)."""
+
+    max_kernel: int | None = None
+    max_stride: int | None = None
+    group_channel_multiple: int | None = None
+    """Grouped (non-depthwise) convolutions need channels-per-group a multiple of this."""
+    spatial_mean_only: bool = False
+    """The op (ReduceMean) runs as an integer kernel only as a mean over H and W that keeps the
+    dimensions (global average pooling, N x C x 1 x 1 out)."""
+    note: str = ""
+
+
+class CostModel(_Strict):
+    """Numbers behind the latency estimate (see docs/perf_model.md)."""
+
+    utilisation: float = Field(0.5, gt=0, le=1)
+    """Fraction of peak int8 throughput a dense conv reaches."""
+    depthwise_utilisation: float = Field(0.1, gt=0, le=1)
+    """Fraction of peak reached by depthwise / small-channel convs."""
+    ddr_gbytes_per_s: float = Field(gt=0)
+    """Sustained DRAM bandwidth in GB/s."""
+    per_layer_overhead_us: float = 0.0
+    """Fixed cost per layer (dispatch, synchronisation)."""
+    narrow_input_utilisation: float | None = Field(None, gt=0, le=1)
+    """Fraction of peak reached by a conv whose input channels per group are not a multiple of
+    4 (the stem on an RGB image); None: `utilisation`."""
+    narrow_input_ns_per_element: float = Field(0.0, ge=0)
+    """Extra time per output element of a narrow-input conv (its im2col and requantization)."""
+    output_conv_utilisation: float | None = Field(None, gt=0, le=1)
+    """Fraction of peak reached by a conv / matmul whose int32 accumulator is a graph output;
+    None: `utilisation`."""
+    elementwise_ns_per_element: float = Field(0.0, ge=0)
+    """Compute time per output element of a layer without MACs (add, mul, pooling, resize...),
+    on top of its memory traffic; 0: those layers are memory-bound."""
+    table_ns_per_element: float = Field(0.0, ge=0)
+    """Compute time per output element of a look-up-table activation (sigmoid, tanh, hard-swish,
+    exp) the march cannot fuse into the layer before it; 0: fused or memory-bound."""
+
+
+class MarchProfile(_Strict):
+    """One target: public throughput, quantization rules, op support and a cost model."""
+
+    name: str
+    chip: str
+    description: str = ""
+    int8_tops: float = Field(gt=0)
+    """Public peak int8 TOPS (tera-operations per second, 1 MAC = 2 ops)."""
+    estimated: bool = True
+    """True for accelerators we cannot run here: their latency is an estimate."""
+    quant: QuantRules = QuantRules()
+    ops: dict[str, OpRule] = {}
+    """Supported ONNX op types (after Q/DQ folding) and their limits."""
+    fusible_activations: list[str] = [
+        "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+        "SiLU", "BatchNormalization"]
+    """Activations applied on a conv/matmul/add result before requantization (no int8 tensor
+    between them). Others must be quantized on their own, or they run in float on the CPU."""
+    cost: CostModel
+    sources: list[str] = []
+    """Where the public figures come from."""
+
+
+class _Readable(Protocol):
+    def read_text(self, encoding: str = ...) -> str: ...
+
+
+def read_march_file(path: Path | _Readable, what: str | None = None) -> MarchProfile:
+    """Read and validate the march profile TOML at `path` (a file, or a package resource).
+
+    Raises UsageError naming the file and the first invalid key, so that a hand-edited or fitted
+    profile gets a one-line error; `what` names the file in that message (default: `path`).
+    """
+    where = what or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read the march profile: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{where}: not valid TOML: {exc}") from None
+    try:
+        return MarchProfile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UsageError(f"{where}: march profile key `{key}`: {first['msg']}") from None
