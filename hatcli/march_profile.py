@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from hatcli.errors import UsageError
 
@@ -58,6 +58,58 @@ class OpRule(_Strict):
     note: str = ""
 
 
+FITTED_FEATURES: tuple[str, ...] = (
+    "frame", "dense_gmac", "depthwise_gmac", "grouped_gmac", "matmul_gmac", "activation_mb", "weight_mb",
+    "elementwise_melem", "table_melem", "resize_melem", "block", "cpu_melem", "cpu_block",
+)
+"""The features of the fitted latency model (hatcli/deploy/perf_features.py says what each counts)."""
+
+
+def _known_features(values: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(values) - set(FITTED_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown feature(s) {', '.join(unknown)}; the features are {', '.join(FITTED_FEATURES)}")
+    return values
+
+
+class FitError(_Strict):
+    """How far off the fitted model was on measured models it was not fitted to."""
+
+    method: str = "leave one model family out"
+    rows: int = Field(ge=0)
+    """Measured models the error is taken over."""
+    families: int = Field(0, ge=0)
+    median_abs_error: float = Field(ge=0)
+    """Median of |estimate / measured - 1|."""
+    within_10: float = Field(ge=0, le=1)
+    """Share of models within +-10 %."""
+    within_25: float = Field(ge=0, le=1)
+    spearman: float | None = None
+    """Rank correlation of estimated against measured."""
+    data: str = ""
+    """What was measured: board, tool, which rows."""
+
+
+class FittedCost(_Strict):
+    """A latency model fitted to measured latencies of whole models (docs/perf_model.md):
+    `ms = sum(latency_ms[f] * feature[f])`, the features counted per fused block."""
+
+    channel_alignment: int = Field(1, ge=1, le=256)
+    """Channels are rounded up to a multiple of this before MACs are counted."""
+    latency_ms: Annotated[dict[str, float], AfterValidator(_known_features)]
+    """Milliseconds per unit of each feature, single-frame latency (one thread)."""
+    frame_ms_under_load: Annotated[dict[str, float], AfterValidator(_known_features)] = {}
+    """Milliseconds per frame per unit of each feature with several threads feeding the
+    accelerator (1000 / FPS); empty: FPS is 1000 / latency."""
+    load_threads: int | None = None
+    """The thread count `frame_ms_under_load` was measured at (the most common in the data)."""
+    error: FitError
+    throughput_error: FitError | None = None
+    support: Annotated[dict[str, float], AfterValidator(_known_features)] = {}
+    """The most of each feature (per frame) any fitted model had: beyond it, an estimate is an
+    extrapolation and says so."""
+
+
 class CostModel(_Strict):
     """Numbers behind the latency estimate (see docs/perf_model.md)."""
 
@@ -83,6 +135,9 @@ class CostModel(_Strict):
     table_ns_per_element: float = Field(0.0, ge=0)
     """Compute time per output element of a look-up-table activation (sigmoid, tanh, hard-swish,
     exp) the march cannot fuse into the layer before it; 0: fused or memory-bound."""
+    fitted: FittedCost | None = None
+    """A model fitted to measured whole-model latencies; when present it gives the estimate and
+    the fields above only serve marches without one."""
 
 
 class MarchProfile(_Strict):
@@ -133,3 +188,19 @@ def read_march_file(path: Path | _Readable, what: str | None = None) -> MarchPro
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise UsageError(f"{where}: march profile key `{key}`: {first['msg']}") from None
+
+
+def march_toml(profile: MarchProfile, header: str = "") -> str:
+    """The TOML text of `profile` (None fields left out), under `header` comment lines."""
+    import tomli_w
+
+    data = profile.model_dump(mode="json", exclude_none=True)
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + tomli_w.dumps(data)
+
+
+def write_march_file(profile: MarchProfile, path: Path, header: str = "") -> None:
+    """Write `profile` to `path` as TOML, atomically; it reads back with `read_march_file`."""
+    from hatcli.atomic import atomic_write_text
+
+    atomic_write_text(path, march_toml(profile, header))

@@ -64,7 +64,7 @@ def test_unknown_march_exits_2(hat, tmp_path):
 def test_list_marches(hat):
     result = hat("check", "--list-marches", "--json")
     assert result.code == 0
-    assert [m["name"] for m in result.json()] == ["bayes", "nash_e", "nash_m", "nash_p", "host"]
+    assert [m["name"] for m in result.json()] == ["bayes", "bayes_e", "bernoulli2", "nash_e", "nash_m", "nash_p", "host"]
 
 
 def test_one_march_shows_its_rules_and_op_limits(hat):

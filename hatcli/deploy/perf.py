@@ -1,7 +1,11 @@
 """Latency: a per-layer estimate on a march (`estimate_latency`) and a measurement on this host
 with ONNX Runtime (`measure_latency`).
 
-The estimate is a roofline per layer (see docs/perf_model.md):
+A march whose profile has a fitted model (`[cost.fitted]`, fitted to measured whole-model
+latencies by hatcli/deploy/perf_fit.py) is estimated with it: a sum of per-block work counts times
+fitted coefficients (hatcli/deploy/perf_features.py), reported with the fit's measured error and
+flagged when the model has work the fit never saw. Otherwise the estimate is a roofline per layer
+(see docs/perf_model.md):
 
     compute = 2 * MACs / (int8_tops * 1e12 * utilisation)    (depthwise, narrow-input and
               + output elements * ns per element          graph-output convs have their own
@@ -26,6 +30,8 @@ import numpy as np
 
 from hatcli.deploy.check import FALLBACK, check_graph
 from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph, resolve_model_path
+from hatcli.deploy.perf_features import BlockFeatures, graph_features, model_features
+from hatcli.deploy.perf_fit import extrapolation, predict_ms
 from hatcli.deploy.runtime import NP_DTYPES, create_session, opt_level_name
 from hatcli.errors import UsageError
 from hatcli.progress import make_progress
@@ -78,10 +84,31 @@ class PerfEstimate:
     overhead_ms: float
     layers: list[LayerEstimate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cost_model: str = "roofline"
+    """`fitted` (a model fitted to measured latencies, with its measured error) or `roofline`."""
+    error: dict[str, Any] | None = None
+    """The fitted model's error on measured models it was not fitted to (FitError fields)."""
+    extrapolated: bool = False
+    """True when the model has work the fit never saw (or far more of it): trust it less."""
+    extrapolation: list[str] = field(default_factory=list)
+    load_fps: float | None = None
+    """Estimated frames per second with `load_threads` threads feeding the accelerator."""
+    load_threads: int | None = None
+    load_error: dict[str, Any] | None = None
+    """The fitted throughput model's measured error (FitError fields)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (per-layer list included)."""
         return asdict(self)
+
+    def error_text(self) -> str:
+        """`estimated: median error 9 % on 87 published models (...)`, or "" without a fitted model."""
+        if not self.error:
+            return ""
+        e = self.error
+        text = (f"estimated: median error {100 * e['median_abs_error']:.0f} % on {e['rows']} measured "
+                f"{self.chip} models ({e['method']}; {100 * e['within_10']:.0f} % within +-10 %)")
+        return text + (" - extrapolated: " + "; ".join(self.extrapolation) if self.extrapolated else "")
 
 
 @dataclass
@@ -173,8 +200,63 @@ def layer_cost(layer: Layer, march: MarchProfile, assume: str | None = None) -> 
                          compute_us, memory_us, base + cost.per_layer_overhead_us, bound, module=layer.module)
 
 
+def _fitted_layer(block: BlockFeatures, coefficients: dict[str, float]) -> LayerEstimate:
+    """One block's share of a fitted estimate: compute (MAC terms), memory (byte terms), the rest."""
+    terms = {f: coefficients.get(f, 0.0) * v * 1e3 for f, v in block.values.items()}
+    compute = sum(t for f, t in terms.items() if f.endswith("_gmac"))
+    memory = terms.get("activation_mb", 0.0) + terms.get("weight_mb", 0.0)
+    total = sum(terms.values())
+    rest = total - compute - memory
+    bound = "cpu" if block.fallback else max((("compute", compute), ("memory", memory), ("overhead", rest)),
+                                              key=lambda item: item[1])[0]
+    ddr = int(1e6 * (block.values.get("activation_mb", 0.0) + block.values.get("weight_mb", 0.0)))
+    return LayerEstimate(block.name, block.op_type, list(block.fused), block.macs, ddr, compute, memory, total,
+                         bound, fallback=block.fallback, module=block.module)
+
+
+def _fitted_estimate(graph: Graph, march: MarchProfile) -> PerfEstimate:
+    """The estimate of a march whose profile carries a fitted model (`[cost.fitted]`)."""
+    fitted = march.cost.fitted
+    assert fitted is not None
+    blocks = graph_features(graph, march, fitted.channel_alignment)
+    rows = [_fitted_layer(b, fitted.latency_ms) for b in blocks]
+    total_macs = sum(layer.macs for layer in graph.layers)
+    batch = graph.batch
+    per_frame = model_features(blocks, batch)
+    latency_ms = (sum(r.time_us for r in rows) / 1e3 + fitted.latency_ms.get("frame", 0.0) * batch)
+    total_us = latency_ms * 1e3 or 1e-9
+    for r in rows:
+        r.percent = round(100.0 * r.time_us / total_us, 2)
+    reasons = extrapolation(per_frame, fitted.support)
+    fallbacks = sum(r.fallback for r in rows)
+    if fallbacks and not fitted.support.get("cpu_block"):
+        reasons.append(f"{fallbacks} layer(s) fall back to the CPU and no fitted model had any")
+    notes = [] if graph.quantized else ["model is not quantized: activations and weights costed as int8"]
+    load_fps = None
+    if fitted.frame_ms_under_load:
+        load_fps = 1e3 / max(predict_ms(fitted.frame_ms_under_load, per_frame), 1e-6)
+    ddr_frame = sum(r.ddr_bytes for r in rows) // batch
+    fps = batch * 1e3 / latency_ms
+    estimate = PerfEstimate(
+        model=graph.path, march=march.name, chip=march.chip, batch=batch, estimated=march.estimated,
+        latency_ms=latency_ms, fps=fps, total_macs=total_macs,
+        ops_per_frame=2 * total_macs // batch, ddr_bytes_per_frame=ddr_frame,
+        ddr_mbytes_per_s=ddr_frame * fps / 1e6, compute_ms=sum(r.compute_us for r in rows) / 1e3,
+        memory_ms=sum(r.memory_us for r in rows) / 1e3,
+        overhead_ms=(sum(r.time_us - r.compute_us - r.memory_us for r in rows) / 1e3
+                     + fitted.latency_ms.get("frame", 0.0) * batch),
+        layers=rows, notes=notes, cost_model="fitted", error=fitted.error.model_dump(),
+        extrapolated=bool(reasons), extrapolation=reasons, load_fps=load_fps, load_threads=fitted.load_threads,
+        load_error=fitted.throughput_error.model_dump() if fitted.throughput_error and load_fps else None)
+    estimate.notes.append(estimate.error_text())
+    return estimate
+
+
 def estimate_graph(graph: Graph, march: MarchProfile) -> PerfEstimate:
-    """Estimate an already-read graph on `march` (see `estimate_latency`)."""
+    """Estimate an already-read graph on `march` (see `estimate_latency`): with the march's
+    fitted model when its profile has one, else with the roofline of the module docstring."""
+    if march.cost.fitted is not None:
+        return _fitted_estimate(graph, march)
     notes: list[str] = []
     assume = None
     if not graph.quantized:

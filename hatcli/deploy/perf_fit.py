@@ -1,0 +1,224 @@
+"""Fitting the latency model to measured latencies, and saying honestly how far off it is.
+
+The model (hatcli/deploy/perf_features.py) is linear in non-negative coefficients, one per
+feature: `ms = sum(c[f] * x[f])`. The fit minimises the squared *relative* error over the measured
+models (a 1 ms classifier counts as much as a 60 ms detector) with non-negative least squares
+(scipy.optimize.nnls). Its error is measured by leaving out one whole model family at a time: fit
+without the family, predict it, and report the median |error|, the share of models within +-10 %
+and +-25 %, and the Spearman rank correlation of predicted against measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hatcli.deploy.perf_features import FEATURES
+
+
+@dataclass
+class Sample:
+    """One measured model: its per-frame features and the measured time per frame."""
+
+    name: str
+    family: str
+    """Architecture family (`yolov8`, `resnet`...): the unit left out by cross-validation."""
+    features: dict[str, float]
+    measured_ms: float
+    group: str = ""
+    """A coarse kind (`yolo_detect`, `cnn_classifier`...), for reports."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _matrix(samples: Sequence[Sample], features: Sequence[str]) -> np.ndarray:
+    return np.array([[s.features.get(f, 0.0) for f in features] for s in samples], dtype=np.float64)
+
+
+def fit_coefficients(samples: Sequence[Sample], features: Sequence[str] = FEATURES) -> dict[str, float]:
+    """The non-negative coefficients (ms per unit) that minimise the squared relative error."""
+    from scipy.optimize import nnls
+
+    if not samples:
+        raise ValueError("no measured models to fit")
+    x = _matrix(samples, features)
+    y = np.array([s.measured_ms for s in samples], dtype=np.float64)
+    scale = x.max(axis=0)
+    scale[scale == 0] = 1.0  # a feature no sample has: coefficient 0, column left as is
+    weighted = (x / scale) / y[:, None]
+    solution, _ = nnls(weighted, np.ones(len(samples)), maxiter=50 * len(features))
+    return {f: float(c / s) for f, c, s in zip(features, solution, scale)}
+
+
+def predict_ms(coefficients: dict[str, float], features: dict[str, float]) -> float:
+    """The model's time for one frame with `features`."""
+    return float(sum(coefficients.get(f, 0.0) * v for f, v in features.items()))
+
+
+def leave_one_family_out(samples: Sequence[Sample], features: Sequence[str] = FEATURES) -> list[float]:
+    """Each sample's prediction from a fit that did not see its family (one fit per family)."""
+    predictions = [0.0] * len(samples)
+    for family in sorted({s.family for s in samples}):
+        held = [i for i, s in enumerate(samples) if s.family == family]
+        rest = [s for s in samples if s.family != family]
+        if not rest:
+            raise ValueError("leave-one-family-out needs at least two families")
+        coefficients = fit_coefficients(rest, features)
+        for i in held:
+            predictions[i] = predict_ms(coefficients, samples[i].features)
+    return predictions
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of `a` and `b` (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def error_summary(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """rows, median_abs_error, within_10, within_25 (fractions) and spearman of predictions."""
+    errors = [p / m - 1.0 for p, m in zip(predicted, measured)]
+    absolute = [abs(e) for e in errors]
+    n = len(errors)
+    return {
+        "rows": n,
+        "median_abs_error": round(statistics.median(absolute), 4) if n else float("nan"),
+        "within_10": round(sum(e <= 0.10 for e in absolute) / n, 4) if n else float("nan"),
+        "within_25": round(sum(e <= 0.25 for e in absolute) / n, 4) if n else float("nan"),
+        "spearman": round(spearman(predicted, measured), 4),
+    }
+
+
+def support(samples: Sequence[Sample], features: Sequence[str] = FEATURES) -> dict[str, float]:
+    """The largest per-frame value of each feature among the fitted models (0: none had it)."""
+    x = _matrix(samples, features)
+    return {f: float(v) for f, v in zip(features, x.max(axis=0))} if len(samples) else dict.fromkeys(features, 0.0)
+
+
+def extrapolation(features: dict[str, float], seen: dict[str, float], factor: float = 2.0) -> list[str]:
+    """Why a model's estimate is an extrapolation: features the fit never saw, or saw far less of."""
+    reasons = []
+    for name, value in features.items():
+        if value <= 0 or name == "frame":
+            continue
+        limit = seen.get(name, 0.0)
+        if limit <= 0:
+            reasons.append(f"{name}: none of the fitted models had any")
+        elif value > factor * limit:
+            reasons.append(f"{name}: {value:.3g} per frame, over {factor:g}x the most a fitted model had ({limit:.3g})")
+    return reasons
+
+
+@dataclass
+class MeasuredGraph:
+    """A model read as a graph, with what was measured of it on the board."""
+
+    name: str
+    family: str
+    graph: Any
+    """The `hatcli.deploy.onnx_graph.Graph` of the model."""
+    latency_ms: float | None = None
+    """Single-frame latency, one thread."""
+    frame_ms_under_load: float | None = None
+    """1000 / FPS with several threads feeding the accelerator."""
+    group: str = ""
+
+
+@dataclass
+class FitReport:
+    """What `fit_march` found: the chosen alignment, the cross-validated predictions and errors."""
+
+    channel_alignment: int
+    latency: list[Sample]
+    latency_predicted: list[float]
+    latency_error: dict[str, float]
+    load: list[Sample] = field(default_factory=list)
+    load_predicted: list[float] = field(default_factory=list)
+    load_error: dict[str, float] | None = None
+
+    def by_family(self) -> dict[str, dict[str, float]]:
+        """The cross-validated latency error of each family on its own."""
+        out: dict[str, dict[str, float]] = {}
+        for family in sorted({s.family for s in self.latency}):
+            index = [i for i, s in enumerate(self.latency) if s.family == family]
+            out[family] = error_summary([self.latency_predicted[i] for i in index],
+                                        [self.latency[i].measured_ms for i in index])
+        return out
+
+
+def _samples(measured: Sequence[MeasuredGraph], march: Any, alignment: int, what: str) -> list[Sample]:
+    from hatcli.deploy.perf_features import graph_features, model_features
+
+    out = []
+    for m in measured:
+        value = getattr(m, what)
+        if value is None or value <= 0:
+            continue
+        features = model_features(graph_features(m.graph, march, alignment), m.graph.batch)
+        out.append(Sample(m.name, m.family, features, float(value), group=m.group))
+    return out
+
+
+def _in_sample_error(samples: Sequence[Sample]) -> float:
+    coefficients = fit_coefficients(samples)
+    errors = [(predict_ms(coefficients, s.features) / s.measured_ms - 1) ** 2 for s in samples]
+    return float(np.sqrt(np.mean(errors)))
+
+
+def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequence[int] = (1, 4, 8, 16, 32, 64),
+              data: str = "", load_threads: int | None = None) -> tuple[Any, FitReport]:
+    """Fit `march`'s latency model to `measured` models; return (the profile with `[cost.fitted]`
+    replaced, the report).
+
+    The channel alignment is the one (of `alignments`) whose fit has the lowest in-sample RMS
+    relative error; the error written into the profile is the leave-one-family-out one, so it
+    never comes from models the coefficients saw. Needs models of at least two families.
+    """
+    from hatcli.march_profile import FitError, FittedCost
+
+    latency_by_alignment = {a: _samples(measured, march, a, "latency_ms") for a in alignments}
+    usable = {a: s for a, s in latency_by_alignment.items() if s}
+    if not usable:
+        raise ValueError("no measured single-frame latency to fit")
+    alignment = min(usable, key=lambda a: (_in_sample_error(usable[a]), a))
+    latency = usable[alignment]
+    if len({s.family for s in latency}) < 2:
+        raise ValueError("the measured models must come from at least two families "
+                         "(the error is measured by leaving one family out)")
+    predicted = leave_one_family_out(latency)
+    report = FitReport(alignment, latency, predicted, error_summary(predicted, [s.measured_ms for s in latency]))
+    families = len({s.family for s in latency})
+
+    def fit_error(summary: dict[str, float], n_families: int, what: str) -> FitError:
+        return FitError(rows=int(summary["rows"]), families=n_families,
+                        median_abs_error=summary["median_abs_error"], within_10=summary["within_10"],
+                        within_25=summary["within_25"],
+                        spearman=None if np.isnan(summary["spearman"]) else summary["spearman"],
+                        data=f"{data}: {what}" if data else what)
+
+    load = _samples(measured, march, alignment, "frame_ms_under_load")
+    load_coefficients: dict[str, float] = {}
+    load_error = None
+    if load and len({s.family for s in load}) >= 2:
+        report.load = load
+        report.load_predicted = leave_one_family_out(load)
+        report.load_error = error_summary(report.load_predicted, [s.measured_ms for s in load])
+        load_coefficients = fit_coefficients(load)
+        load_error = fit_error(report.load_error, len({s.family for s in load}), "1000 / FPS under load")
+    fitted = FittedCost(
+        channel_alignment=alignment,
+        latency_ms={k: v for k, v in fit_coefficients(latency).items() if v > 0},
+        frame_ms_under_load={k: v for k, v in load_coefficients.items() if v > 0},
+        load_threads=load_threads if load_coefficients else None,
+        error=fit_error(report.latency_error, families, "single-frame latency"),
+        throughput_error=load_error,
+        support={k: v for k, v in support(latency).items() if v > 0},
+    )
+    cost = march.cost.model_copy(update={"fitted": fitted})
+    return march.model_copy(update={"cost": cost}), report
