@@ -95,7 +95,9 @@ class FittedCost(_Strict):
     `ms = sum(latency_ms[f] * feature[f])`, the features counted per fused block."""
 
     channel_alignment: int = Field(1, ge=1, le=256)
-    """Channels are rounded up to a multiple of this before MACs are counted."""
+    """Output channels are rounded up to a multiple of this before MACs are counted."""
+    input_alignment: int = Field(1, ge=1, le=256)
+    """Input channels (per group) are rounded up to a multiple of this."""
     latency_ms: Annotated[dict[str, float], AfterValidator(_known_features)]
     """Milliseconds per unit of each feature, single-frame latency (one thread)."""
     frame_ms_under_load: Annotated[dict[str, float], AfterValidator(_known_features)] = {}

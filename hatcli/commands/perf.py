@@ -123,6 +123,7 @@ def _fit(csv_path: Path, march: str | None, out: Path | None, target: Path | Non
     fitted = profile.cost.fitted
     if json_out:
         print_json({"profile": str(out), "march": profile.name, "channel_alignment": report.channel_alignment,
+                    "input_alignment": report.input_alignment,
                     "latency_error": report.latency_error, "load_error": report.load_error,
                     "by_family": report.by_family(), "coefficients": fitted.latency_ms if fitted else {}})
         return

@@ -218,7 +218,7 @@ def _fitted_estimate(graph: Graph, march: MarchProfile) -> PerfEstimate:
     """The estimate of a march whose profile carries a fitted model (`[cost.fitted]`)."""
     fitted = march.cost.fitted
     assert fitted is not None
-    blocks = graph_features(graph, march, fitted.channel_alignment)
+    blocks = graph_features(graph, march, fitted.channel_alignment, fitted.input_alignment)
     rows = [_fitted_layer(b, fitted.latency_ms) for b in blocks]
     total_macs = sum(layer.macs for layer in graph.layers)
     batch = graph.batch

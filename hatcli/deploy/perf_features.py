@@ -6,8 +6,8 @@ contributes to a handful of features, each in a unit that keeps the fitted coeff
 (milliseconds per unit):
 
     frame              1 per model: the fixed cost of running one frame (input, dispatch, output)
-    dense_gmac         10^9 MACs of dense convolutions and linear layers, channels rounded up to the
-                       march's channel alignment (a 3-channel stem costs as an aligned one)
+    dense_gmac         10^9 MACs of dense convolutions and linear layers, output channels rounded
+                       up to the march's channel alignment, input channels to its input alignment
     depthwise_gmac     10^9 MACs of depthwise convolutions, channels aligned
     grouped_gmac       10^9 MACs of other grouped convolutions, channels per group aligned
     matmul_gmac        10^9 MACs of activation x activation MatMuls (attention)
@@ -70,8 +70,9 @@ def aligned(channels: int, alignment: int) -> int:
     return -(-channels // alignment) * alignment if alignment > 1 else channels
 
 
-def _conv_macs(layer: Layer, alignment: int) -> tuple[str, float]:
-    """(feature, aligned MACs) of a Conv / ConvTranspose / Gemm / MatMul with weights."""
+def _conv_macs(layer: Layer, alignment: int, input_alignment: int) -> tuple[str, float]:
+    """(feature, aligned MACs) of a Conv / ConvTranspose / Gemm / MatMul with weights: output
+    channels rounded up to `alignment`, input channels (per group) to `input_alignment`."""
     out = layer.output_shapes[0] if layer.output_shapes else None
     w = layer.weight_shape
     if out is None or w is None or layer.macs == 0:
@@ -82,13 +83,14 @@ def _conv_macs(layer: Layer, alignment: int) -> tuple[str, float]:
         if layer.is_depthwise:
             return "depthwise_gmac", layer.macs * aligned(out_channels, alignment) / out_channels
         per_group_out = out_channels // max(groups, 1)
-        ratio = (aligned(in_per_group, alignment) / in_per_group) * (aligned(per_group_out, alignment) / per_group_out)
+        ratio = ((aligned(in_per_group, input_alignment) / in_per_group)
+                 * (aligned(per_group_out, alignment) / per_group_out))
         return ("grouped_gmac" if groups > 1 else "dense_gmac"), layer.macs * ratio
     # Gemm / MatMul with a weight: K x N
     k, n = w[-2], w[-1]
     if layer.op_type == "Gemm" and int(layer.attrs.get("transB", 0)):
         n, k = w[-2], w[-1]
-    return "dense_gmac", layer.macs * (aligned(k, alignment) / k) * (aligned(n, alignment) / n)
+    return "dense_gmac", layer.macs * (aligned(k, input_alignment) / k) * (aligned(n, alignment) / n)
 
 
 def _elements(shapes: list[tuple[int, ...] | None]) -> int:
@@ -96,7 +98,7 @@ def _elements(shapes: list[tuple[int, ...] | None]) -> int:
 
 
 def block_features(layer: Layer, march: MarchProfile, fallback: bool, alignment: int,
-                   assume: str | None = None) -> dict[str, float]:
+                   assume: str | None = None, input_alignment: int | None = None) -> dict[str, float]:
     """The features of one non-view layer on `march` (see the module docstring)."""
     values: dict[str, float] = {}
     read, written = layer.activation_bytes(assume)
@@ -109,7 +111,7 @@ def block_features(layer: Layer, march: MarchProfile, fallback: bool, alignment:
     values["weight_mb"] = layer.weight_bytes(assume) / 1e6
     out_elements = _elements(layer.output_shapes)
     if layer.macs and layer.weight_shape is not None:
-        feature, macs = _conv_macs(layer, alignment)
+        feature, macs = _conv_macs(layer, alignment, alignment if input_alignment is None else input_alignment)
         values[feature] = values.get(feature, 0.0) + macs / 1e9
     elif layer.macs:  # MatMul of two activations
         values["matmul_gmac"] = layer.macs / 1e9
@@ -127,8 +129,10 @@ def block_features(layer: Layer, march: MarchProfile, fallback: bool, alignment:
     return values
 
 
-def graph_features(graph: Graph, march: MarchProfile, alignment: int = 1) -> list[BlockFeatures]:
-    """One BlockFeatures per non-view layer of `graph` on `march` (fallbacks from `hat check`)."""
+def graph_features(graph: Graph, march: MarchProfile, alignment: int = 1,
+                   input_alignment: int | None = None) -> list[BlockFeatures]:
+    """One BlockFeatures per non-view layer of `graph` on `march` (fallbacks from `hat check`);
+    channels aligned to `alignment` (input channels to `input_alignment`, default the same)."""
     assume = None if graph.quantized else "int8"
     report = check_graph(graph, march)
     blocks = []
@@ -137,7 +141,7 @@ def graph_features(graph: Graph, march: MarchProfile, alignment: int = 1) -> lis
             continue
         fallback = verdict.status == FALLBACK
         blocks.append(BlockFeatures(layer.name, layer.op_type, layer.module, fallback,
-                                    block_features(layer, march, fallback, alignment, assume),
+                                    block_features(layer, march, fallback, alignment, assume, input_alignment),
                                     list(layer.fused), layer.macs))
     return blocks
 

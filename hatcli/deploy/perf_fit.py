@@ -135,6 +135,7 @@ class FitReport:
     """What `fit_march` found: the chosen alignment, the cross-validated predictions and errors."""
 
     channel_alignment: int
+    input_alignment: int
     latency: list[Sample]
     latency_predicted: list[float]
     latency_error: dict[str, float]
@@ -152,7 +153,7 @@ class FitReport:
         return out
 
 
-def _samples(measured: Sequence[MeasuredGraph], march: Any, alignment: int, what: str) -> list[Sample]:
+def _samples(measured: Sequence[MeasuredGraph], march: Any, alignment: tuple[int, int], what: str) -> list[Sample]:
     from hatcli.deploy.perf_features import graph_features, model_features
 
     out = []
@@ -160,7 +161,7 @@ def _samples(measured: Sequence[MeasuredGraph], march: Any, alignment: int, what
         value = getattr(m, what)
         if value is None or value <= 0:
             continue
-        features = model_features(graph_features(m.graph, march, alignment), m.graph.batch)
+        features = model_features(graph_features(m.graph, march, *alignment), m.graph.batch)
         out.append(Sample(m.name, m.family, features, float(value), group=m.group))
     return out
 
@@ -176,23 +177,24 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     """Fit `march`'s latency model to `measured` models; return (the profile with `[cost.fitted]`
     replaced, the report).
 
-    The channel alignment is the one (of `alignments`) whose fit has the lowest in-sample RMS
-    relative error; the error written into the profile is the leave-one-family-out one, so it
+    The output and input channel alignments are the pair (each of `alignments`) whose fit has the
+    lowest in-sample RMS relative error; the error written into the profile is the leave-one-family-out one, so it
     never comes from models the coefficients saw. Needs models of at least two families.
     """
     from hatcli.march_profile import FitError, FittedCost
 
-    latency_by_alignment = {a: _samples(measured, march, a, "latency_ms") for a in alignments}
+    pairs = [(out, inp) for out in alignments for inp in alignments if inp <= out]
+    latency_by_alignment = {a: _samples(measured, march, a, "latency_ms") for a in pairs}
     usable = {a: s for a, s in latency_by_alignment.items() if s}
     if not usable:
         raise ValueError("no measured single-frame latency to fit")
-    alignment = min(usable, key=lambda a: (_in_sample_error(usable[a]), a))
+    alignment = min(usable, key=lambda a: (round(_in_sample_error(usable[a]), 6), a))
     latency = usable[alignment]
     if len({s.family for s in latency}) < 2:
         raise ValueError("the measured models must come from at least two families "
                          "(the error is measured by leaving one family out)")
     predicted = leave_one_family_out(latency)
-    report = FitReport(alignment, latency, predicted, error_summary(predicted, [s.measured_ms for s in latency]))
+    report = FitReport(alignment[0], alignment[1], latency, predicted, error_summary(predicted, [s.measured_ms for s in latency]))
     families = len({s.family for s in latency})
 
     def fit_error(summary: dict[str, float], n_families: int, what: str) -> FitError:
@@ -212,7 +214,8 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
         load_coefficients = fit_coefficients(load)
         load_error = fit_error(report.load_error, len({s.family for s in load}), "1000 / FPS under load")
     fitted = FittedCost(
-        channel_alignment=alignment,
+        channel_alignment=alignment[0],
+        input_alignment=alignment[1],
         latency_ms={k: v for k, v in fit_coefficients(latency).items() if v > 0},
         frame_ms_under_load={k: v for k, v in load_coefficients.items() if v > 0},
         load_threads=load_threads if load_coefficients else None,
