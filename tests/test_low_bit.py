@@ -19,7 +19,7 @@ from hatcli.errors import RecipeError, UsageError
 from hatcli.quant.flow import convert_to_integer, prepare_quantized, set_mode
 from hatcli.quant.integer import integer_program
 from hatcli.quant.low_bit import schemes as S
-from hatcli.quant.low_bit.dorefa import DorefaWeightFakeQuantize
+from hatcli.quant.low_bit.dorefa import DorefaActivationFakeQuantize, DorefaWeightFakeQuantize
 from hatcli.quant.low_bit.grids import signed_range, symmetric_range, unsigned_range
 from hatcli.quant.low_bit.lqnet import LqFakeQuantize
 from hatcli.quant.low_bit.lsq import LsqActivationFakeQuantize, LsqWeightFakeQuantize
@@ -138,6 +138,32 @@ def test_pact_alpha_gets_the_gradient_of_the_clipped_values_only():
     assert fq.alpha.grad.item() == pytest.approx(2.0)  # the two values above alpha
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
 
+
+
+@pytest.mark.parametrize("fq_class", [PactFakeQuantize, DorefaActivationFakeQuantize])
+def test_pact_and_dorefa_clips_start_at_the_least_error_clip_below_the_largest_value(fq_class):
+    torch.manual_seed(0)
+    fq = fq_class(bits=2, signed=False)
+    fq.disable_fake_quant()
+    fq.enable_observer()
+    batches = [torch.randn(4096).abs() for _ in range(3)]
+    for batch in batches:
+        fq(batch)
+    clip = (fq.alpha if fq_class is PactFakeQuantize else fq.clip).item()
+    largest = sum(b.max().item() for b in batches) / 3
+    assert 0.2 * largest < clip < 0.7 * largest  # 2 bits on half-normal values: about 1.7 sigma of ~4
+
+    def error(c: float) -> float:
+        x = batches[0]
+        step = c / 3
+        return (torch.clamp(torch.round(x.clamp(max=c) / step), 0, 3) * step - x).square().mean().item()
+
+    assert error(clip) < min(error(largest), error(0.5 * clip))
+    if fq_class is PactFakeQuantize:  # an int8 quantizer in front clipping at 0.9 x the largest
+        fq.enable_fake_quant()
+        fq.disable_observer()
+        fq(batches[0].clamp(max=0.9 * largest)).sum().backward()
+        assert fq.alpha.grad.item() > 0  # some inputs are above alpha: PACT learns from the start
 
 def test_dorefa_weights_are_odd_codes_per_channel():
     fq = DorefaWeightFakeQuantize(bits=3)

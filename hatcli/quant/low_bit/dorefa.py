@@ -11,8 +11,9 @@ multiples of m / n, codes in [-n, n]: at k <= 7 bits a subset of int8 (8-bit DoR
 need 9 bits, so they are refused).
 
 Activations are clipped and quantized uniformly: DoReFa clips to [0, 1] after a BatchNorm; with the
-BatchNorm folded, hat clips to [0, r], r the range seen in calibration (the mean of the batches'
-largest values), fixed during QAT (PACT learns it instead), and the gradient is 1 inside the clip.
+BatchNorm folded, hat clips to [0, r], r set in calibration to the clip with the least squared
+error on the observed values (the mean over batches of each batch's best clip), fixed during QAT
+(PACT learns it instead), and the gradient is 1 inside the clip.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class DorefaActivationFakeQuantize(ClippedGridFakeQuantize):
         self.register_buffer("clip", torch.ones(1))
 
     def observe(self, x: torch.Tensor) -> None:
-        """r: the observed range (`ClippedGridFakeQuantize.observed_range`)."""
+        """r: the least-squared-error clip of the grid (`ClippedGridFakeQuantize.observed_range`)."""
         self.clip.copy_(self.observed_range(x))
 
     def grid_scale(self) -> torch.Tensor:

@@ -121,8 +121,17 @@ class GridFakeQuantize(FakeQuantizeBase):
 
 class ClippedGridFakeQuantize(GridFakeQuantize):
     """An activation grid over [0, r] (unsigned) or [-r, r] (signed, symmetric), r initialised in
-    calibration to the observed range: the mean over the calibration batches of each batch's
-    largest |x| (largest x when unsigned). The base of PACT's and DoReFa's activations."""
+    calibration from the observed values: per batch, the clip that minimises the mean squared
+    error of the values on this grid (searched from 5 % to 100 % of the batch's largest |x|),
+    averaged over the calibration batches. The base of PACT's and DoReFa's activations.
+
+    Why not the largest value: on a 2-4 bit grid the largest value wastes most levels on rare
+    outliers, and the march's int8 quantizer in front of the layer input clips below it during QAT,
+    so a PACT clip set at the maximum never sees an input above it and never gets a gradient."""
+
+    SEARCH_STEPS = 96
+    SAMPLE = 1 << 16
+    """Values of a batch the clip search looks at (a fixed-stride subsample of larger batches)."""
 
     def __init__(self, quant_min: int, quant_max: int, bits: int, signed: bool) -> None:
         super().__init__(quant_min, quant_max, bits)
@@ -130,10 +139,24 @@ class ClippedGridFakeQuantize(GridFakeQuantize):
         self.register_buffer("range_sum", torch.zeros(1))
         self.register_buffer("batches", torch.zeros(1))
 
+    def best_clip(self, x: torch.Tensor) -> torch.Tensor:
+        """The clip of this grid with the least squared error on `x` (a [1] tensor, at least EPS)."""
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() > self.SAMPLE:
+            flat = flat[:: flat.numel() // self.SAMPLE + 1]
+        values = flat if self.signed else flat.clamp(min=0)
+        top = values.abs().amax().clamp(min=EPS)
+        clips = top * torch.linspace(0.05, 1.0, self.SEARCH_STEPS, device=top.device)
+        low = -clips if self.signed else torch.zeros_like(clips)
+        y = torch.maximum(torch.minimum(values[None, :], clips[:, None]), low[:, None])
+        step = clips[:, None] / max(1, self.quant_max)
+        codes = torch.clamp(torch.round(y / step), self.quant_min, self.quant_max)
+        errors = ((codes * step - values[None, :]) ** 2).mean(dim=1)
+        return clips[int(torch.argmin(errors))].reshape(1)
+
     def observed_range(self, x: torch.Tensor) -> torch.Tensor:
-        """Add this batch's range to the running mean; return the mean (at least EPS)."""
-        top = x.abs().amax() if self.signed else x.amax().clamp(min=0)
-        self.range_sum += top.float()
+        """Add this batch's best clip to the running mean; return the mean (at least EPS)."""
+        self.range_sum += self.best_clip(x)
         self.batches += 1
         return (self.range_sum / self.batches).clamp(min=EPS)
 

@@ -7,8 +7,9 @@ The activation is clipped at a learned level alpha and quantized uniformly on [0
 with the straight-through estimator for the rounding, so dy_q/dx = 1 on [0, alpha) and the
 gradient of alpha is the PACT clip gradient: 1 where x >= alpha, 0 elsewhere. A signed input
 (no ReLU before the layer) is clipped to [-alpha, alpha] on the symmetric grid. Calibration
-initialises alpha to the observed range (the mean over calibration batches of each batch's
-largest value). Weights use DoReFa's quantizer, as in the paper (`hatcli.quant.low_bit.dorefa`).
+initialises alpha to the clip with the least squared error on the calibration values (the mean
+over batches of each batch's best clip, `ClippedGridFakeQuantize`), so that it clips from the
+start and gets PACT's gradient. Weights use DoReFa's quantizer, as in the paper (`hatcli.quant.low_bit.dorefa`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class PactFakeQuantize(ClippedGridFakeQuantize):
         self.alpha = torch.nn.Parameter(torch.ones(1))
 
     def observe(self, x: torch.Tensor) -> None:
-        """alpha: the observed range (`ClippedGridFakeQuantize.observed_range`)."""
+        """alpha: the least-squared-error clip of the grid (`ClippedGridFakeQuantize.observed_range`)."""
         self.alpha.data = self.observed_range(x)
 
     def grid_scale(self) -> torch.Tensor:
