@@ -193,3 +193,14 @@ def test_perf_fit_needs_a_march_and_a_toml_out(hat, board, tmp_path):
     assert "--fit needs --march" in hat("perf", "--fit", board, "--out", tmp_path / "x.toml").err
     assert "a march profile is a .toml file" in hat("perf", "--fit", board, "--march", "nash_e",
                                                     "--out", tmp_path / "x.json").err
+
+
+def test_an_artifact_compiled_for_a_fitted_profile_reports_its_error_in_perf_html(hat, board, tmp_path):
+    profile = tmp_path / "fitted.toml"
+    assert hat("perf", "--fit", board, "--march", "nash_e", "--out", profile).code == 0
+    out = tmp_path / "artifact"
+    compiled = hat("compile", "--model", board.parent / "mobile20x2.onnx", "--march", profile, "--out", out)
+    assert compiled.code == 0, compiled.err
+    page = (out / "perf.html").read_text()
+    assert "estimated: median error" in page and "6 measured models" in page
+    assert "leave one model family out" in page

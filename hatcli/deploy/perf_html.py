@@ -33,6 +33,20 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _error_paragraph(estimate: dict[str, Any]) -> str:
+    """How far off this kind of estimate has been (a fitted model), or that it is unvalidated."""
+    error = estimate.get("error")
+    if not error:
+        return ("<p class='est'>roofline cost model (docs/perf_model.md), not fitted to measured whole-model "
+                "latencies of this march</p>")
+    text = (f"estimated: median error {100 * error['median_abs_error']:.0f} % on {error['rows']} measured models "
+            f"({error['method']}; {100 * error['within_10']:.0f} % within +-10 %, "
+            f"{100 * error['within_25']:.0f} % within +-25 %)")
+    if estimate.get("extrapolated"):
+        text += " &mdash; <b>extrapolated</b>: " + escape("; ".join(estimate.get("extrapolation", [])))
+    return f"<p class='est'>{text}</p>"
+
+
 def _card(label: str, value: str, estimated: bool) -> str:
     tag = ' <span class="est">estimated</span>' if estimated else ""
     return f'<div class="card">{escape(label)}{tag}<b>{escape(value)}</b></div>'
@@ -104,9 +118,16 @@ def render_perf_html(perf: dict[str, Any], title: str = "hat perf report") -> st
             _card("batch", str(estimate["batch"]), False),
         ]
         out.append(f"<h2>Estimate on {escape(str(perf.get('march')))}</h2><div class='cards'>{''.join(cards)}</div>")
-        out.append(f"<p>compute {_fmt(estimate['compute_ms'])} ms, memory {_fmt(estimate['memory_ms'])} ms, "
-                   f"fixed per-layer cost {_fmt(estimate['overhead_ms'])} ms (each layer counts the slower of "
-                   "its compute and its memory time)</p>")
+        if estimated:
+            out.append(_error_paragraph(estimate))
+        if estimate.get("cost_model") == "fitted":
+            out.append(f"<p>compute {_fmt(estimate['compute_ms'])} ms, memory {_fmt(estimate['memory_ms'])} ms, "
+                       f"fixed and per-block costs {_fmt(estimate['overhead_ms'])} ms (a fitted sum of each "
+                       "block's work, docs/perf_model.md section 6)</p>")
+        else:
+            out.append(f"<p>compute {_fmt(estimate['compute_ms'])} ms, memory {_fmt(estimate['memory_ms'])} ms, "
+                       f"fixed per-layer cost {_fmt(estimate['overhead_ms'])} ms (each layer counts the slower of "
+                       "its compute and its memory time)</p>")
     elif perf.get("estimate_error"):
         out.append(f"<p>No estimate: {escape(perf['estimate_error'])}</p>")
     if measured:
