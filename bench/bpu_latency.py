@@ -1,0 +1,148 @@
+"""Fit and cross-validate the BPU latency model on the published board figures.
+
+    .venv/bin/python bench/bpu_graphs.py --work-dir DIR       # rebuild and quantize the models (hours, resumable)
+    .venv/bin/python bench/bpu_latency.py --work-dir DIR [--write-profiles] [--march bayes-e]
+
+Data: `../shared/data/bpu_latency_public.csv` (501 published per-model figures of RDK X5 /
+Bayes-e, RDK X3 / Bernoulli2 and RDK S100 / Nash-e, measured with `hrt_model_exec perf`), and
+the graphs `bench/bpu_graphs.py` rebuilt from them (`DIR/graphs/<march>/index.json`).
+
+Per march: every rebuilt model with a single-frame latency (`hrt_perf_1thread`, and on the X3
+`oe_single_core_single_frame`) is a latency sample; its multi-thread row with the highest FPS is
+a throughput sample (`1000 / fps` ms per frame under load). `hatcli.deploy.perf_fit.fit_march`
+chooses the channel alignment, fits the coefficients and measures the error by leaving one
+architecture family out at a time. `--write-profiles` writes the fit into the shipped profiles
+(`hatcli/quant/marches/<march>.toml`, `[cost.fitted]`).
+
+Targets (per march with at least 50 rebuilt rows, leave-one-family-out): median |error| <= 12 %,
+at least 60 % within +-10 %, Spearman >= 0.95. The tables go to stderr; the last line on stdout
+is one JSON object with, per march, `rows`, `median_abs_error`, `within_10`, `within_25`
+(fractions), `spearman`, the same for throughput, the per-family errors and the coefficients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bpu_catalogue import DEFAULT_CSV, load_rows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HAT_MARCH = {"bayes-e": "bayes_e", "bernoulli2": "bernoulli2", "nash-e": "nash_e"}
+LATENCY_KINDS = {"hrt_perf_1thread", "oe_single_core_single_frame"}
+LOAD_KINDS = {"hrt_perf_multithread"}
+TARGETS = {"median_abs_error": 0.12, "within_10": 0.60, "spearman": 0.95, "min_rows": 50}
+
+
+def log(text: str) -> None:
+    """One progress line on stderr."""
+    print(f"[bpu_latency {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def measured_graphs(work_dir: Path, march: str, rows: list[dict[str, Any]]) -> list[Any]:
+    """The rebuilt models of `march` with what the table measured of them."""
+    from hatcli.deploy.onnx_graph import read_graph
+    from hatcli.deploy.perf_fit import MeasuredGraph
+
+    folder = work_dir / "graphs" / march
+    index_path = folder / "index.json"
+    if not index_path.exists():
+        return []
+    index = json.loads(index_path.read_text())
+    out = []
+    for name, info in sorted(index.items()):
+        mine = [r for r in rows if r["march"] == march and r["model"] == name]
+        single = [r for r in mine if r["kind"] in LATENCY_KINDS and r.get("latency_ms")]
+        load = [r for r in mine if r["kind"] in LOAD_KINDS and r.get("fps") and (r.get("threads") or 0) > 1]
+        if not single and not load:
+            continue
+        path = folder / info["file"]
+        if not path.exists():
+            continue
+        best = max(load, key=lambda r: r["fps"]) if load else None
+        out.append(MeasuredGraph(
+            name=name, family=info["family"], group=info.get("group", ""), graph=read_graph(path, batch=1),
+            latency_ms=float(single[0]["latency_ms"]) if single else None,
+            frame_ms_under_load=1e3 / float(best["fps"]) if best else None))
+        out[-1].threads = int(best["threads"]) if best else None  # type: ignore[attr-defined]
+    return out
+
+
+def meets(summary: dict[str, Any]) -> bool | None:
+    """Whether a march's cross-validated latency error meets the targets (None: too few rows)."""
+    if summary["rows"] < TARGETS["min_rows"]:
+        return None
+    return (summary["median_abs_error"] <= TARGETS["median_abs_error"] and summary["within_10"] >= TARGETS["within_10"]
+            and summary["spearman"] >= TARGETS["spearman"])
+
+
+def table(march: str, report: Any) -> None:
+    """Per-family cross-validated errors, and the worst models, on stderr."""
+    log(f"{march}: alignment out {report.channel_alignment} in {report.input_alignment}; leave-one-family-out single-frame latency: "
+        f"{report.latency_error}")
+    log(f"{'family':<22} {'rows':>4} {'median |err|':>12} {'within 10%':>10}")
+    for family, summary in sorted(report.by_family().items(), key=lambda kv: -kv[1]["median_abs_error"]):
+        log(f"{family:<22} {summary['rows']:>4} {100 * summary['median_abs_error']:>11.1f}% "
+            f"{100 * summary['within_10']:>9.0f}%")
+    worst = sorted(zip(report.latency, report.latency_predicted), key=lambda sp: -abs(sp[1] / sp[0].measured_ms - 1))
+    for sample, predicted in worst[:8]:
+        log(f"  worst: {sample.name:<28} measured {sample.measured_ms:8.2f} ms  estimated {predicted:8.2f} ms "
+            f"({100 * (predicted / sample.measured_ms - 1):+.0f} %)")
+
+
+def main() -> int:
+    """Run the fit and validation; return the process exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "hat-bench-bpu-graphs")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    parser.add_argument("--march", choices=sorted(HAT_MARCH), action="append")
+    parser.add_argument("--write-profiles", action="store_true",
+                        help="write the fitted models into hatcli/quant/marches/<march>.toml")
+    args = parser.parse_args()
+    if not args.csv.is_file():
+        print(f"error: {args.csv} not found: pass --csv (../shared/data/bpu_latency_public.csv)", file=sys.stderr)
+        return 2
+    from hatcli.deploy.perf_fit import fit_march
+    from hatcli.march_profile import write_march_file
+    from hatcli.quant.march import load_march, shipped_march_file
+
+    wall = time.perf_counter()
+    rows = load_rows(args.csv)
+    result: dict[str, Any] = {}
+    for march in args.march or sorted(HAT_MARCH):
+        measured = measured_graphs(args.work_dir, march, rows)
+        if len({m.family for m in measured}) < 2:
+            log(f"{march}: {len(measured)} rebuilt graph(s) under {args.work_dir}; run bench/bpu_graphs.py first")
+            result[march] = {"rows": len(measured), "error": "too few rebuilt graphs"}
+            continue
+        threads = Counter(getattr(m, "threads", None) for m in measured if getattr(m, "threads", None))
+        base = load_march(HAT_MARCH[march])
+        profile, report = fit_march(base, measured, data=f"{args.csv.name}, {base.chip}",
+                                    load_threads=threads.most_common(1)[0][0] if threads else None)
+        table(march, report)
+        fitted = profile.cost.fitted
+        result[march] = {**report.latency_error, "targets_met": meets(report.latency_error),
+                         "throughput": report.load_error, "channel_alignment": report.channel_alignment,
+                         "input_alignment": report.input_alignment,
+                         "by_family": report.by_family(), "coefficients": fitted.latency_ms,
+                         "throughput_coefficients": fitted.frame_ms_under_load}
+        if args.write_profiles:
+            path = Path(str(shipped_march_file(HAT_MARCH[march])))
+            header = path.read_text().split("\nname = ")[0].strip()
+            write_march_file(profile, path, header="\n".join(line.lstrip("# ") for line in header.splitlines()))
+            log(f"{march}: wrote the fit into {path.relative_to(ROOT)}")
+    result["targets"] = TARGETS
+    result["wall_s"] = round(time.perf_counter() - wall, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
