@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from hatcli.quant.march import SHIPPED_MARCHES
+
 SENSITIVITY = "hatcli.workflows.sensitivity"
 """The module that measures per-layer sensitivity (the one `hat sensitivity` calls)."""
 
-MARCHES = ["bayes", "nash_e", "nash_m", "nash_p", "host"]
+MARCHES = list(SHIPPED_MARCHES)
 
 
 def test_root_help_lists_march_and_sensitivity(hat):
