@@ -40,9 +40,20 @@ import bpu_catalogue as cat  # noqa: E402
 HAT_MARCHES = {"bayes-e": "bayes_e", "bernoulli2": "bernoulli2", "nash-e": "nash_e"}
 """CSV march -> hat march profile."""
 FALLBACK_MARCH = "bayes"
+"""Used for a chip whose own profile hat does not ship yet."""
 CHILD_FAILED = 3
 """Exit status of a child that recorded its own failure."""
-"""Used for a chip whose own profile hat does not ship yet."""
+
+
+def profile_digest(hat_march_name: str) -> str:
+    """A short hash of the march profile a graph is quantized for: its op table decides what hat's
+    quantizer quantizes, so a graph built with another version of the profile is built again."""
+    import hashlib
+
+    from hatcli.march_profile import march_toml
+    from hatcli.quant.march import load_march
+
+    return hashlib.sha256(march_toml(load_march(hat_march_name)).encode()).hexdigest()[:12]
 
 
 def hat_march(march: str) -> str:
@@ -222,7 +233,8 @@ def build_one(work_dir: Path, march: str, name: str, hw: tuple[int, int]) -> dic
                  "library": entry.library, "constructor": entry.constructor, "input_hw": list(hw),
                  "reparameterized": entry.reparameterize, "attention": entry.attention if entry.head else None,
                  "published_params_m": entry.published_params_m, "model_s": round(built_s, 2),
-                 "build_s": round(time.perf_counter() - tic, 2), "quant_error": error or None})
+                 "build_s": round(time.perf_counter() - tic, 2), "quant_error": error or None,
+                 "profile_sha256": profile_digest(hm)})
     record_index(work_dir, march, name, info)
     return info
 
@@ -258,12 +270,16 @@ def split_names(text: str, known: set[str]) -> list[str]:
 
 
 def done(work_dir: Path, march: str, name: str, hw: tuple[int, int], retry_float: bool) -> bool:
-    """Whether the graph is already written (and, with `retry_float`, quantized)."""
+    """Whether the graph is already written for the current march profile (and, with
+    `retry_float`, quantized)."""
     if not graph_path(work_dir, march, name, hw).exists():
         return False
+    info = _read_json(work_dir / "graphs" / march / "index.json", {}).get(name, {})
+    built_for = info.get("profile_sha256")
+    if built_for is not None and built_for != profile_digest(info.get("hat_march") or hat_march(march)):
+        return False  # quantized for an older version of the march profile
     if not retry_float:
         return True
-    info = _read_json(work_dir / "graphs" / march / "index.json", {}).get(name, {})
     return info.get("mode") == "quantized"
 
 
