@@ -50,12 +50,13 @@ class Registry(Generic[T]):
         self._items.pop(name, None)
         self._owners.pop(name, None)
 
-    def get(self, name: str) -> T:
-        """Return the item named `name`, or raise a UsageError listing what exists."""
+    def get(self, name: str, order: list[str] | None = None) -> T:
+        """Return the item named `name`, or raise a UsageError listing what exists (in `order`
+        when given, else sorted)."""
         try:
             return self._items[name]
         except KeyError:
-            names = sorted(self._items)
+            names = order if order is not None else sorted(self._items)
             hint = closest(name, names)
             did_you_mean = f" Did you mean `{hint}`?" if hint else ""
             listing = ", ".join(names) if names else "none installed"

@@ -12,9 +12,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from hatcli.errors import UsageError
 from hatcli.march_profile import CostModel, MarchProfile, OpRule, QuantRules, read_march_file
-from hatcli.registry import closest
 
 __all__ = ["CostModel", "MarchProfile", "OpRule", "QuantRules", "SHIPPED_MARCHES", "is_march_file",
            "list_marches", "load_march", "march_names", "shipped_march_file"]
@@ -41,15 +39,7 @@ def load_march(name: str) -> MarchProfile:
         return read_march_file(Path(name))
     from hatcli.plugins import marches
 
-    registry = marches()
-    if name not in registry:
-        names = march_names()
-        hint = closest(name, names)
-        did_you_mean = f" Did you mean `{hint}`?" if hint else ""
-        broken = ", ".join(sorted(registry.broken))
-        maybe = f". Broken plugins, which may provide it: {broken} (`hat plugins` says why)" if broken else ""
-        raise UsageError(f"unknown march `{name}`.{did_you_mean} Available: {', '.join(names)}{maybe}")
-    return registry.get(name)
+    return marches().get(name, order=march_names())
 
 
 def march_names() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hatcli.errors import ArtifactError, UsageError
+from hatcli.quant.march import is_march_file
 from hatcli.recipe import LoadedRecipe
 from hatcli.stages.names import EXPORTABLE_STAGES, quant_source
 
@@ -21,7 +22,7 @@ def default_export_dir(lr: LoadedRecipe) -> Path:
 
 def default_compile_dir(lr: LoadedRecipe, march: str, opt: int) -> Path:
     """Where `hat compile` writes by default (a march given as a profile file: by its file stem)."""
-    label = Path(march).stem if march.endswith(".toml") else march
+    label = Path(march).stem if is_march_file(march) else march
     return lr.run_dir / "compile" / f"{label}-O{opt}"
 
 
