@@ -27,7 +27,6 @@ import json
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,8 @@ def measured_graphs(work_dir: Path, march: str, rows: list[dict[str, Any]]) -> l
         out.append(MeasuredGraph(
             name=name, family=info["family"], group=info.get("group", ""), graph=read_graph(path, batch=1),
             latency_ms=float(single[0]["latency_ms"]) if single else None,
-            frame_ms_under_load=1e3 / float(best["fps"]) if best else None))
-        out[-1].threads = int(best["threads"]) if best else None  # type: ignore[attr-defined]
+            frame_ms_under_load=1e3 / float(best["fps"]) if best else None,
+            threads=int(best["threads"]) if best else None))
     return out
 
 
@@ -122,10 +121,8 @@ def main() -> int:
             log(f"{march}: {len(measured)} rebuilt graph(s) under {args.work_dir}; run bench/bpu_graphs.py first")
             result[march] = {"rows": len(measured), "error": "too few rebuilt graphs"}
             continue
-        threads = Counter(getattr(m, "threads", None) for m in measured if getattr(m, "threads", None))
         base = load_march(HAT_MARCH[march])
-        profile, report = fit_march(base, measured, data=f"{args.csv.name}, {base.chip}",
-                                    load_threads=threads.most_common(1)[0][0] if threads else None)
+        profile, report = fit_march(base, measured, data=f"{args.csv.name}, {base.chip}")
         table(march, report)
         fitted = profile.cost.fitted
         result[march] = {**report.latency_error, "targets_met": meets(report.latency_error),

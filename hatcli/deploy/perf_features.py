@@ -129,17 +129,22 @@ def block_features(layer: Layer, march: MarchProfile, fallback: bool, alignment:
     return values
 
 
+def fallback_flags(graph: Graph, march: MarchProfile) -> list[bool]:
+    """Per layer of `graph`, whether `hat check` says it falls back to the CPU on `march`."""
+    return [row.status == FALLBACK for row in check_graph(graph, march).rows]
+
+
 def graph_features(graph: Graph, march: MarchProfile, alignment: int = 1,
-                   input_alignment: int | None = None) -> list[BlockFeatures]:
-    """One BlockFeatures per non-view layer of `graph` on `march` (fallbacks from `hat check`);
-    channels aligned to `alignment` (input channels to `input_alignment`, default the same)."""
+                   input_alignment: int | None = None, fallbacks: list[bool] | None = None) -> list[BlockFeatures]:
+    """One BlockFeatures per non-view layer of `graph` on `march`; channels aligned to `alignment`
+    (input channels to `input_alignment`, default the same). `fallbacks` (from `fallback_flags`,
+    computed here when not given) says which layers run on the CPU."""
     assume = None if graph.quantized else "int8"
-    report = check_graph(graph, march)
+    flags = fallback_flags(graph, march) if fallbacks is None else fallbacks
     blocks = []
-    for layer, verdict in zip(graph.layers, report.rows):
+    for layer, fallback in zip(graph.layers, flags):
         if layer.is_view:
             continue
-        fallback = verdict.status == FALLBACK
         blocks.append(BlockFeatures(layer.name, layer.op_type, layer.module, fallback,
                                     block_features(layer, march, fallback, alignment, assume, input_alignment),
                                     list(layer.fused), layer.macs))

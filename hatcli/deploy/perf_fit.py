@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hatcli.deploy.perf_features import FEATURES
+from hatcli.deploy.perf_features import FEATURES, fallback_flags, graph_features, model_features
 
 
 @dataclass
@@ -127,6 +127,8 @@ class MeasuredGraph:
     """Single-frame latency, one thread."""
     frame_ms_under_load: float | None = None
     """1000 / FPS with several threads feeding the accelerator."""
+    threads: int | None = None
+    """The thread count `frame_ms_under_load` was measured with."""
     group: str = ""
 
 
@@ -153,23 +155,21 @@ class FitReport:
         return out
 
 
-def _samples(measured: Sequence[MeasuredGraph], march: Any, alignment: tuple[int, int], what: str) -> list[Sample]:
-    from hatcli.deploy.perf_features import graph_features, model_features
-
-    out = []
-    for m in measured:
-        value = getattr(m, what)
-        if value is None or value <= 0:
-            continue
-        features = model_features(graph_features(m.graph, march, *alignment), m.graph.batch)
-        out.append(Sample(m.name, m.family, features, float(value), group=m.group))
-    return out
+def _samples(measured: Sequence[MeasuredGraph], features: Sequence[dict[str, float]], what: str) -> list[Sample]:
+    """The measured models that have `what` (`latency_ms`, `frame_ms_under_load`), as samples."""
+    return [Sample(m.name, m.family, f, float(getattr(m, what)), group=m.group)
+            for m, f in zip(measured, features) if (getattr(m, what) or 0) > 0]
 
 
-def _in_sample_error(samples: Sequence[Sample]) -> float:
-    coefficients = fit_coefficients(samples)
+def _rms_relative_error(samples: Sequence[Sample], coefficients: dict[str, float]) -> float:
     errors = [(predict_ms(coefficients, s.features) / s.measured_ms - 1) ** 2 for s in samples]
     return float(np.sqrt(np.mean(errors)))
+
+
+def _usual_threads(measured: Sequence[MeasuredGraph]) -> int | None:
+    """The most common thread count of the throughput measurements (None: none says)."""
+    threads = [m.threads for m in measured if m.threads and m.frame_ms_under_load]
+    return statistics.mode(threads) if threads else None
 
 
 def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequence[int] = (1, 4, 8, 16, 32, 64),
@@ -178,18 +178,25 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     replaced, the report).
 
     The output and input channel alignments are the pair (each of `alignments`) whose fit has the
-    lowest in-sample RMS relative error; the error written into the profile is the leave-one-family-out one, so it
-    never comes from models the coefficients saw. Needs models of at least two families.
+    lowest in-sample RMS relative error; the error written into the profile is the
+    leave-one-family-out one, so it never comes from models the coefficients saw. Needs models of
+    at least two families. `load_threads` defaults to the most common thread count of the
+    throughput measurements.
     """
     from hatcli.march_profile import FitError, FittedCost
 
-    pairs = [(out, inp) for out in alignments for inp in alignments if inp <= out]
-    latency_by_alignment = {a: _samples(measured, march, a, "latency_ms") for a in pairs}
-    usable = {a: s for a, s in latency_by_alignment.items() if s}
-    if not usable:
+    if not any((m.latency_ms or 0) > 0 for m in measured):
         raise ValueError("no measured single-frame latency to fit")
-    alignment = min(usable, key=lambda a: (round(_in_sample_error(usable[a]), 6), a))
-    latency = usable[alignment]
+    flags = [fallback_flags(m.graph, march) for m in measured]  # the same at every alignment
+    candidates = {}
+    for pair in [(out, inp) for out in alignments for inp in alignments if inp <= out]:
+        features = [model_features(graph_features(m.graph, march, *pair, fallbacks=f), m.graph.batch)
+                    for m, f in zip(measured, flags)]
+        samples = _samples(measured, features, "latency_ms")
+        coefficients = fit_coefficients(samples)
+        candidates[pair] = (round(_rms_relative_error(samples, coefficients), 6), features, samples, coefficients)
+    alignment = min(candidates, key=lambda pair: (candidates[pair][0], pair))
+    _, features, latency, latency_coefficients = candidates[alignment]
     if len({s.family for s in latency}) < 2:
         raise ValueError("the measured models must come from at least two families "
                          "(the error is measured by leaving one family out)")
@@ -204,7 +211,7 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
                         spearman=None if np.isnan(summary["spearman"]) else summary["spearman"],
                         data=f"{data}: {what}" if data else what)
 
-    load = _samples(measured, march, alignment, "frame_ms_under_load")
+    load = _samples(measured, features, "frame_ms_under_load")
     load_coefficients: dict[str, float] = {}
     load_error = None
     if load and len({s.family for s in load}) >= 2:
@@ -216,9 +223,9 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     fitted = FittedCost(
         channel_alignment=alignment[0],
         input_alignment=alignment[1],
-        latency_ms={k: v for k, v in fit_coefficients(latency).items() if v > 0},
+        latency_ms={k: v for k, v in latency_coefficients.items() if v > 0},
         frame_ms_under_load={k: v for k, v in load_coefficients.items() if v > 0},
-        load_threads=load_threads if load_coefficients else None,
+        load_threads=(load_threads or _usual_threads(measured)) if load_coefficients else None,
         error=fit_error(report.latency_error, families, "single-frame latency"),
         throughput_error=load_error,
         support={k: v for k, v in support(latency).items() if v > 0},

@@ -16,7 +16,6 @@ profile is the base march's with `[cost.fitted]` replaced.
 from __future__ import annotations
 
 import csv
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +72,20 @@ def read_measurements(csv_path: Path) -> list[MeasuredGraph]:
         graph = read_graph(path, batch=1, input_shape=shape)
         under_load = 1e3 / fps if fps and (threads or 1) > 1 else None
         measured.append(MeasuredGraph(name=name, family=(row.get("family") or "").strip() or name, graph=graph,
-                                      latency_ms=latency, frame_ms_under_load=under_load))
+                                      latency_ms=latency, frame_ms_under_load=under_load, threads=threads))
     if len(measured) < 3:
         raise UsageError(f"{csv_path}: {len(measured)} measured model(s); fitting needs at least 3 "
                          "(from at least 2 families)")
     return measured
 
 
-def refit_march(csv_path: Path, base: MarchProfile, out: Path, name: str | None = None,
-                threads: int | None = None) -> tuple[MarchProfile, FitReport]:
+def refit_march(csv_path: Path, base: MarchProfile, out: Path,
+                name: str | None = None) -> tuple[MarchProfile, FitReport]:
     """Fit `base`'s latency model to the measurements in `csv_path`, write the new profile to
     `out` (named `name`, default the file's stem) and return it with the fit's report."""
     measured = read_measurements(csv_path)
-    loads = [int(t) for t in _column(csv_path, "threads") if t]
     try:
-        fitted, report = fit_march(base, measured, data=f"{csv_path.name} ({len(measured)} models)",
-                                   load_threads=threads or (statistics.mode(loads) if loads else None))
+        fitted, report = fit_march(base, measured, data=f"{csv_path.name} ({len(measured)} models)")
     except ValueError as exc:
         raise UsageError(f"{csv_path}: {exc}") from None
     label = name or out.stem
@@ -98,8 +95,3 @@ def refit_march(csv_path: Path, base: MarchProfile, out: Path, name: str | None 
     write_march_file(fitted, out, header=f"March profile `{label}`: `{base.name}` with its latency model fitted "
                                          f"by `hat perf --fit {csv_path.name}`.")
     return fitted, report
-
-
-def _column(csv_path: Path, key: str) -> list[str]:
-    rows = csv.DictReader(csv_path.read_text(encoding="utf-8").splitlines())
-    return [(row.get(key) or "").strip() for row in rows]
