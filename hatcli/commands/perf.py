@@ -52,6 +52,7 @@ def perf(
     if target is None:
         raise UsageError("give an ARTIFACT folder or MODEL.onnx (or --fit CSV --march M --out FILE)")
 
+    from hatcli.deploy.perf import error_phrase
     from hatcli.deploy.recipe_build import estimation_source, perf_report
     from hatcli.quant.march import load_march
 
@@ -80,9 +81,7 @@ def perf(
     table = Table("where", "latency (ms)", "FPS", "how")
     how = "estimated (cost model)" if est["estimated"] else "cost model of this host"
     if est.get("error"):
-        error = est["error"]
-        how = (f"estimated: median error {100 * error['median_abs_error']:.0f} % on {error['rows']} measured models"
-               + (" (EXTRAPOLATED)" if est.get("extrapolated") else ""))
+        how = f"estimated: {error_phrase(est['error'])}" + (" (EXTRAPOLATED)" if est.get("extrapolated") else "")
     table.add_row(est["chip"] if est["estimated"] else "this host", f"{est['latency_ms']:.3f}", f"{est['fps']:.1f}", how)
     if est.get("load_fps"):
         table.add_row(f"{est['chip']}, {est['load_threads']} threads", "-", f"{est['load_fps']:.1f}",
@@ -102,10 +101,10 @@ def perf(
 
 def _load_how(estimate: dict) -> str:
     """How the under-load FPS was estimated, with its error where known."""
-    error = (estimate.get("load_error") or {})
-    if error:
-        return f"estimated: median error {100 * error['median_abs_error']:.0f} % on {error['rows']} measured models"
-    return "estimated"
+    from hatcli.deploy.perf import error_phrase
+
+    error = estimate.get("load_error")
+    return f"estimated: {error_phrase(error)}" if error else "estimated"
 
 
 def _fit(csv_path: Path, march: str | None, out: Path | None, target: Path | None, json_out: bool) -> None:

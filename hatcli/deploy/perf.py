@@ -102,13 +102,20 @@ class PerfEstimate:
         return asdict(self)
 
     def error_text(self) -> str:
-        """`estimated: median error 9 % on 87 published models (...)`, or "" without a fitted model."""
+        """`estimated: median error 9 % on 87 measured <chip> models (...)`, or "" without a fitted model."""
         if not self.error:
             return ""
         e = self.error
-        text = (f"estimated: median error {100 * e['median_abs_error']:.0f} % on {e['rows']} measured "
-                f"{self.chip} models ({e['method']}; {100 * e['within_10']:.0f} % within +-10 %)")
+        text = (f"estimated: {error_phrase(e, self.chip)} ({e['method']}; "
+                f"{100 * e['within_10']:.0f} % within +-10 %)")
         return text + (" - extrapolated: " + "; ".join(self.extrapolation) if self.extrapolated else "")
+
+
+def error_phrase(error: dict[str, Any], chip: str = "") -> str:
+    """`median error 9 % on 87 measured [chip] models`, from a fitted model's error (FitError fields):
+    the words every report (hat perf, perf.json notes, perf.html) shows beside an estimate."""
+    models = f"{chip} models" if chip else "models"
+    return f"median error {100 * error['median_abs_error']:.0f} % on {error['rows']} measured {models}"
 
 
 @dataclass
