@@ -72,8 +72,8 @@ def _check_march(recipe: Recipe, locate: Locate) -> None:
             profile = load_march(name)
         except UsageError as exc:
             raise RecipeError(f"{locate('quant.march')}: `quant.march`: {exc}") from None
-    elif name not in march_names():
-        raise RecipeError(f"{locate('quant.march')}: `quant.march`: {_unknown('march', name, march_names())}")
+    elif name not in (names := march_names()):
+        raise RecipeError(f"{locate('quant.march')}: `quant.march`: {_unknown('march', name, names)}")
     else:
         profile = load_march(name)
     if recipe.quant.int16 and not profile.quant.allow_int16:
