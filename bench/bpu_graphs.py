@@ -46,14 +46,17 @@ CHILD_FAILED = 3
 
 
 def profile_digest(hat_march_name: str) -> str:
-    """A short hash of the march profile a graph is quantized for: its op table decides what hat's
-    quantizer quantizes, so a graph built with another version of the profile is built again."""
+    """A short hash of what decides how a march's graphs are quantized: the quantization rules,
+    the op table and the fusible activations. The cost section is left out, so shipping a new
+    fitted cost model does not make every graph stale."""
     import hashlib
 
-    from hatcli.march_profile import march_toml
     from hatcli.quant.march import load_march
 
-    return hashlib.sha256(march_toml(load_march(hat_march_name)).encode()).hexdigest()[:12]
+    profile = load_march(hat_march_name)
+    quantizing = profile.model_dump(include={"quant", "ops", "fusible_activations"}, mode="json")
+    text = json.dumps(quantizing, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def hat_march(march: str) -> str:

@@ -99,6 +99,22 @@ def test_a_profile_file_works_wherever_a_march_name_does(hat, tmp_path, tiny_onn
     assert validated.code == 0, validated.err
 
 
+def test_an_artifact_keeps_the_profile_it_was_compiled_for(hat, tmp_path, tiny_onnx):
+    profile = tmp_path / "board.toml"
+    profile.write_text(_block("toml", 'name = "my_npu"'))
+    artifact = tmp_path / "art"
+    compiled = hat("compile", "--model", tiny_onnx, "--march", profile, "--out", artifact)
+    assert compiled.code == 0, compiled.err
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["march_profile"] == "march.toml" and "march.toml" in manifest["files"]
+    assert read_march_file(artifact / "march.toml") == load_march(str(profile))
+    profile.unlink()  # `my_npu` is no longer anywhere but in the artifact
+    perf = hat("perf", artifact, "--no-measure", "--json")
+    assert perf.code == 0, perf.err
+    assert perf.json()["estimate"]["march"] == "my_npu"
+    assert "`my_npu` is not installed here" in perf.err and "march.toml" in perf.err
+
+
 def test_a_bad_march_is_a_one_line_usage_error(hat, tmp_path, tiny_onnx, tiny_recipe):
     with pytest.raises(UsageError, match=r"unknown march `nash_x`\. Did you mean `nash_[emp]`\? Available: bayes, bayes_e"):
         load_march("nash_x")

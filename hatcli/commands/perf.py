@@ -65,7 +65,7 @@ def perf(
         from hatcli.deploy.runtime import load_artifact
 
         artifact = load_artifact(target)  # refuses a tampered artifact before timing it
-        march = march or json.loads(manifest_path.read_text()).get("march")
+        march = march or artifact_march(target, json.loads(manifest_path.read_text()))
         model_path, source = artifact.model_path, estimation_source(target)
     elif target.is_file():
         model_path = source = target
@@ -97,6 +97,23 @@ def perf(
     for note in est.get("notes", []):
         if note.startswith("estimated: median error") or "extrapolated" in note:
             stdout.print(note)
+
+
+def artifact_march(artifact_dir: Path, manifest: dict) -> str | None:
+    """The march to estimate an artifact on: its manifest's march where that march is installed,
+    else the profile the artifact was compiled for (`march.toml`, e.g. a profile file or a plugin
+    that is not installed here); None when the manifest names no march."""
+    from hatcli.quant.march import march_names
+
+    name = manifest.get("march")
+    stored = artifact_dir / manifest.get("march_profile", "march.toml")
+    if name is None or name in march_names() or not stored.is_file():
+        return name
+    from hatcli.progress import print_line
+
+    print_line(f"march `{name}` is not installed here: estimating with the profile the artifact was "
+                 f"compiled for ({stored})")
+    return str(stored)
 
 
 def _load_how(estimate: dict) -> str:

@@ -10,6 +10,8 @@ Artifact layout:
     out_dir/model.onnx     optimized graph (loads with plain onnxruntime)
     out_dir/perf.json      estimate on the march (+ measured latency when the march is `host`)
     out_dir/perf.html      the same as a self-contained page: figures, slowest layers, per-layer table
+    out_dir/march.toml     the march profile it was compiled for (rules, op table, cost model), so
+                           `hat perf` can estimate it where that march is not installed
     out_dir/manifest.json  march, opt, input spec, outputs, sha256 of every file, versions,
                            session options to load it with
 """
@@ -44,10 +46,12 @@ from hatcli.deploy.perf_html import render_perf_html
 from hatcli.deploy.pool_lowering import lower_average_pool
 from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
 from hatcli.errors import ArtifactError, HatError, UsageError
+from hatcli.march_profile import march_toml
 from hatcli.quant.march import MarchProfile
 
 PERF = "perf.json"
 PERF_HTML = "perf.html"
+MARCH_PROFILE = "march.toml"
 SIGNED_WEIGHTS_NOTE = ("weights are int8 (zero point 0) for ONNX Runtime's symmetric U8S8 kernels, exact on CPUs "
                        "that add u8 x s8 products in 32 bits (x86 VNNI, Arm dot product); compile on a CPU "
                        "without them for an artifact that is exact everywhere")
@@ -212,6 +216,8 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         source_ref = relative_source(src, out)
         perf, check = _perf_report(src, tmp_dir / MODEL, march, opt, batch, input_shape, do_measure, source_ref)
         atomic_write_json(tmp_dir / PERF, perf)
+        atomic_write_text(tmp_dir / MARCH_PROFILE, march_toml(
+            march, header=f"The march profile {src.name} was compiled for (hat {__version__})."))
         atomic_write_text(tmp_dir / PERF_HTML, render_perf_html(
             {**perf, "opt": opt}, title=f"{name or src.stem} on {march.name} ({march.chip}), opt {opt}"))
         notes = [OPT_3_NOTE] if level == "ORT_ENABLE_ALL" else []
@@ -224,7 +230,7 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         manifest = {
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
             "march": march.name, "chip": march.chip, "estimated": march.estimated, "opt": opt,
-            "model": MODEL,
+            "model": MODEL, "march_profile": MARCH_PROFILE,
             "source": {"path": source_ref, "sha256": sha256_file(src)},
             "input_spec": input_spec, "inputs": inputs, "outputs": outputs,
             "session_options": {"graph_optimization_level": level,
