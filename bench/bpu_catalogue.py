@@ -38,7 +38,11 @@ from typing import Any
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "bpu_latency_public.csv"
 """Where the table lives in a checkout (`../shared/data/` from the project root)."""
 
-MARCHES = ("bayes-e", "bernoulli2", "nash-e")
+HAT_ZOO_MD = DEFAULT_CSV.parent / "hat_modelzoo_latency.md"
+"""The HAT model zoo's Journey 5 figures (three BPU latencies), beside the table."""
+
+MARCHES = ("bayes-e", "bernoulli2", "nash-e", "bayes")
+"""The CSV's chips, and `bayes` (Journey 5) for the HAT model zoo's latencies."""
 GROUPS = ("yolo_detect", "yolo_seg", "yolo_pose", "yolo_cls", "cnn_classifier", "transformer_classifier",
           "segmentation", "detector")
 
@@ -298,8 +302,19 @@ S100_SIGLIP: dict[str, Entry] = {
 }
 
 
+J5_HAT_ZOO: dict[str, Entry] = {
+    # HAT model zoo (Journey 5, 224x224): HAT's own classifiers, calops 0.57 / 1.81 / 0.39 G
+    "MobileNetV1": Entry("hat", "mobilenet_v1", "mobilenet_v1", "cnn_classifier", kwargs={"alpha": 1.0},
+                         note="HAT's MobileNetV1 1.0x (0.57 G MACs)"),
+    "ResNet18": _tv("resnet18", "resnet", note="HAT's ResNet18: the torchvision layout (1.81 G MACs)"),
+    "EfficientNet-B0": _timm("efficientnet_b0", "efficientnet",
+                             note="HAT's EfficientNet-B0: the paper's layout as timm builds it (0.39 G MACs)"),
+}
+
+
 def _per_march() -> dict[str, dict[str, Entry]]:
     return {
+        "bayes": J5_HAT_ZOO,
         "bayes-e": {**_x5_yolo(), **X5_CLASSIFIERS},
         "bernoulli2": {**_x3_yolo(), **X3_CLASSIFIERS},
         "nash-e": {**_s100_yolo(), **S100_CLASSIFIERS, **S100_SIGLIP},
@@ -390,6 +405,32 @@ def load_rows(csv_path: str | Path = DEFAULT_CSV) -> list[dict[str, Any]]:
     return rows
 
 
+def load_hat_zoo_rows(md_path: str | Path = HAT_ZOO_MD) -> list[dict[str, Any]]:
+    """The HAT model zoo's Journey 5 latencies as table rows (march `bayes`, 224x224, batch 1,
+    kind `hat_zoo_bpu_latency`): every line of its markdown table whose last column is a number.
+    [] when the file is absent."""
+    path = Path(md_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not line.lstrip().startswith("|"):
+            continue
+        latency = _number(cells[-1])
+        if not isinstance(latency, (int, float)):
+            continue
+        rows.append({"march": "bayes", "model": cells[0], "input_h": 224, "input_w": 224, "batch": 1,
+                     "threads": 1, "kind": "hat_zoo_bpu_latency", "latency_ms": float(latency), "fps": None,
+                     "source": f"{path.name} (HAT model zoo, Journey 5)"})
+    return rows
+
+
+def load_all_rows(csv_path: str | Path = DEFAULT_CSV, md_path: str | Path = HAT_ZOO_MD) -> list[dict[str, Any]]:
+    """The CSV's rows and the HAT model zoo's Journey 5 rows (`load_hat_zoo_rows`)."""
+    return load_rows(csv_path) + load_hat_zoo_rows(md_path)
+
+
 def published_models(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int]]:
     """Every distinct (march, model) of the table and its input (h, w) (one size per model)."""
     out: dict[tuple[str, str], tuple[int, int]] = {}
@@ -405,7 +446,8 @@ def coverage(csv_path: str | Path = DEFAULT_CSV) -> dict[str, Any]:
     """Check that every (march, model) of the table is in `CATALOGUE` or `NOT_REBUILT` (never
     both, and neither holds a model the table lacks); return counts per march. Raises
     `AssertionError` naming what is missing or extra."""
-    published = published_models(load_rows(csv_path))
+    rows = load_all_rows(csv_path, Path(csv_path).parent / HAT_ZOO_MD.name)
+    published = published_models(rows)
     keys = set(published)
     missing = sorted(keys - set(CATALOGUE) - set(NOT_REBUILT))
     both = sorted(set(CATALOGUE) & set(NOT_REBUILT))
@@ -418,7 +460,6 @@ def coverage(csv_path: str | Path = DEFAULT_CSV) -> dict[str, Any]:
         rebuilt = [k for k in CATALOGUE if k[0] == march]
         per_march[march] = {"published": sum(1 for k in keys if k[0] == march), "rebuilt": len(rebuilt),
                             "not_rebuilt": sum(1 for k in NOT_REBUILT if k[0] == march)}
-    rows = load_rows(csv_path)
     return {"per_march": per_march, "rebuilt": len(CATALOGUE), "not_rebuilt": len(NOT_REBUILT),
             "rows_rebuilt": sum(1 for r in rows if (r["march"], r["model"]) in CATALOGUE), "rows": len(rows)}
 

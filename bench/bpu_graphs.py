@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bpu_catalogue as cat  # noqa: E402
 
-HAT_MARCHES = {"bayes-e": "bayes_e", "bernoulli2": "bernoulli2", "nash-e": "nash_e"}
+HAT_MARCHES = {"bayes-e": "bayes_e", "bernoulli2": "bernoulli2", "nash-e": "nash_e", "bayes": "bayes"}
 """CSV march -> hat march profile."""
 FALLBACK_MARCH = "bayes"
 """Used for a chip whose own profile hat does not ship yet."""
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=2, metavar=("MARCH", "NAME"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.work_dir = args.work_dir.resolve()
-    sizes = cat.published_models(cat.load_rows(args.csv))
+    sizes = cat.published_models(cat.load_all_rows(args.csv, args.csv.parent / cat.HAT_ZOO_MD.name))
     if args.child:
         march, name = args.child
         status, _ = run_here(args, march, name, sizes[(march, name)])

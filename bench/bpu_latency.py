@@ -14,6 +14,12 @@ chooses the channel alignment, fits the coefficients and measures the error by l
 architecture family out at a time. `--write-profiles` writes the fit into the shipped profiles
 (`hatcli/quant/marches/<march>.toml`, `[cost.fitted]`).
 
+Chips without a table of their own: Journey 5 (`bayes`, the same Bayes BPU architecture as the
+X5) takes the X5 fit times one factor fitted on the HAT model zoo's three BPU latencies
+(`../shared/data/hat_modelzoo_latency.md`; its error is leave-one-model-out over those three);
+Journey 6M / 6P (`nash_m`, `nash_p`), of which no per-model latency is published, carry the
+S100's Nash-e fit with the MAC terms scaled by int8 TOPS and say they were never checked.
+
 Targets (per march with at least 50 rebuilt rows, leave-one-family-out): median |error| <= 12 %,
 at least 60 % within +-10 %, Spearman >= 0.95. The tables go to stderr; the last line on stdout
 is one JSON object with, per march, `rows`, `median_abs_error`, `within_10`, `within_25`
@@ -31,11 +37,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bpu_catalogue import DEFAULT_CSV, load_rows  # noqa: E402
+from bpu_catalogue import DEFAULT_CSV, HAT_ZOO_MD, load_all_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HAT_MARCH = {"bayes-e": "bayes_e", "bernoulli2": "bernoulli2", "nash-e": "nash_e"}
-LATENCY_KINDS = {"hrt_perf_1thread", "oe_single_core_single_frame"}
+"""Chips of the table with a fit of their own."""
+SCALED = {"bayes": ("bayes-e", "bayes")}
+"""Chip -> (the chip whose fit it scales, hat march): Journey 5 (the HAT model zoo's three BPU
+latencies) takes the RDK X5's fit (the same Bayes architecture) times one factor fitted on them."""
+CARRIED = {"nash_m": "nash-e", "nash_p": "nash-e"}
+"""hat march -> the chip whose fit it carries, MAC terms scaled by int8 TOPS: no published
+per-model latency exists for Journey 6M / 6P."""
+LATENCY_KINDS = {"hrt_perf_1thread", "oe_single_core_single_frame", "hat_zoo_bpu_latency"}
 LOAD_KINDS = {"hrt_perf_multithread"}
 TARGETS = {"median_abs_error": 0.12, "within_10": 0.60, "spearman": 0.95, "min_rows": 50}
 
@@ -96,26 +109,46 @@ def table(march: str, report: Any) -> None:
             f"({100 * (predicted / sample.measured_ms - 1):+.0f} %)")
 
 
+def _with_error_data(profile: Any, data: str) -> Any:
+    """`profile` with its fitted error's `data` (where the figures come from) set to `data`."""
+    fitted = profile.cost.fitted
+    error = fitted.error.model_copy(update={"data": data})
+    return profile.model_copy(update={"cost": profile.cost.model_copy(
+        update={"fitted": fitted.model_copy(update={"error": error})})})
+
+
+def write_profile(profile: Any) -> None:
+    """Write a fitted profile over hat's shipped one, keeping its header comment."""
+    from hatcli.march_profile import write_march_file
+    from hatcli.quant.march import shipped_march_file
+
+    path = Path(str(shipped_march_file(profile.name)))
+    header = path.read_text().split("\nname = ")[0].strip()
+    write_march_file(profile, path, header="\n".join(line.lstrip("# ") for line in header.splitlines()))
+    log(f"{profile.name}: wrote the fit into {path.relative_to(ROOT)}")
+
+
 def main() -> int:
     """Run the fit and validation; return the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "hat-bench-bpu-graphs")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
-    parser.add_argument("--march", choices=sorted(HAT_MARCH), action="append")
+    parser.add_argument("--march", choices=sorted([*HAT_MARCH, *SCALED]), action="append")
     parser.add_argument("--write-profiles", action="store_true",
                         help="write the fitted models into hatcli/quant/marches/<march>.toml")
     args = parser.parse_args()
     if not args.csv.is_file():
         print(f"error: {args.csv} not found: pass --csv (../shared/data/bpu_latency_public.csv)", file=sys.stderr)
         return 2
-    from hatcli.deploy.perf_fit import fit_march
-    from hatcli.march_profile import write_march_file
-    from hatcli.quant.march import load_march, shipped_march_file
+    from hatcli.deploy.perf_fit import carried_fit, fit_march, scaled_fit
+    from hatcli.quant.march import load_march
 
     wall = time.perf_counter()
-    rows = load_rows(args.csv)
+    rows = load_all_rows(args.csv, args.csv.parent / HAT_ZOO_MD.name)
     result: dict[str, Any] = {}
-    for march in args.march or sorted(HAT_MARCH):
+    fitted: dict[str, Any] = {}
+    wanted = args.march or [*HAT_MARCH, *SCALED]
+    for march in sorted({m for m in wanted if m in HAT_MARCH} | {SCALED[m][0] for m in wanted if m in SCALED}):
         measured = measured_graphs(args.work_dir, march, rows)
         if len({m.family for m in measured}) < 2:
             log(f"{march}: {len(measured)} rebuilt graph(s) under {args.work_dir}; run bench/bpu_graphs.py first")
@@ -124,17 +157,43 @@ def main() -> int:
         base = load_march(HAT_MARCH[march])
         profile, report = fit_march(base, measured, data=f"{args.csv.name}, {base.chip}")
         table(march, report)
-        fitted = profile.cost.fitted
+        fitted[march] = profile
         result[march] = {**report.latency_error, "targets_met": meets(report.latency_error),
                          "throughput": report.load_error, "channel_alignment": report.channel_alignment,
                          "input_alignment": report.input_alignment,
-                         "by_family": report.by_family(), "coefficients": fitted.latency_ms,
-                         "throughput_coefficients": fitted.frame_ms_under_load}
+                         "by_family": report.by_family(), "coefficients": profile.cost.fitted.latency_ms,
+                         "throughput_coefficients": profile.cost.fitted.frame_ms_under_load}
         if args.write_profiles:
-            path = Path(str(shipped_march_file(HAT_MARCH[march])))
-            header = path.read_text().split("\nname = ")[0].strip()
-            write_march_file(profile, path, header="\n".join(line.lstrip("# ") for line in header.splitlines()))
-            log(f"{march}: wrote the fit into {path.relative_to(ROOT)}")
+            write_profile(profile)
+    for chip, (base_chip, hat_name) in SCALED.items():
+        if base_chip not in fitted or chip not in wanted:
+            continue
+        measured = measured_graphs(args.work_dir, chip, rows)
+        if len(measured) < 2:
+            log(f"{chip}: {len(measured)} rebuilt graph(s); run bench/bpu_graphs.py --march {chip}")
+            continue
+        base = fitted[base_chip]
+        profile, scaled = scaled_fit(load_march(hat_name), base, measured, data="")
+        profile = _with_error_data(profile, f"{HAT_ZOO_MD.name}: {len(measured)} HAT model-zoo BPU latencies; "
+                                            f"{base.name}'s fit x {scaled.scale:.4f}, the factor fitted on them")
+        for sample, predicted in zip(scaled.samples, scaled.predicted):
+            log(f"  {chip} {sample.name:<18} measured {sample.measured_ms:7.3f} ms  estimated (left out) "
+                f"{predicted:7.3f} ms ({100 * (predicted / sample.measured_ms - 1):+.0f} %)")
+        log(f"{chip}: {base.name}'s fit x {scaled.scale:.4f}; leave-one-model-out {scaled.error}")
+        result[chip] = {**scaled.error, "targets_met": meets(scaled.error), "scaled_from": base_chip,
+                        "scale": scaled.scale}
+        if args.write_profiles:
+            write_profile(profile)
+    for hat_name, base_chip in CARRIED.items():
+        if base_chip not in fitted or args.march:
+            continue
+        base, target = fitted[base_chip], load_march(hat_name)
+        profile = carried_fit(target, base, data=(
+            f"{base.name}'s fit ({base.cost.fitted.error.rows} {base.chip} models), MAC terms x "
+            f"{base.int8_tops:g}/{target.int8_tops:g} int8 TOPS, the rest as on {base.chip}"))
+        result[hat_name] = {"rows": 0, "carried_from": base_chip}
+        if args.write_profiles:
+            write_profile(profile)
     result["targets"] = TARGETS
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     print(json.dumps(result))

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hatcli.errors import UsageError
 
@@ -73,21 +73,32 @@ def _known_features(values: dict[str, float]) -> dict[str, float]:
 
 
 class FitError(_Strict):
-    """How far off the fitted model was on measured models it was not fitted to."""
+    """How far off the fitted model was on measured models it was not fitted to. `rows = 0`: the
+    model was never checked on this chip (e.g. another chip's fit, scaled; `data` says how), and
+    the error figures are absent."""
 
     method: str = "leave one model family out"
     rows: int = Field(ge=0)
     """Measured models the error is taken over."""
     families: int = Field(0, ge=0)
-    median_abs_error: float = Field(ge=0)
+    median_abs_error: float | None = Field(None, ge=0)
     """Median of |estimate / measured - 1|."""
-    within_10: float = Field(ge=0, le=1)
+    within_10: float | None = Field(None, ge=0, le=1)
     """Share of models within +-10 %."""
-    within_25: float = Field(ge=0, le=1)
+    within_25: float | None = Field(None, ge=0, le=1)
     spearman: float | None = None
     """Rank correlation of estimated against measured."""
     data: str = ""
-    """What was measured: board, tool, which rows."""
+    """What was measured: board, tool, which rows (or, with `rows = 0`, where the fit comes from)."""
+
+    @model_validator(mode="after")
+    def _figures_only_with_rows(self) -> FitError:
+        figures = (self.median_abs_error, self.within_10, self.within_25)
+        if self.rows and any(f is None for f in figures):
+            raise ValueError("median_abs_error, within_10 and within_25 are required when rows > 0")
+        if not self.rows and any(f is not None for f in (*figures, self.spearman)):
+            raise ValueError("rows = 0 (never checked on this chip) takes no error figures")
+        return self
 
 
 class FittedCost(_Strict):

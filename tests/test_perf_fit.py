@@ -15,9 +15,9 @@ from test_deploy import export
 from hatcli.deploy.onnx_graph import read_graph
 from hatcli.deploy.perf import estimate_graph
 from hatcli.deploy.perf_features import FEATURES, aligned, graph_features, model_features
-from hatcli.deploy.perf_fit import (MeasuredGraph, Sample, error_summary, extrapolation, fit_coefficients,
-                                    fit_march, leave_one_family_out, predict_ms)
-from hatcli.march_profile import read_march_file
+from hatcli.deploy.perf_fit import (MAC_FEATURES, MeasuredGraph, Sample, carried_fit, error_summary, extrapolation,
+                                    fit_coefficients, fit_march, leave_one_family_out, predict_ms, scaled_fit)
+from hatcli.march_profile import FitError, read_march_file
 from hatcli.quant.march import load_march
 
 TRUE = {"frame": 0.05, "dense_gmac": 2.0, "depthwise_gmac": 30.0, "activation_mb": 0.4, "block": 0.01}
@@ -204,3 +204,40 @@ def test_an_artifact_compiled_for_a_fitted_profile_reports_its_error_in_perf_htm
     page = (out / "perf.html").read_text()
     assert "estimated: median error" in page and "6 measured models" in page
     assert "leave one model family out" in page
+
+
+def _measured(board: Path, scale: float = 1.0) -> list[MeasuredGraph]:
+    return [MeasuredGraph(r["model"], r["family"], read_graph(board.parent / r["model"], batch=1),
+                          scale * float(r["latency_ms"])) for r in csv.DictReader(board.open())]
+
+
+def test_a_fit_carried_to_a_chip_without_measurements_scales_its_mac_terms_and_says_it_is_unchecked(board):
+    base, _ = fit_march(load_march("nash_e"), _measured(board), alignments=(1,))
+    carried = carried_fit(load_march("nash_m"), base, data="nash_e's fit, MAC terms x 80/128")
+    fitted, source = carried.cost.fitted, base.cost.fitted
+    for feature, value in source.latency_ms.items():
+        ratio = 80 / 128 if feature in MAC_FEATURES else 1.0
+        assert fitted.latency_ms[feature] == pytest.approx(value * ratio)
+    assert carried.name == "nash_m" and carried.ops == load_march("nash_m").ops
+    assert fitted.error.rows == 0 and fitted.error.median_abs_error is None
+    estimate = estimate_graph(read_graph(board.parent / "plain20x3.onnx", batch=1), carried)
+    assert estimate.error_text().startswith("estimated: not checked against any measured Journey 6M model "
+                                            "(nash_e's fit, MAC terms x 80/128)")
+    with pytest.raises(ValueError, match="takes no error figures"):
+        FitError.model_validate({**fitted.error.model_dump(), "median_abs_error": 0.1})
+
+
+def test_a_fit_scaled_to_a_few_measurements_reports_its_leave_one_out_error(board):
+    base, _ = fit_march(load_march("nash_e"), _measured(board), alignments=(1,))
+    # the other chip runs every one of these models 2.5x slower: one factor explains all of them
+    profile, report = scaled_fit(load_march("nash_m"), base, _measured(board, 2.5)[:3], data="three boards")
+    assert report.scale == pytest.approx(2.5, rel=1e-4)
+    assert report.error["median_abs_error"] == pytest.approx(0.0, abs=1e-4)
+    fitted = profile.cost.fitted
+    assert fitted.error.method == "leave one model out" and fitted.error.rows == 3
+    assert fitted.latency_ms["dense_gmac"] == pytest.approx(2.5 * base.cost.fitted.latency_ms["dense_gmac"])
+    # with a model the factor does not fit, its own estimate comes from the other two only
+    uneven = _measured(board, 2.5)[:3]
+    uneven[0].latency_ms *= 2
+    _, off = scaled_fit(load_march("nash_m"), base, uneven, data="")
+    assert off.predicted[0] == pytest.approx(uneven[0].latency_ms / 2, rel=1e-3)

@@ -52,7 +52,7 @@ def perf(
     if target is None:
         raise UsageError("give an ARTIFACT folder or MODEL.onnx (or --fit CSV --march M --out FILE)")
 
-    from hatcli.deploy.perf import error_phrase
+    from hatcli.deploy.perf import error_phrase, estimate_error_text
     from hatcli.deploy.recipe_build import estimation_source, perf_report
     from hatcli.quant.march import load_march
 
@@ -94,8 +94,10 @@ def perf(
     if layers:
         stdout.print(_slowest_layers(est, layers))
     stdout.print(f"MACs/frame {est['total_macs'] // max(1, batch):,}; DDR bytes/frame {est['ddr_bytes_per_frame']:,}")
+    error_note = estimate_error_text(est.get("error"), est["chip"],
+                                     est.get("extrapolation", []) if est.get("extrapolated") else [])
     for note in est.get("notes", []):
-        if note.startswith("estimated: median error") or "extrapolated" in note:
+        if note == error_note or "extrapolated" in note:
             stdout.print(note)
 
 

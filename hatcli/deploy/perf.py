@@ -103,19 +103,37 @@ class PerfEstimate:
 
     def error_text(self) -> str:
         """`estimated: median error 9 % on 87 measured <chip> models (...)`, or "" without a fitted model."""
-        if not self.error:
-            return ""
-        e = self.error
-        text = (f"estimated: {error_phrase(e, self.chip)} ({e['method']}; "
-                f"{100 * e['within_10']:.0f} % within +-10 %)")
-        return text + (" - extrapolated: " + "; ".join(self.extrapolation) if self.extrapolated else "")
+        return estimate_error_text(self.error, self.chip, self.extrapolation if self.extrapolated else [])
 
 
 def error_phrase(error: dict[str, Any], chip: str = "") -> str:
-    """`median error 9 % on 87 measured [chip] models`, from a fitted model's error (FitError fields):
-    the words every report (hat perf, perf.json notes, perf.html) shows beside an estimate."""
+    """`median error 9 % on 87 measured [chip] models`, from a fitted model's error (FitError fields),
+    or `not checked against any measured [chip] model (<where the fit comes from>)` for a fit carried
+    over from another chip: the words every report (hat perf, perf.json notes, perf.html) shows
+    beside an estimate."""
     models = f"{chip} models" if chip else "models"
+    if not error["rows"]:
+        where = f" ({error['data']})" if error.get("data") else ""
+        return f"not checked against any measured {chip + ' ' if chip else ''}model{where}"
     return f"median error {100 * error['median_abs_error']:.0f} % on {error['rows']} measured {models}"
+
+
+def estimate_error_text(error: dict[str, Any] | None, chip: str, extrapolation: list[str]) -> str:
+    """The note beside a fitted estimate: its error phrase and detail, then why it is an
+    extrapolation (when `extrapolation` lists reasons); "" without a fitted model."""
+    if not error:
+        return ""
+    detail = error_detail(error)
+    text = f"estimated: {error_phrase(error, chip)}" + (f" ({detail})" if detail else "")
+    return text + (" - extrapolated: " + "; ".join(extrapolation) if extrapolation else "")
+
+
+def error_detail(error: dict[str, Any]) -> str:
+    """`leave one model family out; 55 % within +-10 %, 80 % within +-25 %` ("" when unchecked)."""
+    if not error["rows"]:
+        return ""
+    return (f"{error['method']}; {100 * error['within_10']:.0f} % within +-10 %, "
+            f"{100 * error['within_25']:.0f} % within +-25 %")
 
 
 @dataclass

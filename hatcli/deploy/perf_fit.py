@@ -232,3 +232,77 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     )
     cost = march.cost.model_copy(update={"fitted": fitted})
     return march.model_copy(update={"cost": cost}), report
+
+
+MAC_FEATURES = ("dense_gmac", "depthwise_gmac", "grouped_gmac", "matmul_gmac")
+"""The features whose cost scales with a chip's int8 MAC rate."""
+
+
+def carried_fit(target: Any, base: Any, data: str) -> Any:
+    """`target` with `base`'s fitted model carried over, for a chip no measured model exists of:
+    the MAC terms scaled by `base.int8_tops / target.int8_tops`, every other term (memory, fixed
+    and CPU costs) as on `base`. Its error says it was never checked on `target` (rows = 0,
+    `data` says where the fit comes from)."""
+    from hatcli.march_profile import FitError
+
+    fitted = base.cost.fitted
+    if fitted is None:
+        raise ValueError(f"{base.name} has no fitted model to carry over")
+    ratio = base.int8_tops / target.int8_tops
+
+    def scaled(coefficients: dict[str, float]) -> dict[str, float]:
+        return {k: v * ratio if k in MAC_FEATURES else v for k, v in coefficients.items()}
+
+    unchecked = FitError(method="not measured", rows=0, data=data)
+    carried = fitted.model_copy(update={
+        "latency_ms": scaled(fitted.latency_ms), "frame_ms_under_load": scaled(fitted.frame_ms_under_load),
+        "error": unchecked, "throughput_error": unchecked if fitted.frame_ms_under_load else None})
+    return target.model_copy(update={"cost": target.cost.model_copy(update={"fitted": carried})})
+
+
+@dataclass
+class ScaleReport:
+    """A fit carried to another chip by one factor fitted on a few of its measured models."""
+
+    scale: float
+    samples: list[Sample]
+    predicted: list[float]
+    """Leave-one-model-out estimates, in `samples` order."""
+    error: dict[str, float]
+
+
+def _best_scale(ratios: Sequence[float]) -> float:
+    """The factor s minimising sum((s * r - 1)^2) over estimate / measured ratios r."""
+    r = np.asarray(ratios, dtype=float)
+    return float(r.sum() / (r * r).sum())
+
+
+def scaled_fit(target: Any, base: Any, measured: Sequence[MeasuredGraph], data: str) -> tuple[Any, ScaleReport]:
+    """`target` with `base`'s fitted model times one factor, the factor fitted on `measured`
+    models of `target` (least squares on relative error); the error written is the
+    leave-one-model-out one (each model estimated with the factor of the others). For a chip of
+    `base`'s architecture with too few measurements for a fit of its own. Needs 2+ models."""
+    from hatcli.march_profile import FitError
+
+    fitted = base.cost.fitted
+    if fitted is None:
+        raise ValueError(f"{base.name} has no fitted model to scale")
+    samples = _samples(measured, [model_features(graph_features(m.graph, target, fitted.channel_alignment,
+                                                                fitted.input_alignment), m.graph.batch)
+                                  for m in measured], "latency_ms")
+    if len(samples) < 2:
+        raise ValueError("a scaled fit needs at least two measured models (one is left out at a time)")
+    ratios = [predict_ms(fitted.latency_ms, s.features) / s.measured_ms for s in samples]
+    scale = _best_scale(ratios)
+    predicted = [_best_scale(ratios[:i] + ratios[i + 1:]) * ratios[i] * s.measured_ms
+                 for i, s in enumerate(samples)]
+    summary = error_summary(predicted, [s.measured_ms for s in samples])
+    error = FitError(method="leave one model out", rows=int(summary["rows"]),
+                     families=len({s.family for s in samples}), median_abs_error=summary["median_abs_error"],
+                     within_10=summary["within_10"], within_25=summary["within_25"],
+                     spearman=None if np.isnan(summary["spearman"]) else summary["spearman"], data=data)
+    carried = fitted.model_copy(update={
+        "latency_ms": {k: v * scale for k, v in fitted.latency_ms.items()},
+        "frame_ms_under_load": {}, "load_threads": None, "throughput_error": None, "error": error})
+    profile = target.model_copy(update={"cost": target.cost.model_copy(update={"fitted": carried})})
+    return profile, ScaleReport(scale, samples, predicted, summary)

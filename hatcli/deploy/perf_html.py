@@ -12,7 +12,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from hatcli.deploy.perf import error_phrase
+from hatcli.deploy.perf import error_detail, error_phrase
 
 SLOWEST = 15
 """How many layers the bar chart shows."""
@@ -41,8 +41,8 @@ def _error_paragraph(estimate: dict[str, Any]) -> str:
     if not error:
         return ("<p class='est'>roofline cost model (docs/perf_model.md), not fitted to measured whole-model "
                 "latencies of this march</p>")
-    text = (f"estimated: {error_phrase(error)} ({error['method']}; {100 * error['within_10']:.0f} % within "
-            f"+-10 %, {100 * error['within_25']:.0f} % within +-25 %)")
+    detail = error_detail(error)
+    text = escape(f"estimated: {error_phrase(error)}" + (f" ({detail})" if detail else ""))
     if estimate.get("extrapolated"):
         text += " &mdash; <b>extrapolated</b>: " + escape("; ".join(estimate.get("extrapolation", [])))
     return f"<p class='est'>{text}</p>"
