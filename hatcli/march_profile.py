@@ -121,6 +121,12 @@ class FittedCost(_Strict):
     support: Annotated[dict[str, float], AfterValidator(_known_features)] = {}
     """The most of each feature (per frame) any fitted model had: beyond it, an estimate is an
     extrapolation and says so."""
+    bpu_ops: list[str] = []
+    """The op types (ONNX, after fusion) the fitted models ran on the accelerator; a model with
+    another op is an extrapolation. Empty: not recorded (no check)."""
+    cpu_ops: list[str] = []
+    """The op types that fell back to the CPU in the fitted models; a model with another CPU
+    fallback op is an extrapolation."""
 
 
 class CostModel(_Strict):

@@ -172,6 +172,15 @@ def test_a_model_with_work_the_fit_never_saw_says_it_is_extrapolated(hat, board,
     assert "EXTRAPOLATED" in shown.out and "extrapolated: dense_gmac" in " ".join(shown.out.split())
 
 
+def test_an_op_the_fitted_models_never_ran_makes_the_estimate_an_extrapolation(board, tmp_path):
+    profile, _ = fit_march(load_march("nash_e"), _measured(board), alignments=(1,))
+    assert "Conv" in profile.cost.fitted.bpu_ops and "MaxPool" not in profile.cost.fitted.bpu_ops
+    pooled = export(nn.Sequential(nn.Conv2d(3, 12, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2)).eval(), tmp_path / "pool.onnx")
+    estimate = estimate_graph(read_graph(pooled, batch=1), profile)
+    assert estimate.extrapolated
+    assert "MaxPool on the accelerator (1 layer(s)): no fitted model ran one there" in estimate.extrapolation
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("name,latency_ms\nx.onnx,1\n", "missing column(s) model"),
     ("model,latency_ms\nplain12x2.onnx,fast\n", "bad.csv:2: `latency_ms` must be a number, not 'fast'"),

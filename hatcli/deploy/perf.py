@@ -34,6 +34,7 @@ from hatcli.deploy.perf_features import BlockFeatures, graph_features, model_fea
 from hatcli.deploy.perf_fit import extrapolation, predict_ms
 from hatcli.deploy.runtime import NP_DTYPES, create_session, opt_level_name
 from hatcli.errors import UsageError
+from hatcli.march_profile import FittedCost
 from hatcli.progress import make_progress
 from hatcli.quant.march import MarchProfile
 
@@ -239,6 +240,23 @@ def _fitted_layer(block: BlockFeatures, coefficients: dict[str, float]) -> Layer
                          bound, fallback=block.fallback, module=block.module)
 
 
+def unseen_ops(blocks: list[BlockFeatures], fitted: FittedCost) -> list[str]:
+    """Why `blocks` fall outside the op classes the fitted models had: a CPU fallback when no
+    fitted model had any, an op the fitted models never ran on the accelerator, an op that never
+    fell back to the CPU in them (each with its count)."""
+    fallbacks = [b.op_type for b in blocks if b.fallback]
+    if fallbacks and not fitted.support.get("cpu_block"):
+        return [f"{len(fallbacks)} layer(s) fall back to the CPU and no fitted model had any"]
+    reasons = []
+    for where, ops, seen in (("on the accelerator", [b.op_type for b in blocks if not b.fallback], fitted.bpu_ops),
+                             ("on the CPU", fallbacks, fitted.cpu_ops)):
+        if not seen:
+            continue  # not recorded in this profile
+        for op in sorted(set(ops) - set(seen)):
+            reasons.append(f"{op} {where} ({ops.count(op)} layer(s)): no fitted model ran one there")
+    return reasons
+
+
 def _fitted_estimate(graph: Graph, march: MarchProfile) -> PerfEstimate:
     """The estimate of a march whose profile carries a fitted model (`[cost.fitted]`)."""
     fitted = march.cost.fitted
@@ -252,10 +270,7 @@ def _fitted_estimate(graph: Graph, march: MarchProfile) -> PerfEstimate:
     total_us = latency_ms * 1e3 or 1e-9
     for r in rows:
         r.percent = round(100.0 * r.time_us / total_us, 2)
-    reasons = extrapolation(per_frame, fitted.support)
-    fallbacks = sum(r.fallback for r in rows)
-    if fallbacks and not fitted.support.get("cpu_block"):
-        reasons.append(f"{fallbacks} layer(s) fall back to the CPU and no fitted model had any")
+    reasons = extrapolation(per_frame, fitted.support) + unseen_ops(blocks, fitted)
     notes = [] if graph.quantized else ["model is not quantized: activations and weights costed as int8"]
     load_fps = None
     if fitted.frame_ms_under_load:

@@ -172,6 +172,18 @@ def _usual_threads(measured: Sequence[MeasuredGraph]) -> int | None:
     return statistics.mode(threads) if threads else None
 
 
+def ops_by_place(graphs: Sequence[Any], flags: Sequence[list[bool]]) -> tuple[list[str], list[str]]:
+    """(op types run on the accelerator, op types that fell back to the CPU) over `graphs`, views
+    left out; `flags` is `fallback_flags` per graph."""
+    bpu: set[str] = set()
+    cpu: set[str] = set()
+    for graph, graph_flags in zip(graphs, flags):
+        for layer, fallback in zip(graph.layers, graph_flags):
+            if not layer.is_view:
+                (cpu if fallback else bpu).add(layer.op_type)
+    return sorted(bpu), sorted(cpu)
+
+
 def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequence[int] = (1, 4, 8, 16, 32, 64),
               data: str = "", load_threads: int | None = None) -> tuple[Any, FitReport]:
     """Fit `march`'s latency model to `measured` models; return (the profile with `[cost.fitted]`
@@ -220,7 +232,9 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
         report.load_error = error_summary(report.load_predicted, [s.measured_ms for s in load])
         load_coefficients = fit_coefficients(load)
         load_error = fit_error(report.load_error, len({s.family for s in load}), "1000 / FPS under load")
+    bpu_ops, cpu_ops = ops_by_place([m.graph for m in measured], flags)
     fitted = FittedCost(
+        bpu_ops=bpu_ops, cpu_ops=cpu_ops,
         channel_alignment=alignment[0],
         input_alignment=alignment[1],
         latency_ms={k: v for k, v in latency_coefficients.items() if v > 0},
