@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-COMMANDS = ["pack", "train", "eval", "calops", "export", "check", "compile", "perf", "infer", "run", "plugins",
+COMMANDS = ["pack", "train", "eval", "calops", "export", "check", "compile", "perf", "infer", "run", "report", "plugins",
             "recipe", "march", "sensitivity"]
 
 

@@ -35,11 +35,10 @@ def infer(
 ) -> None:
     """Run one image through a stage's model and draw the predictions on it: the top-k classes
     (classification) or boxes with class names and scores (detection)."""
-    import torch
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import UnidentifiedImageError
 
     from hatcli.atomic import atomic_write_bytes
+    from hatcli.workflows.predictions import predict_picture, read_picture
     from hatcli.workflows.stage_models import stage_model
 
     lr = load(recipe, overrides)
@@ -50,17 +49,12 @@ def infer(
     if not input.is_file():
         raise UsageError(f"--input: no such image: {input}")
     try:
-        picture = Image.open(input)
-        picture.load()
-        tensor = decode_image(torch.frombuffer(bytearray(input.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        picture = read_picture(input.read_bytes())
     except (UnidentifiedImageError, RuntimeError, OSError) as exc:
         raise UsageError(f"--input: {input} is not a readable image ({exc})") from None
     model, classes = stage_model(lr, stage)
     detection = lr.family.task == "detection"
-    if detection:
-        rows, drawn = _detect(lr, model, tensor, picture, classes, topk or 100, min_score)
-    else:
-        rows, drawn = _classify(lr, model, tensor, picture, classes, topk or 5)
+    rows, drawn = predict_picture(lr, model, classes, picture, topk, min_score)
     import io
 
     buffer = io.BytesIO()
@@ -75,38 +69,6 @@ def infer(
     if detection and not rows:
         stdout.print(f"no detection scored {min_score:.2f} or more")
     stdout.print(f"[green]wrote[/] {out}")
-
-
-def _classify(lr, model, tensor, picture, classes, topk) -> tuple[list[dict], object]:
-    """Top-k classes of one image, and the picture with them drawn."""
-    import torch
-
-    from hatcli.inputs import model_input
-    from hatcli.tasks.drawing import class_name
-
-    with torch.no_grad():
-        outputs = model(model_input(lr, tensor))
-    prediction = lr.family.predict(outputs, topk=topk, config=lr.model)[0]
-    rows = [{"label": class_name(classes, l), "score": s} for l, s in zip(prediction.labels, prediction.scores)]
-    return rows, lr.family.draw_predictions(picture, prediction, classes)
-
-
-def _detect(lr, model, tensor, picture, classes, topk, min_score) -> tuple[list[dict], object]:
-    """Detections of one image in its own pixels, and the picture with the boxes drawn."""
-    import torch
-
-    from hatcli.inputs import detection_model_input
-    from hatcli.tasks.detection import to_original
-    from hatcli.tasks.drawing import class_name
-
-    inputs, target = detection_model_input(lr, tensor)
-    with torch.no_grad():
-        outputs = model(inputs)
-    found = to_original(lr.family.predict(outputs, topk=topk, config=lr.model)[0], target)
-    keep = found.scores >= min_score
-    rows = [{"label": class_name(classes, int(l)), "score": float(s), "box": [round(float(v), 2) for v in b]}
-            for b, s, l in zip(found.boxes[keep], found.scores[keep], found.labels[keep])]
-    return rows, lr.family.draw_predictions(picture, found, classes, min_score=min_score)
 
 
 def register(app: typer.Typer) -> None:

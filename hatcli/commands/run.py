@@ -27,11 +27,13 @@ def run(
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Pack, train float, calibrate, QAT, evaluate the integer model, export, check, compile, perf.
+    """Pack, train float, calibrate, QAT, evaluate the integer model, export, check, compile, perf,
+    then write runs/<task>/summary.json and the run report runs/<task>/report.html (`hat report`).
 
     Stages that are up to date are reused; one that an interrupted run left unfinished resumes.
     """
     from hatcli.workflows.pipeline import run_pipeline
+    from hatcli.workflows.report import report_path
 
     lr = load(recipe, overrides)
     try:
@@ -52,6 +54,9 @@ def run(
     for row in rows:
         for path in row.artifacts:
             stdout.print(f"  {row.stage:<22} {path}", soft_wrap=True, highlight=False)
+    page = report_path(lr)
+    if page.is_file():
+        stdout.print(f"  {'report':<22} {page}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -53,7 +53,7 @@ def _card(label: str, value: str, estimated: bool) -> str:
     return f'<div class="card">{escape(label)}{tag}<b>{escape(value)}</b></div>'
 
 
-def _bar_chart(layers: list[dict[str, Any]]) -> str:
+def slowest_layers_chart(layers: list[dict[str, Any]]) -> str:
     """Inline SVG: horizontal bars of the slowest layers' time, labelled with name and share."""
     slowest = sorted((l for l in layers if l.get("time_us", 0) > 0), key=lambda l: -l["time_us"])[:SLOWEST]
     if not slowest:
@@ -77,7 +77,8 @@ def _bar_chart(layers: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _layer_table(layers: list[dict[str, Any]]) -> str:
+def layer_table(layers: list[dict[str, Any]]) -> str:
+    """HTML table of every layer of an estimate: node, module, op, MACs, bytes, times, share, bound."""
     head = ("<tr><th>#</th><th class='l'>layer</th><th class='l'>module</th><th class='l'>op</th>"
             "<th class='l'>fused</th>"
             "<th>MACs</th><th>DDR bytes</th><th>compute us</th><th>memory us</th><th>time us</th>"
@@ -139,8 +140,8 @@ def render_perf_html(perf: dict[str, Any], title: str = "hat perf report") -> st
         out.append("<h2>Measured on this host (ONNX Runtime)</h2>"
                    f"<div class='cards'>{''.join(cards)}</div>")
     if estimate:
-        out.append(f"<h2>Slowest layers</h2>{_bar_chart(estimate['layers'])}")
-        out.append(f"<h2>Layers ({len(estimate['layers'])})</h2>{_layer_table(estimate['layers'])}")
+        out.append(f"<h2>Slowest layers</h2>{slowest_layers_chart(estimate['layers'])}")
+        out.append(f"<h2>Layers ({len(estimate['layers'])})</h2>{layer_table(estimate['layers'])}")
         if estimate.get("notes"):
             out.append("<ul class='notes'>" + "".join(f"<li>{escape(n)}</li>" for n in estimate["notes"]) + "</ul>")
     out.append("</body></html>")

@@ -1,8 +1,8 @@
 """`hat run`: the whole chain, skipping stages whose outputs are up to date.
 
-pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy;
-a recipe whose quantization scheme has no integer form (LQ-Net) ends after qat, with a row that
-says why.
+pack -> float -> calibration -> qat -> int_infer -> export -> check -> compile -> perf -> deploy,
+then `summary.json` and the run report (`report.html`, `hatcli.workflows.report`); a recipe whose
+quantization scheme has no integer form (LQ-Net) ends after qat, with a row that says why.
 Each row of the summary says what the stage measured, how long it took (0 when reused) and
 where its files are; each stage also prints one line as it ends. A training stage that an
 earlier run left unfinished (Ctrl-C, `kill -9`) with the same settings is resumed from its
@@ -19,7 +19,7 @@ from typing import Any
 from hatcli.atomic import atomic_write_json
 from hatcli.deploy.check import check_model
 from hatcli.deploy.recipe_build import compile_recipe, estimation_source, perf_report
-from hatcli.errors import DataError
+from hatcli.errors import DataError, warn
 from hatcli.family import PackRequest
 from hatcli.inputs import data_path
 from hatcli.plugins import packers
@@ -39,6 +39,7 @@ from hatcli.stages import (
 from hatcli.workflows.exporting import export_stage
 from hatcli.workflows.stage_models import evaluate_stage
 from hatcli.workflows.low_bit_reports import not_integer_schemes
+from hatcli.workflows.report import write_report
 from hatcli.workflows.training import calibrate, evaluate_int_infer, train_float, train_qat
 
 
@@ -167,8 +168,7 @@ def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
     blocked = not_integer_schemes(lr)
     if blocked:  # LQ-Net: no integer program to convert to, export or compile
         rows.append(_reported(_stops_here(blocked)))
-        atomic_write_json(lr.run_dir / "summary.json", [asdict(r) for r in rows])
-        return rows
+        return _finish(lr, rows)
     rows.append(_reported(_run_recorded_stage(lr, "int_infer", force)))
     rows.append(_reported(_export(lr, force)))
     rows.append(_reported(_check(lr)))
@@ -176,5 +176,16 @@ def run_pipeline(lr: LoadedRecipe, force: bool = False) -> list[StageRow]:
     rows.append(_reported(compile_row))
     rows.append(_reported(_perf(lr, artifact)))
     rows.append(_reported(_deploy_eval(lr, artifact)))
+    return _finish(lr, rows)
+
+
+def _finish(lr: LoadedRecipe, rows: list[StageRow]) -> list[StageRow]:
+    """Write `summary.json`, then the run report; the stages' work is done and kept, so a report
+    that cannot be written is a warning (`hat report` writes it again)."""
     atomic_write_json(lr.run_dir / "summary.json", [asdict(r) for r in rows])
+    try:
+        write_report(lr)
+    except Exception as exc:  # noqa: BLE001 - every stage is done and kept; the report is an extra
+        warn(f"could not write {lr.run_dir / 'report.html'} ({type(exc).__name__}: {exc}); "
+             f"`hat report {lr.path}` writes it")
     return rows
