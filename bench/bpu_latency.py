@@ -9,7 +9,10 @@ the graphs `bench/bpu_graphs.py` rebuilt from them (`DIR/graphs/<march>/index.js
 
 Per march: every rebuilt model with a single-frame latency (`hrt_perf_1thread`, and on the X3
 `oe_single_core_single_frame`) is a latency sample; its multi-thread row with the highest FPS is
-a throughput sample (`1000 / fps` ms per frame under load). `hatcli.deploy.perf_fit.fit_march`
+a throughput sample (`1000 / fps` ms per frame under load). The boards ran what D-Robotics'
+toolchain compiled, which quantizes every op the chip's op table supports: a layer counts as a CPU
+fallback when its op or shape is outside the table (`op_table_fallbacks`), not where hat's
+quantizer left an op float. `hatcli.deploy.perf_fit.fit_march`
 chooses the channel alignment, fits the coefficients and measures the error by leaving one
 architecture family out at a time. `--write-profiles` writes the fit into the shipped profiles
 (`hatcli/quant/marches/<march>.toml`, `[cost.fitted]`).
@@ -61,7 +64,11 @@ def log(text: str) -> None:
 def measured_graphs(work_dir: Path, march: str, rows: list[dict[str, Any]]) -> list[Any]:
     """The rebuilt models of `march` with what the table measured of them."""
     from hatcli.deploy.onnx_graph import read_graph
+    from hatcli.deploy.perf_features import op_table_fallbacks
     from hatcli.deploy.perf_fit import MeasuredGraph
+    from hatcli.quant.march import load_march
+
+    march_profile = load_march(HAT_MARCH.get(march, march))
 
     folder = work_dir / "graphs" / march
     index_path = folder / "index.json"
@@ -79,8 +86,10 @@ def measured_graphs(work_dir: Path, march: str, rows: list[dict[str, Any]]) -> l
         if not path.exists():
             continue
         best = max(load, key=lambda r: r["fps"]) if load else None
+        graph = read_graph(path, batch=1)
         out.append(MeasuredGraph(
-            name=name, family=info["family"], group=info.get("group", ""), graph=read_graph(path, batch=1),
+            name=name, family=info["family"], group=info.get("group", ""), graph=graph,
+            fallbacks=op_table_fallbacks(graph, march_profile),
             latency_ms=float(single[0]["latency_ms"]) if single else None,
             frame_ms_under_load=1e3 / float(best["fps"]) if best else None,
             threads=int(best["threads"]) if best else None))
@@ -109,6 +118,65 @@ def table(march: str, report: Any) -> None:
             f"({100 * (predicted / sample.measured_ms - 1):+.0f} %)")
 
 
+def coarse_group(group: str) -> str:
+    """`yolo` for every Ultralytics model (detect, seg, pose, cls), `classifier` for CNN and
+    transformer classifiers, else the group itself: the units of the leave-one-group-out check."""
+    if group.startswith("yolo"):
+        return "yolo"
+    return "classifier" if group.endswith("classifier") else group or "other"
+
+
+def leave_one_group_out(report: Any) -> dict[str, dict[str, float]]:
+    """Fit without all YOLOs and predict them, fit without all classifiers and predict them (and
+    so on per coarse group): the error of each left-out group."""
+    from dataclasses import replace
+
+    from hatcli.deploy.perf_fit import error_summary, leave_one_family_out
+
+    samples = [replace(s, family=coarse_group(s.group)) for s in report.latency]
+    if len({s.family for s in samples}) < 2:
+        return {}
+    predicted = leave_one_family_out(samples)
+    out = {}
+    for group in sorted({s.family for s in samples}):
+        index = [i for i, s in enumerate(samples) if s.family == group]
+        out[group] = error_summary([predicted[i] for i in index], [samples[i].measured_ms for i in index])
+    return out
+
+
+def markdown(march: str, chip: str, report: Any, groups: dict[str, dict[str, float]]) -> str:
+    """The tables of one march for docs/perf_model.md: the summary, each left-out group, each
+    family, and every model with its left-out estimate."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f} %"
+
+    e = report.latency_error
+    lines = [f"### {chip} (`{march}`)", "",
+             f"Single-frame latency, leave one family out: **{e['rows']} models, median |error| "
+             f"{pct(e['median_abs_error'])}, {pct(e['within_10'])} within +-10 %, {pct(e['within_25'])} within "
+             f"+-25 %, Spearman {e['spearman']:.3f}** (alignment: output channels {report.channel_alignment}, "
+             f"input channels {report.input_alignment}).", ""]
+    if report.load_error:
+        t = report.load_error
+        lines += [f"1000 / FPS under multi-thread load: {t['rows']} models, median |error| "
+                  f"{pct(t['median_abs_error'])}, {pct(t['within_10'])} within +-10 %, Spearman {t['spearman']:.3f}.", ""]
+    if groups:
+        lines += ["| left out | models | median abs error | within 10 % | within 25 % |", "|---|---|---|---|---|"]
+        lines += [f"| all {g}s | {v['rows']} | {pct(v['median_abs_error'])} | {pct(v['within_10'])} | "
+                  f"{pct(v['within_25'])} |" for g, v in groups.items()]
+        lines.append("")
+    lines += ["| family | models | median abs error | within 10 % |", "|---|---|---|---|"]
+    for family, v in sorted(report.by_family().items(), key=lambda kv: -kv[1]["median_abs_error"]):
+        lines.append(f"| {family} | {v['rows']} | {pct(v['median_abs_error'])} | {pct(v['within_10'])} |")
+    lines += ["", "<details><summary>every model (measured, estimated with its family left out)</summary>", "",
+              "| model | family | measured ms | estimated ms | error |", "|---|---|---|---|---|"]
+    for sample, predicted in sorted(zip(report.latency, report.latency_predicted), key=lambda sp: sp[0].name):
+        lines.append(f"| {sample.name} | {sample.family} | {sample.measured_ms:.3f} | {predicted:.3f} | "
+                     f"{100 * (predicted / sample.measured_ms - 1):+.1f} % |")
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
 def _with_error_data(profile: Any, data: str) -> Any:
     """`profile` with its fitted error's `data` (where the figures come from) set to `data`."""
     fitted = profile.cost.fitted
@@ -134,6 +202,7 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "hat-bench-bpu-graphs")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--march", choices=sorted([*HAT_MARCH, *SCALED]), action="append")
+    parser.add_argument("--markdown", type=Path, help="write the per-march tables (for docs/perf_model.md) here")
     parser.add_argument("--write-profiles", action="store_true",
                         help="write the fitted models into hatcli/quant/marches/<march>.toml")
     args = parser.parse_args()
@@ -147,6 +216,7 @@ def main() -> int:
     rows = load_all_rows(args.csv, args.csv.parent / HAT_ZOO_MD.name)
     result: dict[str, Any] = {}
     fitted: dict[str, Any] = {}
+    pages: list[str] = []
     wanted = args.march or [*HAT_MARCH, *SCALED]
     for march in sorted({m for m in wanted if m in HAT_MARCH} | {SCALED[m][0] for m in wanted if m in SCALED}):
         measured = measured_graphs(args.work_dir, march, rows)
@@ -157,10 +227,14 @@ def main() -> int:
         base = load_march(HAT_MARCH[march])
         profile, report = fit_march(base, measured, data=f"{args.csv.name}, {base.chip}")
         table(march, report)
+        groups = leave_one_group_out(report)
+        for group, summary in groups.items():
+            log(f"{march}: fitted without all {group}s, predicting them: {summary}")
+        pages.append(markdown(HAT_MARCH[march], base.chip, report, groups))
         fitted[march] = profile
         result[march] = {**report.latency_error, "targets_met": meets(report.latency_error),
                          "throughput": report.load_error, "channel_alignment": report.channel_alignment,
-                         "input_alignment": report.input_alignment,
+                         "input_alignment": report.input_alignment, "left_out_groups": groups,
                          "by_family": report.by_family(), "coefficients": profile.cost.fitted.latency_ms,
                          "throughput_coefficients": profile.cost.fitted.frame_ms_under_load}
         if args.write_profiles:
@@ -194,6 +268,9 @@ def main() -> int:
         result[hat_name] = {"rows": 0, "carried_from": base_chip}
         if args.write_profiles:
             write_profile(profile)
+    if args.markdown:
+        args.markdown.write_text("\n".join(pages))
+        log(f"wrote {args.markdown}")
     result["targets"] = TARGETS
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     print(json.dumps(result))

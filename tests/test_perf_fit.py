@@ -14,7 +14,7 @@ from torch import nn
 from test_deploy import export
 from hatcli.deploy.onnx_graph import read_graph
 from hatcli.deploy.perf import estimate_graph
-from hatcli.deploy.perf_features import FEATURES, aligned, graph_features, model_features
+from hatcli.deploy.perf_features import FEATURES, aligned, graph_features, model_features, op_table_fallbacks
 from hatcli.deploy.perf_fit import (MAC_FEATURES, MeasuredGraph, Sample, carried_fit, error_summary, extrapolation,
                                     fit_coefficients, fit_march, leave_one_family_out, predict_ms, scaled_fit)
 from hatcli.march_profile import FitError, read_march_file
@@ -170,6 +170,19 @@ def test_a_model_with_work_the_fit_never_saw_says_it_is_extrapolated(hat, board,
     assert estimate.extrapolated and any("dense_gmac" in r for r in estimate.extrapolation)
     shown = hat("perf", wide, "--march", out, "--no-measure")
     assert "EXTRAPOLATED" in shown.out and "extrapolated: dense_gmac" in " ".join(shown.out.split())
+
+
+def test_what_ran_on_the_cpu_when_a_model_was_measured_can_be_given_instead_of_hat_checks_verdict(board, tmp_path):
+    softmax = export(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.Softmax(dim=1)).eval(), tmp_path / "softmax.onnx")
+    graph = read_graph(softmax, batch=1)
+    x5 = load_march("bayes_e")  # Softmax is not in the X5 table (BPU only with run_on_bpu)
+    assert op_table_fallbacks(graph, x5) == [False, True]
+    measured = _measured(board)
+    for m in measured:  # as if every layer had run on the CPU of the board
+        m.fallbacks = [True] * len(m.graph.layers)
+    profile, report = fit_march(load_march("nash_e"), measured, alignments=(1,))
+    assert all(s.features["block"] == 0 and s.features["cpu_block"] > 0 for s in report.latency)
+    assert profile.cost.fitted.bpu_ops == [] and "Conv" in profile.cost.fitted.cpu_ops
 
 
 def test_an_op_the_fitted_models_never_ran_makes_the_estimate_an_extrapolation(board, tmp_path):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hatcli.deploy.check import FALLBACK, check_graph
+from hatcli.deploy.check import FALLBACK, check_graph, check_layer
 from hatcli.deploy.onnx_graph import Graph, Layer
 from hatcli.march_profile import FITTED_FEATURES
 from hatcli.quant.march import MarchProfile
@@ -132,6 +132,14 @@ def block_features(layer: Layer, march: MarchProfile, fallback: bool, alignment:
 def fallback_flags(graph: Graph, march: MarchProfile) -> list[bool]:
     """Per layer of `graph`, whether `hat check` says it falls back to the CPU on `march`."""
     return [row.status == FALLBACK for row in check_graph(graph, march).rows]
+
+
+def op_table_fallbacks(graph: Graph, march: MarchProfile) -> list[bool]:
+    """Per layer of `graph`, whether its op or its shape puts it on the CPU on `march` (the op
+    table and its limits), whatever its dtypes: what the vendor's own toolchain, which quantizes
+    every op the table supports, leaves on the CPU. For graphs measured on a board after that
+    toolchain, where hat's quantizer would leave an op float that the vendor's quantizes."""
+    return [check_layer(layer, march, quantized_graph=False).status == FALLBACK for layer in graph.layers]
 
 
 def graph_features(graph: Graph, march: MarchProfile, alignment: int = 1,

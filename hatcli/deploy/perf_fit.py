@@ -130,6 +130,9 @@ class MeasuredGraph:
     threads: int | None = None
     """The thread count `frame_ms_under_load` was measured with."""
     group: str = ""
+    fallbacks: list[bool] | None = None
+    """Per layer of `graph`, whether it ran on the CPU when it was measured; None: what `hat check`
+    says of the graph (`fallback_flags`)."""
 
 
 @dataclass
@@ -199,7 +202,8 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
 
     if not any((m.latency_ms or 0) > 0 for m in measured):
         raise ValueError("no measured single-frame latency to fit")
-    flags = [fallback_flags(m.graph, march) for m in measured]  # the same at every alignment
+    flags = [fallback_flags(m.graph, march) if m.fallbacks is None else m.fallbacks
+             for m in measured]  # the same at every alignment
     candidates = {}
     for pair in [(out, inp) for out in alignments for inp in alignments if inp <= out]:
         features = [model_features(graph_features(m.graph, march, *pair, fallbacks=f), m.graph.batch)
@@ -302,7 +306,8 @@ def scaled_fit(target: Any, base: Any, measured: Sequence[MeasuredGraph], data: 
     if fitted is None:
         raise ValueError(f"{base.name} has no fitted model to scale")
     samples = _samples(measured, [model_features(graph_features(m.graph, target, fitted.channel_alignment,
-                                                                fitted.input_alignment), m.graph.batch)
+                                                                fitted.input_alignment, fallbacks=m.fallbacks),
+                                                 m.graph.batch)
                                   for m in measured], "latency_ms")
     if len(samples) < 2:
         raise ValueError("a scaled fit needs at least two measured models (one is left out at a time)")
