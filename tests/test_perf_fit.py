@@ -16,7 +16,8 @@ from hatcli.deploy.onnx_graph import read_graph
 from hatcli.deploy.perf import estimate_graph
 from hatcli.deploy.perf_features import FEATURES, aligned, graph_features, model_features, op_table_fallbacks
 from hatcli.deploy.perf_fit import (MAC_FEATURES, MeasuredGraph, Sample, carried_fit, error_summary, extrapolation,
-                                    fit_coefficients, fit_march, leave_one_family_out, predict_ms, scaled_fit)
+                                    fit_coefficients, fit_march, fitted_features, leave_one_family_out, predict_ms,
+                                    scaled_fit, support)
 from hatcli.march_profile import FitError, read_march_file
 from hatcli.quant.march import load_march
 
@@ -35,7 +36,7 @@ SAMPLES = [
     _sample("b2", "b", dense_gmac=0.3, depthwise_gmac=0.03, activation_mb=9.0, block=80),
     _sample("c1", "c", dense_gmac=4.0, activation_mb=1.0, block=10),
     _sample("c2", "c", dense_gmac=2.0, depthwise_gmac=0.02, activation_mb=3.0, block=30),
-    _sample("d1", "d", dense_gmac=0.1, activation_mb=0.5, block=5),
+    _sample("d1", "d", dense_gmac=0.1, depthwise_gmac=0.005, activation_mb=0.5, block=5),
 ]
 
 
@@ -54,12 +55,22 @@ def test_coefficients_are_never_negative_even_when_the_data_pull_that_way():
 def test_leaving_a_family_out_predicts_it_from_the_others_only():
     exact = leave_one_family_out(SAMPLES)
     assert exact == pytest.approx([s.measured_ms for s in SAMPLES], rel=1e-6)
-    # a family whose cost the others never show (depthwise only in b and c) is mispredicted
+    # a family whose cost the others hardly show (depthwise in b and d only) is mispredicted
     # when it is the one left out: the error is honest, not in-sample
-    only_b_has_depthwise = [s for s in SAMPLES if s.family != "c"]
-    predicted = leave_one_family_out(only_b_has_depthwise)
-    b = [i for i, s in enumerate(only_b_has_depthwise) if s.family == "b"]
-    assert all(predicted[i] < only_b_has_depthwise[i].measured_ms for i in b)
+    without_c = [s for s in SAMPLES if s.family != "c"]
+    predicted = leave_one_family_out(without_c)
+    b = [i for i, s in enumerate(without_c) if s.family == "b"]
+    assert all(predicted[i] < without_c[i].measured_ms for i in b)
+
+
+def test_a_cost_only_one_family_has_is_left_out_of_the_fit():
+    # depthwise convs only in family b: its coefficient would be b's indicator, not a checked cost
+    only_b = [s for s in SAMPLES if s.family in ("a", "b")] + [
+        Sample(s.name, s.family, {**s.features, "depthwise_gmac": 0.0}, s.measured_ms) for s in SAMPLES
+        if s.family in ("c", "d")]
+    assert "depthwise_gmac" not in fitted_features(only_b)
+    assert fit_coefficients(only_b)["depthwise_gmac"] == 0
+    assert support(only_b)["depthwise_gmac"] == 0  # so a model with depthwise convs is flagged
 
 
 def test_the_error_summary_counts_what_the_targets_read():
@@ -75,7 +86,7 @@ def test_work_the_fit_never_saw_is_flagged_as_extrapolated():
     assert extrapolation({"frame": 1, "dense_gmac": 1.0, "activation_mb": 4.0}, seen) == []
     reasons = extrapolation({"frame": 1, "dense_gmac": 9.0, "matmul_gmac": 0.1}, seen)
     assert any(r.startswith("dense_gmac: 9 per frame, over 2x") for r in reasons)
-    assert "matmul_gmac: none of the fitted models had any" in reasons
+    assert "matmul_gmac: not in the fit (models of fewer than 2 fitted families had any)" in reasons
 
 
 def test_channels_are_aligned_before_macs_are_counted(tmp_path):
@@ -106,7 +117,10 @@ def _nets() -> dict[str, tuple[str, nn.Module]]:
     # widths that are not multiples of 8, so that only alignment 1 reproduces the latencies
     return {"plain12x2": ("plain", plain(12, 2)), "plain20x3": ("plain", plain(20, 3)),
             "plain36x1": ("plain", plain(36, 1)), "mobile20x2": ("mobile", mobile(20, 2)),
-            "mobile36x3": ("mobile", mobile(36, 3)), "mobile12x4": ("mobile", mobile(12, 4))}
+            "mobile36x3": ("mobile", mobile(36, 3)), "mobile12x4": ("mobile", mobile(12, 4)),
+            # a third family with depthwise convs, so that the fit can check their cost
+            "mixed28x1": ("mixed", nn.Sequential(plain(28, 1), *mobile(28, 1)[2:])),
+            "mixed44x2": ("mixed", nn.Sequential(plain(44, 2), *mobile(44, 2)[2:]))}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +148,7 @@ def test_fit_march_writes_the_fit_and_its_left_out_error_into_the_profile(board)
     profile, report = fit_march(march, measured, alignments=(1, 8))
     fitted = profile.cost.fitted
     assert report.channel_alignment == 1  # the latencies were made at alignment 1
-    assert fitted.error.rows == 6 and fitted.error.families == 2
+    assert fitted.error.rows == 8 and fitted.error.families == 3
     assert fitted.error.method == "leave one model family out"
     for sample in report.latency:
         assert predict_ms(fitted.latency_ms, sample.features) == pytest.approx(sample.measured_ms, rel=1e-4)
@@ -146,7 +160,7 @@ def test_hat_perf_fit_writes_a_profile_that_hat_perf_then_uses(hat, board, tmp_p
     result = hat("perf", "--fit", board, "--march", "nash_e", "--out", out, "--json")
     assert result.code == 0, result.err
     report = result.json()
-    assert report["march"] == "my_nash_e" and report["latency_error"]["rows"] == 6
+    assert report["march"] == "my_nash_e" and report["latency_error"]["rows"] == 8
     profile = read_march_file(out)
     assert profile.name == "my_nash_e" and profile.cost.fitted is not None
     assert profile.ops == load_march("nash_e").ops  # only the latency model changed
@@ -155,10 +169,10 @@ def test_hat_perf_fit_writes_a_profile_that_hat_perf_then_uses(hat, board, tmp_p
     estimate = estimate_graph(read_graph(model, batch=1), profile)
     measured = next(float(r["latency_ms"]) for r in csv.DictReader(board.open()) if r["model"] == model.name)
     assert estimate.cost_model == "fitted" and estimate.latency_ms == pytest.approx(measured, rel=1e-3)
-    assert estimate.error["rows"] == 6 and not estimate.extrapolated
+    assert estimate.error["rows"] == 8 and not estimate.extrapolated
     shown = hat("perf", model, "--march", out, "--no-measure")
     assert shown.code == 0, shown.err
-    assert "estimated: median error" in shown.out and "6 measured" in " ".join(shown.out.split())
+    assert "estimated: median error" in shown.out and "8 measured" in " ".join(shown.out.split())
 
 
 def test_a_model_with_work_the_fit_never_saw_says_it_is_extrapolated(hat, board, tmp_path):
@@ -224,7 +238,7 @@ def test_an_artifact_compiled_for_a_fitted_profile_reports_its_error_in_perf_htm
     compiled = hat("compile", "--model", board.parent / "mobile20x2.onnx", "--march", profile, "--out", out)
     assert compiled.code == 0, compiled.err
     page = (out / "perf.html").read_text()
-    assert "estimated: median error" in page and "6 measured models" in page
+    assert "estimated: median error" in page and "8 measured models" in page
     assert "leave one model family out" in page
 
 

@@ -38,13 +38,34 @@ def _matrix(samples: Sequence[Sample], features: Sequence[str]) -> np.ndarray:
     return np.array([[s.features.get(f, 0.0) for f in features] for s in samples], dtype=np.float64)
 
 
-def fit_coefficients(samples: Sequence[Sample], features: Sequence[str] = FEATURES) -> dict[str, float]:
-    """The non-negative coefficients (ms per unit) that minimise the squared relative error."""
+MIN_FAMILIES = 2
+"""A feature enters the fit only when models of at least this many families have it: a feature
+one family alone has is that family's indicator, not a cost the fit can check (leaving that
+family out leaves no data for it)."""
+
+
+def fitted_features(samples: Sequence[Sample], features: Sequence[str] = FEATURES,
+                    min_families: int = MIN_FAMILIES) -> list[str]:
+    """The features of `features` that models of at least `min_families` families have (`frame`,
+    the per-frame constant, always)."""
+    families: dict[str, set[str]] = {f: set() for f in features}
+    for s in samples:
+        for f in features:
+            if s.features.get(f, 0.0) > 0:
+                families[f].add(s.family)
+    return [f for f in features if f == "frame" or len(families[f]) >= min_families]
+
+
+def fit_coefficients(samples: Sequence[Sample], features: Sequence[str] = FEATURES,
+                     min_families: int = MIN_FAMILIES) -> dict[str, float]:
+    """The non-negative coefficients (ms per unit) that minimise the squared relative error; a
+    feature fewer than `min_families` families have gets 0 (see `MIN_FAMILIES`)."""
     from scipy.optimize import nnls
 
     if not samples:
         raise ValueError("no measured models to fit")
-    x = _matrix(samples, features)
+    used = set(fitted_features(samples, features, min_families))
+    x = _matrix(samples, features) * np.array([f in used for f in features], dtype=np.float64)
     y = np.array([s.measured_ms for s in samples], dtype=np.float64)
     scale = x.max(axis=0)
     scale[scale == 0] = 1.0  # a feature no sample has: coefficient 0, column left as is
@@ -96,9 +117,13 @@ def error_summary(predicted: Sequence[float], measured: Sequence[float]) -> dict
 
 
 def support(samples: Sequence[Sample], features: Sequence[str] = FEATURES) -> dict[str, float]:
-    """The largest per-frame value of each feature among the fitted models (0: none had it)."""
+    """The largest per-frame value of each fitted feature among the fitted models (0: not in the
+    fit, because no model or models of fewer than `MIN_FAMILIES` families had it)."""
+    if not samples:
+        return dict.fromkeys(features, 0.0)
+    used = set(fitted_features(samples, features))
     x = _matrix(samples, features)
-    return {f: float(v) for f, v in zip(features, x.max(axis=0))} if len(samples) else dict.fromkeys(features, 0.0)
+    return {f: float(v) if f in used else 0.0 for f, v in zip(features, x.max(axis=0))}
 
 
 def extrapolation(features: dict[str, float], seen: dict[str, float], factor: float = 2.0) -> list[str]:
@@ -109,7 +134,7 @@ def extrapolation(features: dict[str, float], seen: dict[str, float], factor: fl
             continue
         limit = seen.get(name, 0.0)
         if limit <= 0:
-            reasons.append(f"{name}: none of the fitted models had any")
+            reasons.append(f"{name}: not in the fit (models of fewer than {MIN_FAMILIES} fitted families had any)")
         elif value > factor * limit:
             reasons.append(f"{name}: {value:.3g} per frame, over {factor:g}x the most a fitted model had ({limit:.3g})")
     return reasons
