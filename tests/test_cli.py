@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 COMMANDS = ["pack", "train", "eval", "calops", "export", "check", "compile", "perf", "infer", "run", "report", "plugins",
-            "recipe", "march", "sensitivity"]
+            "recipe", "march", "sensitivity", "debug"]
 
 
 def test_root_help_lists_every_command(hat):

@@ -26,6 +26,8 @@ PREDICTION_IMAGES = 6
 """Validation images drawn by default: enough to see what the model does, cheap to run."""
 MAX_PICTURE_WIDTH = 480
 """Drawn pictures wider than this are scaled down before they are embedded."""
+MAX_DEBUG_WIDTH = 1000
+"""The same for the drawings of `hat debug` (one picture per stage side by side)."""
 JPEG_QUALITY = 82
 PACKAGES = ("torch", "torchvision", "torchao", "onnx", "onnxruntime")
 
@@ -39,10 +41,10 @@ def final_stage(lr: LoadedRecipe) -> str | None:
     return trained[-1] if trained else None
 
 
-def _data_uri(picture: Any) -> str:
-    """A drawn PIL picture as a compressed JPEG `data:` URI."""
-    if picture.width > MAX_PICTURE_WIDTH:
-        picture = picture.resize((MAX_PICTURE_WIDTH, round(picture.height * MAX_PICTURE_WIDTH / picture.width)))
+def _data_uri(picture: Any, max_width: int = MAX_PICTURE_WIDTH) -> str:
+    """A drawn PIL picture as a compressed JPEG `data:` URI, at most `max_width` pixels wide."""
+    if picture.width > max_width:
+        picture = picture.resize((max_width, round(picture.height * max_width / picture.width)))
     buffer = io.BytesIO()
     picture.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -114,15 +116,35 @@ def debug_section(lr: LoadedRecipe) -> dict[str, Any]:
         section["missing"] = f"{problem}; run `hat debug {lr.path}` again."
         return section
     for key, value in (data.items() if isinstance(data, dict) else [("findings", data)]):
-        item: dict[str, Any] = {"key": str(key), "columns": [], "rows": [], "text": ""}
+        item: dict[str, Any] = {"key": str(key), "columns": [], "rows": [], "text": "", "pictures": []}
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             item.update(dict_table(value))
+            item["pictures"] = debug_pictures(path.parent, value)
         elif isinstance(value, dict):
             item.update(columns=["key", "value"], rows=[[str(k), _cell(v)] for k, v in value.items()])
         else:
             item["text"] = _cell(value)
         section["entries"].append(item)
     return section
+
+
+def debug_pictures(folder: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The drawings a debug table names in its `image` column (plain file names of pictures in
+    the debug folder, e.g. the worst inputs), embedded; names that are no such file are skipped."""
+    from PIL import Image, UnidentifiedImageError
+
+    pictures = []
+    for row in rows:
+        name = row.get("image")
+        if not isinstance(name, str) or Path(name).name != name or not (folder / name).is_file():
+            continue
+        try:
+            with Image.open(folder / name) as picture:
+                uri = _data_uri(picture, MAX_DEBUG_WIDTH)
+        except (OSError, UnidentifiedImageError):
+            continue
+        pictures.append({"uri": uri, "caption": " ".join(f"{k} {_cell(v)}" for k, v in row.items() if k != "image")})
+    return pictures
 
 
 def git_commit(cwd: Path | None = None) -> str:
