@@ -186,13 +186,23 @@ def _with_error_data(profile: Any, data: str) -> Any:
 
 
 def write_profile(profile: Any) -> None:
-    """Write a fitted profile over hat's shipped one, keeping its header comment."""
-    from hatcli.march_profile import write_march_file
+    """Write `profile`'s fitted model into hat's shipped profile of the same name: the file's text
+    is kept as it is up to its `[cost.fitted]` section, which is replaced (or appended); the result
+    must read back as `profile`."""
+    import tomli_w
+
+    from hatcli.atomic import atomic_write_text
+    from hatcli.march_profile import read_march_file
     from hatcli.quant.march import shipped_march_file
 
     path = Path(str(shipped_march_file(profile.name)))
-    header = path.read_text().split("\nname = ")[0].strip()
-    write_march_file(profile, path, header="\n".join(line.lstrip("# ") for line in header.splitlines()))
+    text = path.read_text()
+    cut = text.find("\n[cost.fitted")
+    kept = (text if cut < 0 else text[:cut]).rstrip("\n")
+    fitted = profile.cost.fitted.model_dump(mode="json", exclude_none=True)
+    atomic_write_text(path, kept + "\n\n" + tomli_w.dumps({"cost": {"fitted": fitted}}))
+    if read_march_file(path) != profile:
+        raise SystemExit(f"{path}: the profile written does not read back as the fitted one")
     log(f"{profile.name}: wrote the fit into {path.relative_to(ROOT)}")
 
 
@@ -259,7 +269,7 @@ def main() -> int:
         if args.write_profiles:
             write_profile(profile)
     for hat_name, base_chip in CARRIED.items():
-        if base_chip not in fitted or args.march:
+        if base_chip not in fitted:  # carried whenever its base chip was fitted in this run
             continue
         base, target = fitted[base_chip], load_march(hat_name)
         profile = carried_fit(target, base, data=(

@@ -265,6 +265,7 @@ PLANTINGS = [
 ]
 
 
+@pytest.mark.slow  # ten debug runs (~90 s on 2 cores): `pytest -m slow` runs it
 def test_a_planted_fault_is_named_as_the_first_divergence_or_the_top_cause(hat, request, tmp_path):
     outcomes, named = [], 0
     for number, (run, kind, layer) in enumerate(PLANTINGS):

@@ -277,3 +277,46 @@ def test_a_fit_scaled_to_a_few_measurements_reports_its_leave_one_out_error(boar
     uneven[0].latency_ms *= 2
     _, off = scaled_fit(load_march("nash_m"), base, uneven, data="")
     assert off.predicted[0] == pytest.approx(uneven[0].latency_ms / 2, rel=1e-3)
+
+
+# -- the shipped profiles ---------------------------------------------------------------------
+
+def test_every_shipped_bpu_march_carries_a_fitted_model_and_its_measured_error():
+    for name in ("bayes_e", "bernoulli2", "nash_e"):  # fitted on the published board figures
+        error = load_march(name).cost.fitted.error
+        assert error.method == "leave one model family out" and error.rows >= 20 and error.families >= 5
+        assert error.median_abs_error is not None and error.spearman is not None
+    journey5 = load_march("bayes").cost.fitted.error  # the X5 fit scaled on the HAT zoo's latencies
+    assert journey5.method == "leave one model out" and journey5.rows == 3 and "bayes_e" in journey5.data
+    for name in ("nash_m", "nash_p"):  # no published per-model latency: carried over, never checked
+        error = load_march(name).cost.fitted.error
+        assert error.rows == 0 and error.median_abs_error is None and "nash_e" in error.data
+
+
+class _TinyViT(nn.Module):
+    """A patch-embedding conv (16x16, stride 16), one attention block with LayerNorm, softmax
+    and GELU: the shape of the SigLIP towers."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 16, 16)
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        normed = self.norm(tokens)
+        tokens = tokens + self.attention(normed, normed, normed, need_weights=False)[0]
+        return tokens + self.mlp(self.norm(tokens))
+
+
+def test_a_transformer_with_cpu_fallbacks_is_flagged_as_extrapolated_on_a_shipped_march(hat, tmp_path):
+    torch.manual_seed(0)
+    model = export(_TinyViT().eval(), tmp_path / "vit.onnx")  # 32x32: 4 tokens
+    estimate = estimate_graph(read_graph(model, batch=1), load_march("nash_e"))
+    assert estimate.cost_model == "fitted" and estimate.extrapolated
+    assert any("CPU" in reason or reason.startswith("cpu_") for reason in estimate.extrapolation)
+    shown = hat("perf", model, "--march", "nash_e", "--no-measure")
+    assert shown.code == 0, shown.err
+    assert "EXTRAPOLATED" in shown.out and "measured Journey 6E models" in " ".join(shown.out.split())

@@ -31,7 +31,7 @@ import numpy as np
 from hatcli.deploy.check import FALLBACK, check_graph
 from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf_features import BlockFeatures, graph_features, model_features
-from hatcli.deploy.perf_fit import extrapolation, predict_ms
+from hatcli.deploy.perf_fit import MIN_FAMILIES, extrapolation, predict_ms
 from hatcli.deploy.runtime import NP_DTYPES, create_session, opt_level_name
 from hatcli.errors import UsageError
 from hatcli.march_profile import FittedCost
@@ -246,7 +246,8 @@ def unseen_ops(blocks: list[BlockFeatures], fitted: FittedCost) -> list[str]:
     fell back to the CPU in them (each with its count)."""
     fallbacks = [b.op_type for b in blocks if b.fallback]
     if fallbacks and not fitted.support.get("cpu_block"):
-        return [f"{len(fallbacks)} layer(s) fall back to the CPU and no fitted model had any"]
+        return [f"{len(fallbacks)} layer(s) fall back to the CPU and the fit has no CPU cost (models of "
+                f"fewer than {MIN_FAMILIES} fitted families had CPU fallbacks)"]
     reasons = []
     for where, ops, seen in (("on the accelerator", [b.op_type for b in blocks if not b.fallback], fitted.bpu_ops),
                              ("on the CPU", fallbacks, fitted.cpu_ops)):
