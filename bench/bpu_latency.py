@@ -177,14 +177,6 @@ def markdown(march: str, chip: str, report: Any, groups: dict[str, dict[str, flo
     return "\n".join(lines)
 
 
-def _with_error_data(profile: Any, data: str) -> Any:
-    """`profile` with its fitted error's `data` (where the figures come from) set to `data`."""
-    fitted = profile.cost.fitted
-    error = fitted.error.model_copy(update={"data": data})
-    return profile.model_copy(update={"cost": profile.cost.model_copy(
-        update={"fitted": fitted.model_copy(update={"error": error})})})
-
-
 def write_profile(profile: Any) -> None:
     """Write `profile`'s fitted model into hat's shipped profile of the same name: the file's text
     is kept as it is up to its `[cost.fitted]` section, which is replaced (or appended); the result
@@ -257,9 +249,8 @@ def main() -> int:
             log(f"{chip}: {len(measured)} rebuilt graph(s); run bench/bpu_graphs.py --march {chip}")
             continue
         base = fitted[base_chip]
-        profile, scaled = scaled_fit(load_march(hat_name), base, measured, data="")
-        profile = _with_error_data(profile, f"{HAT_ZOO_MD.name}: {len(measured)} HAT model-zoo BPU latencies; "
-                                            f"{base.name}'s fit x {scaled.scale:.4f}, the factor fitted on them")
+        profile, scaled = scaled_fit(load_march(hat_name), base, measured,
+                                     data=f"{HAT_ZOO_MD.name}: {len(measured)} HAT model-zoo BPU latencies")
         for sample, predicted in zip(scaled.samples, scaled.predicted):
             log(f"  {chip} {sample.name:<18} measured {sample.measured_ms:7.3f} ms  estimated (left out) "
                 f"{predicted:7.3f} ms ({100 * (predicted / sample.measured_ms - 1):+.0f} %)")

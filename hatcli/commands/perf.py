@@ -114,7 +114,7 @@ def artifact_march(artifact_dir: Path, manifest: dict) -> str | None:
     from hatcli.progress import print_line
 
     print_line(f"march `{name}` is not installed here: estimating with the profile the artifact was "
-                 f"compiled for ({stored})")
+               f"compiled for ({stored})")
     return str(stored)
 
 

@@ -212,6 +212,22 @@ def ops_by_place(graphs: Sequence[Any], flags: Sequence[list[bool]]) -> tuple[li
     return sorted(bpu), sorted(cpu)
 
 
+def measured_error(summary: dict[str, float], families: int, data: str,
+                   method: str = "leave one model family out") -> Any:
+    """The `FitError` a profile stores, from an `error_summary` of left-out estimates."""
+    from hatcli.march_profile import FitError
+
+    return FitError(method=method, rows=int(summary["rows"]), families=families,
+                    median_abs_error=summary["median_abs_error"], within_10=summary["within_10"],
+                    within_25=summary["within_25"],
+                    spearman=None if np.isnan(summary["spearman"]) else summary["spearman"], data=data)
+
+
+def with_fitted(profile: Any, fitted: Any) -> Any:
+    """`profile` with its `[cost.fitted]` model replaced by `fitted`."""
+    return profile.model_copy(update={"cost": profile.cost.model_copy(update={"fitted": fitted})})
+
+
 def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequence[int] = (1, 4, 8, 16, 32, 64),
               data: str = "", load_threads: int | None = None) -> tuple[Any, FitReport]:
     """Fit `march`'s latency model to `measured` models; return (the profile with `[cost.fitted]`
@@ -223,7 +239,7 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     at least two families. `load_threads` defaults to the most common thread count of the
     throughput measurements.
     """
-    from hatcli.march_profile import FitError, FittedCost
+    from hatcli.march_profile import FittedCost
 
     if not any((m.latency_ms or 0) > 0 for m in measured):
         raise ValueError("no measured single-frame latency to fit")
@@ -245,12 +261,8 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
     report = FitReport(alignment[0], alignment[1], latency, predicted, error_summary(predicted, [s.measured_ms for s in latency]))
     families = len({s.family for s in latency})
 
-    def fit_error(summary: dict[str, float], n_families: int, what: str) -> FitError:
-        return FitError(rows=int(summary["rows"]), families=n_families,
-                        median_abs_error=summary["median_abs_error"], within_10=summary["within_10"],
-                        within_25=summary["within_25"],
-                        spearman=None if np.isnan(summary["spearman"]) else summary["spearman"],
-                        data=f"{data}: {what}" if data else what)
+    def fit_error(summary: dict[str, float], n_families: int, what: str) -> Any:
+        return measured_error(summary, n_families, data=f"{data}: {what}" if data else what)
 
     load = _samples(measured, features, "frame_ms_under_load")
     load_coefficients: dict[str, float] = {}
@@ -273,8 +285,7 @@ def fit_march(march: Any, measured: Sequence[MeasuredGraph], alignments: Sequenc
         throughput_error=load_error,
         support={k: v for k, v in support(latency).items() if v > 0},
     )
-    cost = march.cost.model_copy(update={"fitted": fitted})
-    return march.model_copy(update={"cost": cost}), report
+    return with_fitted(march, fitted), report
 
 
 MAC_FEATURES = ("dense_gmac", "depthwise_gmac", "grouped_gmac", "matmul_gmac")
@@ -300,7 +311,7 @@ def carried_fit(target: Any, base: Any, data: str) -> Any:
     carried = fitted.model_copy(update={
         "latency_ms": scaled(fitted.latency_ms), "frame_ms_under_load": scaled(fitted.frame_ms_under_load),
         "error": unchecked, "throughput_error": unchecked if fitted.frame_ms_under_load else None})
-    return target.model_copy(update={"cost": target.cost.model_copy(update={"fitted": carried})})
+    return with_fitted(target, carried)
 
 
 @dataclass
@@ -322,11 +333,10 @@ def _best_scale(ratios: Sequence[float]) -> float:
 
 def scaled_fit(target: Any, base: Any, measured: Sequence[MeasuredGraph], data: str) -> tuple[Any, ScaleReport]:
     """`target` with `base`'s fitted model times one factor, the factor fitted on `measured`
-    models of `target` (least squares on relative error); the error written is the
+    models of `target` (least squares on relative error; the error's `data` is `data` and the
+    factor); the error written is the
     leave-one-model-out one (each model estimated with the factor of the others). For a chip of
     `base`'s architecture with too few measurements for a fit of its own. Needs 2+ models."""
-    from hatcli.march_profile import FitError
-
     fitted = base.cost.fitted
     if fitted is None:
         raise ValueError(f"{base.name} has no fitted model to scale")
@@ -341,12 +351,10 @@ def scaled_fit(target: Any, base: Any, measured: Sequence[MeasuredGraph], data: 
     predicted = [_best_scale(ratios[:i] + ratios[i + 1:]) * ratios[i] * s.measured_ms
                  for i, s in enumerate(samples)]
     summary = error_summary(predicted, [s.measured_ms for s in samples])
-    error = FitError(method="leave one model out", rows=int(summary["rows"]),
-                     families=len({s.family for s in samples}), median_abs_error=summary["median_abs_error"],
-                     within_10=summary["within_10"], within_25=summary["within_25"],
-                     spearman=None if np.isnan(summary["spearman"]) else summary["spearman"], data=data)
+    factor = f"{base.name}'s fit x {scale:.4f}, the factor fitted on them"
+    error = measured_error(summary, len({s.family for s in samples}), f"{data}; {factor}" if data else factor,
+                           method="leave one model out")
     carried = fitted.model_copy(update={
         "latency_ms": {k: v * scale for k, v in fitted.latency_ms.items()},
         "frame_ms_under_load": {}, "load_threads": None, "throughput_error": None, "error": error})
-    profile = target.model_copy(update={"cost": target.cost.model_copy(update={"fitted": carried})})
-    return profile, ScaleReport(scale, samples, predicted, summary)
+    return with_fitted(target, carried), ScaleReport(scale, samples, predicted, summary)
