@@ -24,8 +24,9 @@ from hatcli.main import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ALL_STAGES = ["float", "calibration", "qat", "int_infer", "deploy"]
-SECTIONS = ["summary", "first_divergence", "causes", "advice", "stages", "layers", "worst_inputs", "ranges",
+ALL_STAGES = ["float", "calibration", "qat_float", "qat", "int_infer", "deploy"]
+"""What `hat debug` compares by default on a run with every stage (qat_float: the default pair's reference)."""
+SECTIONS = ["verdict", "summary", "first_divergence", "causes", "advice", "stages", "layers", "worst_inputs", "ranges",
             "weights", "quantization", "consistency"]
 
 
@@ -108,6 +109,7 @@ def test_reading_every_layer_leaves_each_stage_s_outputs_bit_for_bit(run, reques
 
     lr = load_recipe(request.getfixturevalue(run))
     models = build_models(lr, ALL_STAGES)
+    assert list(models.stages) == ALL_STAGES
     images, _ = next(iter(build_loader(lr, "val")))
     for stage, model in models.stages.items():
         with torch.no_grad():
@@ -141,7 +143,7 @@ def test_debug_json_has_every_section_most_important_first(cls_debug, cls_run):
             assert value and all(isinstance(row, dict) for row in value), key
             assert all(not isinstance(v, (dict, list)) for row in value for v in row.values()), key
     summary = cls_debug["summary"]
-    assert summary["stages"] == ", ".join(ALL_STAGES) and summary["pair"] == "float vs int_infer"
+    assert summary["stages"] == ", ".join(ALL_STAGES) and summary["pair"] == "qat_float vs int_infer"
     assert summary["images"] == 64 and summary["capture_exact"] == "every stage"
     assert summary["quantized_stage"] == "qat" and summary["kind"] == "classification"
     layers = cls_debug["layers"]
@@ -161,6 +163,39 @@ def test_debug_json_has_every_section_most_important_first(cls_debug, cls_run):
     assert cls_debug["advice"] and all({"layer", "do", "how"} <= set(a) for a in cls_debug["advice"])
 
 
+def test_on_a_qat_run_the_default_pair_traces_quantization_alone(cls_debug):
+    # QAT moved the weights: against the QAT model's own weights computed in float, no layer's
+    # difference is its weights, only their quantization
+    assert cls_debug["summary"]["pair"] == "qat_float vs int_infer"
+    assert not any("weights differ" in row["diagnosis"] for row in cls_debug["causes"])
+    assert sum(row["own_error_pct"] is not None for row in cls_debug["layers"]) >= 27  # own share vs chain known
+    stages = {row["stage"]: row for row in cls_debug["stages"]}
+    assert stages["qat_float"]["output_sqnr_db"] is not None  # not float's outputs: QAT trained the weights
+
+
+def test_the_verdict_names_the_layer_that_loses_the_most_and_what_to_do(cls_debug):
+    verdict, causes = cls_debug["verdict"], cls_debug["causes"]
+    divergence = cls_debug["first_divergence"]
+    expected = divergence["layer"] if divergence["layer"] and not divergence["inherited"] else causes[0]["layer"]
+    assert verdict["layer"] == expected and verdict["finding"].startswith(f"{expected} (")
+    assert f"{causes[0]['alone_output_sqnr_db']} dB SQNR" in verdict["finding"] or verdict["layer"] != causes[0]["layer"]
+    assert "int_infer against qat_float on 64 images" in verdict["agreement"]
+    assert (verdict["do"], verdict["how"]) in [(a["do"], a["how"]) for a in cls_debug["advice"]]
+
+
+def test_causes_with_a_diagnosed_problem_rank_before_plain_rounding_error():
+    from hatcli.workflows.debug_findings import rank_causes
+
+    rows = [{"layer": name, "op": "conv2d", "dtype": "uint8", "alone_sqnr_db": layer_db, "alone_output_sqnr_db": out_db,
+             "added_db": 0.0} for name, layer_db, out_db in [("a", 30.0, 20.0), ("b", 12.0, 35.0), ("c", 40.0, 25.0)]]
+    plain = rank_causes(rows, {}, [])
+    assert [c["layer"] for c in plain] == ["a", "c", "b"]  # by what each costs the outputs
+    moved = rank_causes(rows, {"c": ["its weights differ from the float model's (3 % of their norm)"]}, [])
+    assert [c["layer"] for c in moved] == ["a", "c", "b"]  # weights QAT moved are not a quantization problem
+    clipped = rank_causes(rows, {"b": ["scale does not cover the data range: 9 % ..."]}, [])
+    assert [c["layer"] for c in clipped] == ["b", "a", "c"]
+
+
 def test_the_worst_inputs_are_drawn_with_every_stage_s_prediction(cls_debug, cls_run):
     from PIL import Image
 
@@ -173,7 +208,7 @@ def test_the_worst_inputs_are_drawn_with_every_stage_s_prediction(cls_debug, cls
         assert row["file"].endswith(".jpg") and row["truth"]
         assert all(row[stage] for stage in ALL_STAGES)  # each stage's top class and score
         with Image.open(folder / row["image"]) as picture:
-            assert picture.width > 4 * picture.height  # five pictures side by side
+            assert picture.width > 5 * picture.height  # six pictures side by side
 
 
 def test_hat_report_shows_the_findings_and_the_drawings(hat, cls_debug, cls_run, tmp_path):
@@ -184,9 +219,31 @@ def test_hat_report_shows_the_findings_and_the_drawings(hat, cls_debug, cls_run,
     page = out.read_text()
     debug = page[page.index('<h2 id="debug">'):page.index('<h2 id="recipe">')]
     for key in SECTIONS:
-        assert f"<h3>{key}</h3>" in debug
+        assert f'data-debug="{key}"' in debug
+    # the answer first: the verdict, the per-layer chart, then the causes and the advice open
+    assert debug.index('data-debug="verdict"') < debug.index('data-chart="debug layers') < debug.index(
+        '<section data-debug="causes">') < debug.index('<section data-debug="advice">')
+    assert '<details data-debug="layers">' in debug  # the detail folded
+    assert cls_debug["verdict"]["how"] in html.unescape(debug)
     assert debug.count('<figure class="wide"><img src="data:image/jpeg;base64,') == 4
     assert html.escape(cls_debug["worst_inputs"][0]["file"]) in debug
+    from test_report import _browser
+
+    browser = _browser()
+    try:
+        browser.get(out.resolve().as_uri())
+        chart = browser.execute_script(
+            "const s = document.querySelector('svg[data-chart^=\"debug layers\"]'); const r = s.getBoundingClientRect();"
+            " return [r.width, r.height, s.querySelectorAll('circle').length]")
+        verdict = browser.execute_script("return document.querySelector('.verdict').innerText")
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        log = browser.get_log("browser")
+    finally:
+        browser.quit()
+    assert chart[0] > 400 and chart[1] > 100 and chart[2] >= 28, chart  # a point per layer at least
+    assert cls_debug["verdict"]["layer"] in verdict and "What to do" in verdict
+    assert overflow <= 0  # wide tables scroll inside their box; the page does not
+    assert [entry for entry in log if entry["level"] == "SEVERE"] == [], log
 
 
 def test_the_terminal_names_the_first_divergence_the_causes_and_the_advice(hat, cls_run):

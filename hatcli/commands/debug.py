@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json
@@ -14,7 +15,9 @@ from hatcli.progress import stdout
 EXAMPLES = """
 Examples:
 
-  hat debug recipes/quickstart.toml                        # every stage the run has, float vs int_infer
+  hat debug recipes/quickstart.toml                        # every stage the run has; quantization alone traced
+
+  hat debug recipes/quickstart.toml --pair float,int_infer # QAT's weight changes and quantization together
 
   hat debug recipes/quickstart.toml --pair int_infer,deploy --images 16
 
@@ -37,9 +40,11 @@ def debug(
     recipe: RecipeArg,
     stages: Annotated[str | None, typer.Option(help="Stages to compare with float, comma-separated "
                                                      "(default: every stage the run has of float, calibration, "
-                                                     "qat, int_infer, deploy).")] = None,
-    pair: Annotated[str, typer.Option(help="The two stages whose divergence is traced, layer by layer.")]
-    = "float,int_infer",
+                                                     "qat, int_infer, deploy; qat_float is the QAT model's "
+                                                     "weights computed in float).")] = None,
+    pair: Annotated[str | None, typer.Option(help="The two stages whose divergence is traced, layer by layer "
+                                                  "(default: quantization alone - qat_float,int_infer when QAT "
+                                                  "ran, else float,int_infer).")] = None,
     images: Annotated[int, typer.Option(min=1, help="Val images to run (spread over the val set).")] = 64,
     cosine: Annotated[float, typer.Option(min=0.0, max=1.0, help="A layer below this cosine similarity diverges.")]
     = 0.99,
@@ -57,11 +62,11 @@ def debug(
     from hatcli.workflows.debug import debug_run
     from hatcli.workflows.debug_findings import Thresholds
 
-    two = _stage_list(pair, "--pair") or []
-    if len(two) != 2:
+    two = _stage_list(pair, "--pair")
+    if two is not None and len(two) != 2:
         raise UsageError(f"--pair takes two stages, e.g. --pair float,int_infer; got `{pair}`")
-    result = debug_run(load(recipe, overrides), _stage_list(stages, "--stages"), (two[0], two[1]), images, worst,
-                       Thresholds(cosine=cosine, sqnr_db=sqnr))
+    result = debug_run(load(recipe, overrides), _stage_list(stages, "--stages"), (two[0], two[1]) if two else None,
+                       images, worst, Thresholds(cosine=cosine, sqnr_db=sqnr))
     if json_out:
         print_json({"path": str(result.path), **result.data})
         return
@@ -71,7 +76,7 @@ def debug(
 
 def print_findings(data: dict[str, Any]) -> None:
     """The headline of a debug run: the first divergence, the causes and the advice."""
-    summary, first = data["summary"], data["first_divergence"]
+    summary, first, verdict = data["summary"], data["first_divergence"], data["verdict"]
     stdout.print(f"{summary['pair']} on {summary['images']} images, {summary['layers']} layers "
                  f"({summary['thresholds']}); outputs {summary['output_sqnr_db']} dB SQNR, "
                  f"{summary['same_prediction_pct']} % same prediction", soft_wrap=True, highlight=False, markup=False)
@@ -96,6 +101,10 @@ def print_findings(data: dict[str, Any]) -> None:
     for item in data["advice"]:
         stdout.print(f"advice: {item['layer']}: {item['do']}: {item['how']}", soft_wrap=True, highlight=False,
                      markup=False)
+    stdout.print(f"[bold]loses the most:[/] {escape(verdict['finding'])}. {escape(verdict['agreement'])}.", soft_wrap=True,
+                 highlight=False)
+    if verdict["how"] != "-":
+        stdout.print(f"[bold]do:[/] {escape(verdict['do'])}: {escape(verdict['how'])}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

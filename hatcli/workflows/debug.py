@@ -41,13 +41,12 @@ from hatcli.workflows.debug_findings import (
 from hatcli.workflows.debug_measure import Measurements, consistency_pairs, image_indices, measure
 from hatcli.workflows.debug_metrics import rounded
 from hatcli.workflows.debug_quant import applied_quantization, weight_findings
-from hatcli.workflows.debug_stages import DebugModels, build_models, choose_stages
+from hatcli.workflows.debug_stages import DebugModels, build_models, choose_stages, default_pair
 from hatcli.workflows.debug_worst import draw_worst, rank_images
 
-DEFAULT_PAIR = ("float", "int_infer")
 DEFAULT_IMAGES = 64
 DEFAULT_WORST = 4
-SECTIONS = ("summary", "first_divergence", "causes", "advice", "stages", "layers", "worst_inputs", "ranges",
+SECTIONS = ("verdict", "summary", "first_divergence", "causes", "advice", "stages", "layers", "worst_inputs", "ranges",
             "weights", "quantization", "consistency")
 """The keys of debug.json, in the order they are written (and shown)."""
 
@@ -65,14 +64,16 @@ class DebugResult:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def debug_run(lr: LoadedRecipe, stages: list[str] | None = None, pair: tuple[str, str] = DEFAULT_PAIR,
+def debug_run(lr: LoadedRecipe, stages: list[str] | None = None, pair: tuple[str, str] | None = None,
               images: int = DEFAULT_IMAGES, worst: int = DEFAULT_WORST,
               thresholds: Thresholds = Thresholds()) -> DebugResult:
     """Debug `lr`'s run on `images` val images (see the module docstring) and write debug.json.
 
-    `stages` (default every stage the run has) are compared with float, `pair` with each other.
-    UsageError for a stage the run lacks (naming the command that makes it) or bad options."""
+    `stages` (default every stage the run has) are compared with float, `pair` (default
+    `default_pair`: quantization alone) with each other. UsageError for a stage the run lacks
+    (naming the command that makes it) or bad options."""
     started = time.perf_counter()
+    pair = pair or default_pair(lr)
     if images < 1 or worst < 0:
         raise UsageError(f"--images must be at least 1 and --worst at least 0 (got {images}, {worst})")
     chosen = choose_stages(lr, stages, pair)
@@ -103,18 +104,51 @@ def findings(lr: LoadedRecipe, models: DebugModels, measured: Measurements, thre
     divergence = first_divergence(rows, measured.pair, thresholds, diagnoses, quantization)
     causes = rank_causes(rows, diagnoses, quantization)
     int16_keys = {layer.name: layer.int16_key for layer in models.layers}
+    found_advice = advice(lr, march, causes, divergence, int16_keys, thresholds, measured.pair)
+    stages = stage_rows(models, measured)
     return {
+        "verdict": verdict(measured, divergence, causes, found_advice, stages),
         "summary": summary(lr, models, measured, thresholds, divergence, causes),
         "first_divergence": divergence,
         "causes": causes,
-        "advice": advice(lr, march, causes, divergence, int16_keys, thresholds, measured.pair),
-        "stages": stage_rows(models, measured),
+        "advice": found_advice,
+        "stages": stages,
         "layers": rows,
         "ranges": range_rows(graph, measured),
         "weights": weights,
         "quantization": quantization,
         "consistency": consistency_rows(models, measured),
     }
+
+
+def verdict(measured: Measurements, divergence: dict[str, Any], causes: list[dict[str, Any]],
+            found_advice: list[dict[str, str]], stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer in a few lines: which layer loses the most, how the pair agrees, what to do.
+
+    The layer is the first divergence when its error is its own, else the largest own error (the
+    first divergence then inherits from upstream)."""
+    a, b = measured.pair
+    own = divergence.get("layer") and divergence.get("inherited") is not True
+    top = divergence if own else (causes[0] if causes else {})
+    layer = top.get("layer")
+    if not layer:
+        finding = "no layer: the model has no quantized layer to compare"
+    else:
+        why = (f"the first layer where {a} and {b} part ({divergence.get('sqnr_db')} dB SQNR there), and its own "
+               f"error" if own else "the largest own error of any layer")
+        finding = (f"{layer} ({top.get('op')}, {top.get('dtype')}): {why}; quantized alone (every other layer "
+                   f"float) it leaves the model's outputs at {top.get('alone_output_sqnr_db')} dB SQNR")
+    accuracy = {row["stage"]: row.get("top1_pct") for row in stages}
+    outputs = measured.outputs.get((a, b))
+    agreement = (f"{b} against {a} on {measured.images} images: "
+                 f"{_pct(sum(r.same for r in measured.per_image), len(measured.per_image))} % same prediction, "
+                 f"outputs at {rounded(outputs.sqnr_db, 2) if outputs else '-'} dB SQNR")
+    if accuracy.get(a) is not None and accuracy.get(b) is not None:
+        agreement += f"; top-1 {accuracy[a]} % ({a}) and {accuracy[b]} % ({b}) on these images"
+    first = next((item for item in found_advice if item["layer"] == layer), found_advice[0] if found_advice else {})
+    return {"layer": layer or "-", "finding": finding, "agreement": agreement,
+            "do": first.get("do", "-"), "how": first.get("how", "-"),
+            "first_divergence": divergence.get("layer") or "none"}
 
 
 def summary(lr: LoadedRecipe, models: DebugModels, measured: Measurements, thresholds: Thresholds,
@@ -126,6 +160,7 @@ def summary(lr: LoadedRecipe, models: DebugModels, measured: Measurements, thres
             "march": lr.recipe.quant.march, "quantized_stage": models.quant_stage,
             "stages": ", ".join(measured.stages), "pair": f"{a} vs {b}", "images": measured.images,
             "layers": len(models.layers), "thresholds": thresholds.describe(),
+            "sqnr_threshold_db": thresholds.sqnr_db,
             "first_divergence": divergence.get("layer") or "none",
             "top_cause": causes[0]["layer"] if causes else "none",
             "output_sqnr_db": rounded(measured.outputs[(a, b)].sqnr_db, 2) if (a, b) in measured.outputs else None,

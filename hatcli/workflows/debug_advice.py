@@ -45,6 +45,11 @@ def _advise(layer: str, why: str, lr: LoadedRecipe, march: Any, row: dict[str, A
     return out
 
 
+def _evaluated(stage: str) -> str:
+    """The stage `hat eval --compare` knows for a debug stage (qat_float is debug's own: the QAT model)."""
+    return "qat" if stage == "qat_float" else stage
+
+
 def advice(lr: LoadedRecipe, march: Any, causes: list[dict[str, Any]], divergence: dict[str, Any],
            int16_keys: dict[str, str | None], thresholds: Thresholds, pair: tuple[str, str]) -> list[dict[str, str]]:
     """Advice for the layers ranked as causes whose own error is below the SQNR threshold, and for
@@ -68,12 +73,19 @@ def advice(lr: LoadedRecipe, march: Any, causes: list[dict[str, Any]], divergenc
     if pair[0] == "float" and lr.recipe.qat.enabled and causes and "weights differ" in causes[0].get("diagnosis", ""):
         found.append({"layer": causes[0]["layer"], "why": "most of its difference from float is the weights QAT "
                                                           "trained, not their quantization",
-                      "do": "trace quantization alone: compare the QAT model with the integer program",
-                      "how": f"hat debug {lr.path} --pair qat,int_infer"})
+                      "do": "trace quantization alone: the QAT model's weights in float against the integer program",
+                      "how": f"hat debug {lr.path} --pair qat_float,int_infer"})
     if not found:
         found.append({"layer": "-", "why": f"no layer taken alone falls below {thresholds.sqnr_db:g} dB SQNR",
                       "do": "nothing to fix in quantization on these images; compare the pair on the whole val set",
-                      "how": f"hat eval {lr.path} --stage {pair[1]} --compare {pair[0]}"})
+                      "how": f"hat eval {lr.path} --stage {pair[1]} --compare {_evaluated(pair[0])}"})
+        if causes:  # the layer that costs the most, and how to buy its error back if the gap matters
+            top = causes[0]
+            why = (f"the largest own error, though above the thresholds: {top.get('alone_sqnr_db')} dB SQNR at its "
+                   f"output, {top.get('alone_output_sqnr_db')} dB at the model's outputs")
+            found += [dict(item, do=f"if the remaining gap matters: {item['do']}")
+                      for item in _advise(top["layer"], why, lr, march, {**top, "diagnosis": ""},
+                                          int16_keys.get(top["layer"]))]
     unique: dict[tuple[str, str], dict[str, str]] = {}
     for item in found:
         unique.setdefault((item["layer"], item["do"]), item)

@@ -4,7 +4,9 @@ their numbers), and what to do about it.
 
 A layer's *own* error is measured by taking it alone from the quantized model (every other layer
 float): the SQNR at its own output says how badly it is quantized, the SQNR of the model's
-outputs what that costs them; the lower of the two ranks the causes.
+outputs what that costs them. Layers with a diagnosed quantization problem rank first, then the
+second SQNR ranks the causes (the layer that loses the most is the one whose quantization alone
+moves the outputs most); a cause is flagged when either is below the SQNR threshold.
 Its *cumulative* error is the pair's difference at its output; the drop from its inputs'
 cumulative SQNR to its own is the error added where it sits. A layer with a small own error and
 a large cumulative one inherits its error.
@@ -36,6 +38,10 @@ def over_steps(steps: float | None) -> bool:
     """Whether a difference in output steps is more than `STEP_TOLERANCE` (steps are measured on
     float values, so a difference of exactly one step reads 1.0000001)."""
     return steps is not None and steps > STEP_TOLERANCE + 1e-3
+
+
+WEIGHTS_MOVED = "its weights differ from the float model's"
+"""How the diagnosis of a layer whose weights (not their quantization) make its difference begins."""
 CAUSES = 5
 """Layers listed as causes."""
 
@@ -100,7 +106,8 @@ def layer_rows(graph: LayerGraph, measured: Measurements, thresholds: Thresholds
         row["input_sqnr_db"] = rounded(input_sqnr, 2)
         own = _value(row, "sqnr_db")
         row["added_db"] = rounded(input_sqnr - own, 2) if math.isfinite(input_sqnr) and math.isfinite(own) else None
-        share = own_share(row) if pair[0] == "float" else None
+        # the own share holds where the layers alone were measured against the pair's first stage
+        share = own_share(row) if pair[0] in ("float", "qat_float") else None
         row["own_error_pct"] = None if share is None else round(100 * share, 1)
         row["diverged"] = bool(agreement) and diverges(row, pair, thresholds)
         rows.append(row)
@@ -124,7 +131,7 @@ def weights_diagnosis(row: dict[str, Any], weight: dict[str, Any]) -> list[str]:
     if not math.isfinite(weights_only) or weights_only > alone + 3.0:
         return []
     moved = weight.get("changed_from_float_pct")
-    return [f"its weights differ from the float model's ({moved} % of their norm): with them alone, unquantized, "
+    return [f"{WEIGHTS_MOVED} ({moved} % of their norm): with them alone, unquantized, "
             f"the outputs are at {weights_only} dB SQNR, so most of this layer's difference is the weights"]
 
 
@@ -194,9 +201,17 @@ def alone_sqnr(row: dict[str, Any]) -> float:
 
 def rank_causes(rows: list[dict[str, Any]], diagnoses: dict[str, list[str]], quantization: list[dict[str, Any]],
                 count: int = CAUSES) -> list[dict[str, Any]]:
-    """The layers whose own error is largest (`alone_sqnr` lowest), first."""
+    """The layers ranked as causes, first: those with a quantization problem diagnosed (a range, a
+    dead channel, a low-bit scheme, a float layer; not weights that QAT moved), then by how much
+    their own error costs the model's outputs (taken alone, the outputs' SQNR lowest; then the
+    SQNR at the layer's own output)."""
     rules = {q["layer"]: q for q in quantization}
-    ranked = sorted(rows, key=lambda r: (alone_sqnr(r), -_value(r, "added_db", 0.0)))
+
+    def undiagnosed(row: dict[str, Any]) -> bool:
+        return not any(not item.startswith(WEIGHTS_MOVED) for item in diagnoses.get(row["layer"], []))
+
+    ranked = sorted(rows, key=lambda r: (undiagnosed(r), _value(r, "alone_output_sqnr_db"), alone_sqnr(r),
+                                         -_value(r, "added_db", 0.0)))
     causes = []
     for rank, row in enumerate(ranked[:count], start=1):
         causes.append({"rank": rank, "layer": row["layer"], "op": row["op"], "dtype": row["dtype"],

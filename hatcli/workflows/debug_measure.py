@@ -7,10 +7,11 @@ quantized graph with the integer program, the integer program with the artifact)
 other, layer by layer and at the outputs. Then each layer is run alone (`hatcli.workflows.debug_local`)
 and compared with float at its own output and at the model's outputs (a layer whose weights QAT
 moved also with its weights alone, unquantized, to tell the two apart); when the pair starts from
-a quantized stage (`--pair qat,int_infer`) every other layer keeps the quantized graph's weights
-and the reference is that graph computed in float, so only quantization is measured. The float values of every
-layer are checked against its output grid (`RangeStats`). Only one batch of layer outputs is held
-at a time.
+another stage than float (the default `qat_float,int_infer` of a QAT run, or `--pair qat,int_infer`)
+every other layer keeps the quantized graph's weights and the reference is that graph computed in
+float (qat_float), so only quantization is measured. The float values of every layer (qat_float's
+in a QAT run: the activations the QAT grids were trained for) are checked against its output grid
+(`RangeStats`). Only one batch of layer outputs is held at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hatcli.workflows.compare import flat_outputs, same_detections
 from hatcli.workflows.debug_capture import same_outputs
 from hatcli.workflows.debug_local import LayerAlone
 from hatcli.workflows.debug_metrics import Agreement, OutputsAgreement, RangeStats, grid_step, image_differences
-from hatcli.workflows.debug_stages import DebugModels
+from hatcli.workflows.debug_stages import QAT_FLOAT, DebugModels
 
 INTEGER_STAGES = ("int_infer", "deploy")
 """Stages that compute in integers: they must agree with each other exactly (or within a step)."""
@@ -132,6 +133,8 @@ def measure(lr: LoadedRecipe, models: DebugModels, pair: tuple[str, str], indice
     # against float, a layer alone carries its weights too; against a quantized stage, only its quantization
     against_float = pair[0] == "float"
     weights = models.float_graph if against_float else models.quant_graph
+    # the float values each layer's grid is judged against: the quantized model's own weights in float
+    range_source = QAT_FLOAT if QAT_FLOAT in stages and models.quant_stage == "qat" else "float"
     alone = LayerAlone(models.quant_graph, weights, graph) if local else None
     batches = val_batches(lr, indices)
     work = len(batches) * (len(stages) + (len(models.layers) if local else 0))
@@ -148,7 +151,7 @@ def measure(lr: LoadedRecipe, models: DebugModels, pair: tuple[str, str], indice
                 progress.advance(task)
             predictions = _predictions(lr, captured)
             _fold_stages(result, captured, predictions, pairs, steps, targets)
-            for name, values in captured["float"][1].items():
+            for name, values in captured[range_source][1].items():
                 result.ranges.setdefault(name, RangeStats()).update(values, grids.get(name))
             flat_a, flat_b = (flat_outputs(captured[stage][0]) for stage in pair)
             for index, (sqnr, difference), same in zip(indices[position:], image_differences(flat_a, flat_b),
@@ -156,7 +159,7 @@ def measure(lr: LoadedRecipe, models: DebugModels, pair: tuple[str, str], indice
                 result.per_image.append(ImageRecord(index, sqnr, difference, same))
             position += int(images.shape[0])
             if alone is not None:
-                reference = captured["float"] if against_float else alone.reference(images)
+                reference = captured[pair[0]] if pair[0] in ("float", QAT_FLOAT) else alone.reference(images)
                 for layer in models.layers:
                     _fold_alone(result, alone, layer, images, reference, steps)
                     progress.advance(task)

@@ -8,6 +8,12 @@ checkpoints into copies of it, `int_infer` is the integer program converted from
 stage (QAT, or calibration when QAT is off), as `hat eval --stage int_infer` builds it. `deploy`
 is the compiled artifact of the recipe's march and opt level, its layers found through the
 exported model it was compiled from.
+
+One stage exists only here: `qat_float`, the QAT model's own weights computed in float (every fake
+quant off). QAT moves the weights, so float against int_infer mixes what training changed with what
+quantization costs; qat_float against int_infer is quantization alone, as float against int_infer
+is when QAT is off (the calibration keeps the float weights). It is the default pair's reference
+whenever the run has a QAT stage (`default_pair`).
 """
 
 from __future__ import annotations
@@ -45,12 +51,24 @@ from hatcli.workflows.debug_capture import ArtifactCapture, GraphCapture
 from hatcli.workflows.stage_models import build_prepared
 
 
+DEBUG_STAGES = ("float", "calibration", "qat_float", "qat", "int_infer", "deploy")
+"""The stages `hat debug` compares, in the order they are shown: the evaluation stages and qat_float."""
+QAT_FLOAT = "qat_float"
+
+
+def default_pair(lr: LoadedRecipe) -> tuple[str, str]:
+    """The pair traced when none is asked for: the quantized model's own weights in float against
+    the integer program, so that only quantization is measured - `qat_float,int_infer` when QAT is
+    on, else `float,int_infer` (the calibration keeps the float weights)."""
+    return (QAT_FLOAT if quant_source(lr) == "qat" else "float", "int_infer")
+
+
 def stage_command(lr: LoadedRecipe, stage: str) -> str:
     """The command that makes `stage` of `lr`'s run, or the first stage it is built on that is
     missing too (calibration before QAT, ...)."""
     if stage == "deploy":  # `hat run` makes the stages it is built on as well
         return f"hat compile {lr.path}" if has_stage(lr, "int_infer") else f"hat run {lr.path}"
-    train = quant_source(lr) if stage == "int_infer" else stage
+    train = quant_source(lr) if stage == "int_infer" else "qat" if stage == QAT_FLOAT else stage
     while UPSTREAM.get(train) and not has_stage(lr, UPSTREAM[train]):
         train = UPSTREAM[train]
     return f"hat train {lr.path} --stage {train}"
@@ -63,6 +81,8 @@ def compiled_dir(lr: LoadedRecipe) -> Path:
 
 def has_stage(lr: LoadedRecipe, stage: str) -> bool:
     """Whether the run holds what `stage` needs (a checkpoint; for deploy a compiled artifact)."""
+    if stage == QAT_FLOAT:
+        return has_stage(lr, "qat")
     if stage == "qat" and not lr.recipe.qat.enabled:
         return False
     if stage in ("float", "calibration", "qat"):
@@ -74,25 +94,26 @@ def has_stage(lr: LoadedRecipe, stage: str) -> bool:
 
 def choose_stages(lr: LoadedRecipe, stages: list[str] | None, pair: tuple[str, str]) -> list[str]:
     """The stages to compare, in stage order: those asked for (default every one the run has),
-    always with float and the pair. UsageError for an unknown stage or one the run lacks, naming
-    the command that makes it."""
+    always with float and the pair (qat_float only when asked for or in the pair). UsageError for
+    an unknown stage or one the run lacks, naming the command that makes it."""
     for stage in [*(stages or []), *pair]:
-        if stage not in EVAL_STAGES:
-            raise UsageError(f"unknown stage `{stage}`; choose from {', '.join(EVAL_STAGES)}")
+        if stage not in DEBUG_STAGES:
+            raise UsageError(f"unknown stage `{stage}`; choose from {', '.join(DEBUG_STAGES)}")
     if pair[0] == pair[1]:
         raise UsageError(f"--pair compares a stage with itself ({pair[0]}); name two stages, e.g. float,int_infer")
     wanted = set(stages) if stages else {s for s in EVAL_STAGES if has_stage(lr, s)}
     wanted |= {"float", *pair}
-    for stage in [s for s in EVAL_STAGES if s in wanted]:
-        if stage == "qat" and not lr.recipe.qat.enabled:
+    # qat_float last: a missing QAT is reported as the stage the user knows (qat, int_infer)
+    for stage in sorted((s for s in DEBUG_STAGES if s in wanted), key=lambda s: s == QAT_FLOAT):
+        if stage in ("qat", QAT_FLOAT) and not lr.recipe.qat.enabled:
             raise UsageError(f"{lr.path}: QAT is off in this recipe (`qat.enabled = false`): there is no qat stage "
                              f"to debug; leave it out of --stages / --pair")
         if not has_stage(lr, stage):
-            where = compiled_dir(lr) if stage == "deploy" else stage_dir(lr, quant_source(lr) if stage == "int_infer"
-                                                                          else stage)
+            made_by = quant_source(lr) if stage == "int_infer" else "qat" if stage == QAT_FLOAT else stage
+            where = compiled_dir(lr) if stage == "deploy" else stage_dir(lr, made_by)
             raise UsageError(f"stage `{stage}` has not been made yet (nothing in {where}): run "
                              f"`{stage_command(lr, stage)}` first")
-    return [s for s in EVAL_STAGES if s in wanted]
+    return [s for s in DEBUG_STAGES if s in wanted]
 
 
 @dataclass
@@ -189,7 +210,7 @@ def build_models(lr: LoadedRecipe, stages: list[str]) -> DebugModels:
     quant_stage = quant_source(lr)
     loaded: dict[str, GraphModule] = {}
     for stage in ("calibration", "qat"):
-        if stage in stages or stage == quant_stage:
+        if stage in stages or stage == quant_stage or (stage == "qat" and QAT_FLOAT in stages):
             warn_unfinished(lr, stage, f"the {stage} model")
             gm = copy.deepcopy(base)
             gm.load_state_dict(load_checkpoint(checkpoint_path(lr, stage))["model"])
@@ -204,6 +225,9 @@ def build_models(lr: LoadedRecipe, stages: list[str]) -> DebugModels:
     for stage in stages:
         if stage == "float":
             models.stages[stage] = _graph_stage(stage, float_graph, LayerGraph(float_graph, layers))
+        elif stage == QAT_FLOAT:
+            own = _eval_float(copy.deepcopy(loaded["qat"]))
+            models.stages[stage] = _graph_stage(stage, own, LayerGraph(own, layers))
         elif stage in loaded:
             models.stages[stage] = _graph_stage(stage, loaded[stage], graph if stage == quant_stage
                                                 else LayerGraph(loaded[stage], layers))

@@ -129,3 +129,69 @@ def band_chart(estimate_ms: float, low_ms: float | None, high_ms: float | None,
                      f'stroke-width="2"><title>measured on this host</title></line>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+LAYER_SERIES = (("sqnr_db", "the pair, in the chain"), ("alone_output_sqnr_db", "the layer alone: at the outputs"),
+                ("alone_sqnr_db", "the layer alone: at its output"))
+"""The per-layer SQNRs of `hat debug` drawn by `layer_chart`: row key and legend."""
+
+
+def layer_chart(rows: list[dict], threshold_db: float | None, marks: dict[str, str], label: str) -> str:
+    """`hat debug`'s layers in execution order against SQNR (dB, higher is closer): the pair's
+    cumulative SQNR and each layer's own, the threshold as a dashed line, and the layers in
+    `marks` (name -> label) as vertical lines. A layer whose value is identical (no SQNR) is
+    left out of that series. "" when no row has a value."""
+    series = {legend: [(float(i), float(row[key])) for i, row in enumerate(rows)
+                       if isinstance(row.get(key), (int, float))] for key, legend in LAYER_SERIES}
+    series = {legend: points for legend, points in series.items() if points}
+    if not series:
+        return ""
+    width, height, left, right, top, bottom = 940, 260, 52, 16, 40, 34
+    values = [y for points in series.values() for _, y in points] + ([threshold_db] if threshold_db else [])
+    y_ticks = nice_ticks(min(values), max(values))
+    plot_w, plot_h = width - left - right, height - top - bottom
+    last = max(len(rows) - 1, 1)
+
+    def sx(index: float) -> float:
+        return left + plot_w * index / last
+
+    def sy(value: float) -> float:
+        return top + plot_h * (1 - (value - y_ticks[0]) / ((y_ticks[-1] - y_ticks[0]) or 1))
+
+    out = [f'<svg class="chart" data-chart="{escape(label)}" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#c9cfda"/>']
+    for tick in y_ticks:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" stroke="#eef1f6"/>'
+                   f'<text x="{left - 4}" y="{sy(tick) + 4:.1f}" font-size="10" text-anchor="end">'
+                   f'{_tick_text(tick)}</text>')
+    out.append(f'<text x="14" y="{top + plot_h / 2:.0f}" font-size="10" fill="#5b6475" '
+               f'transform="rotate(-90 14 {top + plot_h / 2:.0f})" text-anchor="middle">SQNR dB</text>'
+               f'<text x="{left + plot_w / 2:.0f}" y="{height - 4}" font-size="10" text-anchor="middle" '
+               f'fill="#5b6475">layer, in execution order (0 .. {len(rows) - 1})</text>')
+    for tick in nice_ticks(0, len(rows) - 1, 8) if len(rows) > 1 else [0]:
+        if 0 <= tick <= len(rows) - 1:
+            out.append(f'<text x="{sx(tick):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">'
+                       f'{_tick_text(tick)}</text>')
+    if threshold_db is not None:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(threshold_db):.1f}" y2="{sy(threshold_db):.1f}" '
+                   f'stroke="#c23b3b" stroke-dasharray="5 4"><title>threshold {threshold_db:g} dB</title></line>')
+    names = [str(row.get("layer", i)) for i, row in enumerate(rows)]
+    for name, text in marks.items():
+        if name in names:
+            x = sx(names.index(name))
+            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#b5409c" '
+                       f'stroke-width="1.5"/><text x="{min(x + 4, width - 200):.1f}" y="{top + 12}" font-size="11" '
+                       f'fill="#b5409c">{escape(text)}: {escape(name)}</text>')
+    legend_x = left
+    for i, (legend, points) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
+        out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.6" fill="{colour}">'
+                   f'<title>{escape(names[int(x)])}: {escape(legend)} {y:g} dB</title></circle>' for x, y in points)
+        out.append(f'<rect x="{legend_x}" y="18" width="10" height="4" fill="{colour}"/>'
+                   f'<text x="{legend_x + 13}" y="23" font-size="10">{escape(legend)}</text>')
+        legend_x += 24 + 6 * len(legend)
+    out.append("</svg>")
+    return "".join(out)

@@ -103,11 +103,49 @@ def dict_table(items: list[dict[str, Any]]) -> dict[str, list]:
     return {"columns": columns, "rows": [[_cell(row.get(c, "")) for c in columns] for row in items]}
 
 
+DEBUG_TITLES = {
+    "causes": "Layers whose own quantization costs the outputs most (each taken alone from the quantized model)",
+    "advice": "What to do",
+    "stages": "Each stage against float, on the same images",
+    "worst_inputs": "The images the pair disagrees on most, with every stage's prediction",
+    "first_divergence": "The first layer where the pair parts",
+    "summary": "What was compared",
+    "layers": "Every layer, in execution order",
+    "ranges": "Calibrated ranges against the values seen",
+    "weights": "Weights: dead channels, scale spread, moved by QAT",
+    "quantization": "Quantization as applied, and the recipe rule behind each layer",
+    "consistency": "Stages that must compute the same",
+}
+"""Headings of the sections `hat debug` writes; a section not named here is shown under its key."""
+DEBUG_OPEN = ("causes", "advice", "stages", "worst_inputs")
+"""Sections shown open; the others are folded (one click to open) so the answer stays on screen."""
+
+
+def _debug_entry(folder: Path, key: str, value: Any) -> dict[str, Any]:
+    """One section of debug.json as a table (a list of dicts; a dict as key/value rows) or text."""
+    item: dict[str, Any] = {"key": key, "title": DEBUG_TITLES.get(key, key), "open": key in DEBUG_OPEN
+                            or key not in DEBUG_TITLES, "columns": [], "rows": [], "text": "", "pictures": []}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        item.update(dict_table(value))
+        item["pictures"] = debug_pictures(folder, value)
+    elif isinstance(value, dict):
+        item.update(columns=["key", "value"], rows=[[str(k), _cell(v)] for k, v in value.items()])
+    else:
+        item["text"] = _cell(value)
+    return item
+
+
 def debug_section(lr: LoadedRecipe) -> dict[str, Any]:
-    """The top-level keys of `runs/<task>/debug/debug.json` (written by `hat debug`), each shown
-    generically: a list of dicts as a table, a dict as key/value rows, anything else as text."""
+    """The findings of `hat debug` (`runs/<task>/debug/debug.json`): its verdict (the layer that
+    loses the most, what to do) on top, the per-layer SQNR chart, then every other top-level key -
+    a list of dicts as a table, a dict as key/value rows, anything else as text; the sections a
+    user reads first open, the detail folded."""
+    from markupsafe import Markup
+
+    from hatcli.workflows.report_charts import layer_chart
+
     path = lr.run_dir / "debug" / "debug.json"
-    section: dict[str, Any] = {"path": str(path), "entries": [], "missing": None}
+    section: dict[str, Any] = {"path": str(path), "entries": [], "missing": None, "verdict": None, "chart": ""}
     if not path.is_file():
         section["missing"] = f"no debug findings yet: run `hat debug {lr.path}`."
         return section
@@ -115,16 +153,23 @@ def debug_section(lr: LoadedRecipe) -> dict[str, Any]:
     if problem:
         section["missing"] = f"{problem}; run `hat debug {lr.path}` again."
         return section
-    for key, value in (data.items() if isinstance(data, dict) else [("findings", data)]):
-        item: dict[str, Any] = {"key": str(key), "columns": [], "rows": [], "text": "", "pictures": []}
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            item.update(dict_table(value))
-            item["pictures"] = debug_pictures(path.parent, value)
-        elif isinstance(value, dict):
-            item.update(columns=["key", "value"], rows=[[str(k), _cell(v)] for k, v in value.items()])
-        else:
-            item["text"] = _cell(value)
-        section["entries"].append(item)
+    data = data if isinstance(data, dict) else {"findings": data}
+    verdict = data.get("verdict")
+    if isinstance(verdict, dict) and all(isinstance(verdict.get(k), str) for k in ("layer", "finding", "do", "how")):
+        section["verdict"] = verdict
+    summary = data.get("summary") if isinstance(data.get("summary"), dict) else {}
+    layers = data.get("layers")
+    if isinstance(layers, list) and all(isinstance(row, dict) for row in layers):
+        marks = {name: text for name, text in ((summary.get("first_divergence"), "first divergence"),
+                                               (section["verdict"] and section["verdict"]["layer"], "loses the most"))
+                 if isinstance(name, str) and name not in ("none", "-")}
+        threshold = summary.get("sqnr_threshold_db")
+        section["chart"] = Markup(layer_chart(layers, threshold if isinstance(threshold, (int, float)) else None,
+                                              marks, f"debug layers: {summary.get('pair', 'the pair')}"))
+    for key, value in data.items():
+        if key != "verdict" or section["verdict"] is None:
+            section["entries"].append(_debug_entry(path.parent, str(key), value))
+    section["entries"].sort(key=lambda item: not item["open"])  # stable: open sections first, in file order
     return section
 
 
