@@ -1,5 +1,6 @@
 """The compiled artifact computes exactly what `int_infer` computes: every op pattern the docs call
-integer, on every march, at every `--opt` level, in both weight formats, returns the same values.
+integer, on every march, at every `--opt` level, in both weight formats, returns the same values
+(the default run: each pattern on two marches, every march covered; `pytest -m slow`: all of them).
 
 Each pattern sits between a signed conv stem and a flatten (`tiny_nets.OpNet`), so its output
 grid is the graph's output; `artifact_check.compare_with_artifacts` quantizes, calibrates,
@@ -148,8 +149,25 @@ def _network(name: str) -> nn.Module:
     return _OutputConv(op) if name.startswith("output_") else OpNet(op)
 
 
-GRID = [(pattern, march) for pattern in PATTERNS for march in MARCH_NAMES
-        if pattern not in INT16 or load_march(march).quant.allow_int16]
+DEFAULT_MARCHES_PER_PATTERN = 2
+
+
+def _grid() -> list:
+    """Every pattern on every march that can hold it. The default run takes each pattern on
+    `DEFAULT_MARCHES_PER_PATTERN` of them, rotated through the pattern list so that every march
+    gets its share of patterns; the rest of the grid is marked `slow` (`pytest -m slow` runs it,
+    and the whole grid agrees there too)."""
+    cases = []
+    for number, pattern in enumerate(PATTERNS):
+        marches = [m for m in MARCH_NAMES if pattern not in INT16 or load_march(m).quant.allow_int16]
+        step = max(1, len(marches) // DEFAULT_MARCHES_PER_PATTERN)
+        chosen = {marches[(number + k * step) % len(marches)] for k in range(DEFAULT_MARCHES_PER_PATTERN)}
+        cases += [pytest.param(pattern, march, marks=() if march in chosen else pytest.mark.slow)
+                  for march in marches]
+    return cases
+
+
+GRID = _grid()
 
 
 @pytest.mark.parametrize(("pattern", "march"), GRID)
