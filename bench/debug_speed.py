@@ -1,4 +1,5 @@
-"""How long `hat debug` takes on the quickstart: 64 val images through all five stages.
+"""How long `hat debug` takes on the quickstart: 64 val images through all five stages (and
+qat_float, the default pair's reference: the QAT weights computed in float).
 
     .venv/bin/python bench/debug_speed.py [--workdir DIR] [--images 64] [--repeat 1]
 

@@ -1,0 +1,1 @@
+"""VargNetV2 for hatcli: the `vargnet_v2` model family (variable group convolutions)."""
