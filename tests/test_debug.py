@@ -224,6 +224,7 @@ def test_hat_report_shows_the_findings_and_the_drawings(hat, cls_debug, cls_run,
     assert debug.index('data-debug="verdict"') < debug.index('data-chart="debug layers') < debug.index(
         '<section data-debug="causes">') < debug.index('<section data-debug="advice">')
     assert '<details data-debug="layers">' in debug  # the detail folded
+    assert page.index('data-debug="headline"') < page.index('<h2 id="stages">')  # the answer on top of the page
     assert cls_debug["verdict"]["how"] in html.unescape(debug)
     assert debug.count('<figure class="wide"><img src="data:image/jpeg;base64,') == 4
     assert html.escape(cls_debug["worst_inputs"][0]["file"]) in debug
