@@ -23,7 +23,12 @@ TaskKind = Literal["classification", "detection"]
 
 
 class FamilyConfig(BaseModel):
-    """Base of every family's `[model]` table schema; unknown keys are errors."""
+    """Base of every family's `[model]` table schema; unknown keys are errors.
+
+    A recipe's table is validated with the pydantic validation context `{"input_size": (H, W)}`
+    (the recipe's `data.input_size`), so a validator that needs the input size (an arch of a fixed
+    input size) reads `info.context`; it is None where a table is validated on its own.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +38,12 @@ class FamilyConfig(BaseModel):
     num_classes: int | None = Field(None, ge=1)
     """Optional: the number of classes the recipe expects. The model is always built with the packed
     training data's class count; when this is set, training refuses data with another count."""
+
+    weights: str | None = Field(None, min_length=1)
+    """Optional: a weights file the float stage starts from (a PyTorch state dict `.pt` / `.pth`, a
+    checkpoint holding one under `state_dict` / `model`, a `.safetensors` file, or a hat float
+    checkpoint), relative to the recipe file that sets it (to the working directory with `--set`);
+    with `float.epochs = 0` the float stage is these weights, evaluated. hat only reads it."""
 
 
 class ModelFamily(ABC):

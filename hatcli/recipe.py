@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from hatcli.errors import RecipeError
 from hatcli.family import FamilyConfig, ModelFamily
-from hatcli.recipe_checks import check_plain_values, check_registered_names
+from hatcli.recipe_checks import check_float_start, check_plain_values, check_registered_names
 from hatcli.recipe_schema import Recipe
 from hatcli.registry import closest
 
@@ -384,16 +384,30 @@ def _raise_validation(exc: ValidationError, schema: type[BaseModel], prefix: tup
 
 
 def _validate(schema: type[M], data: dict[str, Any], prefix: tuple[str, ...],
-              origin: dict[str, Path | str], path: Path) -> M:
+              origin: dict[str, Path | str], path: Path, context: dict[str, Any] | None = None) -> M:
     """Validate `data` against `schema` in strict mode: a value keeps its TOML type.
 
     Validated as JSON, so a TOML array fills a tuple and a whole number a float, while a string is
     never a number and a boolean never an integer (`--set float.epochs=true` is an error).
+    `context` is pydantic's validation context (validators read it as `info.context`).
     """
     try:
-        return schema.model_validate_json(json.dumps(data), strict=True)
+        return schema.model_validate_json(json.dumps(data), strict=True, context=context)
     except ValidationError as exc:
         _raise_validation(exc, schema, prefix, origin, path)
+
+
+def _resolve_weights(model_config: FamilyConfig, source: Path | str | None) -> FamilyConfig:
+    """`[model] weights` as an absolute path: relative to the recipe file that set it (as `extends`
+    is), to the working directory when `--set` gave it."""
+    weights = getattr(model_config, "weights", None)
+    if weights is None:
+        return model_config
+    path = Path(weights).expanduser()
+    if not path.is_absolute():
+        base = Path.cwd() if source in (None, SET_SOURCE) else Path(source).parent
+        path = base / path
+    return model_config.model_copy(update={"weights": str(path.resolve())})
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -424,10 +438,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         family = families().get(name)
     except Exception as exc:
         raise RecipeError(f"{locate('model.name')}: `model.name`: {exc}") from None
-    model_config = _validate(family.config_class, model_table, (FAMILY_TABLE,), origin, path)
+    # the family's validators may need the input size (an arch of a fixed input size): `info.context`
+    model_config = _validate(family.config_class, model_table, (FAMILY_TABLE,), origin, path,
+                             context={"input_size": tuple(recipe.data.input_size)})
     # again on the validated values: a whole number too large for a float became inf
     check_plain_values({**recipe.model_dump(by_alias=True), FAMILY_TABLE: model_config.model_dump()}, locate)
     check_registered_names(recipe, locate)
+    model_config = _resolve_weights(model_config, origin.get(f"{FAMILY_TABLE}.weights"))
+    check_float_start(recipe, getattr(model_config, "weights", None), locate)
     resolved = recipe.model_dump(mode="json", by_alias=True)
     resolved["model"] = model_config.model_dump(mode="json")
+    if resolved["model"].get("weights", "") is None:
+        del resolved["model"]["weights"]  # unset: the resolved recipe (and every fingerprint) as before the key
     return LoadedRecipe(recipe=recipe, model=model_config, family=family, resolved=resolved, path=path)

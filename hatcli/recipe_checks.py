@@ -170,3 +170,11 @@ def check_registered_names(recipe: Recipe, locate: Locate) -> None:
     _check_pack_kind(recipe, locate)
     _check_transforms(recipe, locate)
     _check_callbacks(recipe, locate)
+
+
+def check_float_start(recipe: Recipe, weights: str | None, locate: Locate) -> None:
+    """`float.epochs = 0` trains nothing: the float stage is then `[model] weights`, which must be set."""
+    if recipe.float_.epochs == 0 and weights is None:
+        raise RecipeError(f"{locate('float.epochs')}: `float.epochs = 0` trains nothing, so the float stage needs "
+                          f"weights to be: set `[model] weights = \"my_float.pth\"` (or import a file as the float "
+                          f"stage with `hat train RECIPE --stage calibration --from my_float.pth`)")

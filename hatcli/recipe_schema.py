@@ -224,6 +224,8 @@ class TrainingStage(Strict):
 class FloatStage(TrainingStage):
     """`--stage float`: ordinary training."""
 
+    epochs: int = Field(10, ge=0)
+    """Epochs to train; 0 trains none: the float stage is then `[model] weights`, imported and evaluated."""
     amp: bool = False
     """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); ignored on CPU."""
     sync_bn: bool = False

@@ -22,6 +22,8 @@ Examples:
 
   hat train recipes/quickstart.toml --stage calibration
 
+  hat train recipes/quickstart.toml --stage calibration --from my_float.pth
+
   hat train recipes/quickstart.toml --stage qat --set qat.epochs=2
 
   hat train recipes/quickstart.toml --stage calibration --auto-int16 --max-drop 0.3
@@ -54,7 +56,10 @@ def train(
     recipe: RecipeArg,
     stage: Annotated[str, typer.Option(help="float, calibration or qat.")] = "float",
     resume: Annotated[bool, typer.Option(help="Continue from the stage's last checkpoint.")] = False,
-    from_path: Annotated[Path | None, typer.Option("--from", help="Start from this checkpoint instead of the previous stage's.")] = None,
+    from_path: Annotated[Path | None, typer.Option("--from", help="Start from this file instead of the previous "
+                                                   "stage's checkpoint. With --stage calibration: a hat float "
+                                                   "checkpoint, or your own weights (a PyTorch state dict .pt/.pth "
+                                                   "or .safetensors), imported as the float stage.")] = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
     nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, rich_help_panel=LAUNCH_HELP,
@@ -87,7 +92,9 @@ def train(
     if stage not in ("float", "calibration", "qat"):
         raise UsageError(f"unknown stage `{stage}`; choose float, calibration or qat")
     if stage == "float" and from_path is not None:
-        raise UsageError("--from applies to calibration and qat (float training starts from scratch)")
+        raise UsageError("--from applies to calibration and qat: start float training from your weights with "
+                         "`[model] weights = \"FILE\"` (or --set model.weights=FILE), or import them as the float "
+                         "stage with `--stage calibration --from FILE`")
     lr = load(recipe, overrides)  # a bad recipe fails here, once, before any process is started
     if auto_int16 or max_drop is not None or write_recipe is not None or sensitivity_batches is not None:
         from hatcli.commands._auto_int16 import run_auto_int16

@@ -8,7 +8,14 @@ are the engine's, quant's and deploy's, combined in `hatcli.workflows`. Everythi
 importable from `hatcli.stages` itself.
 """
 
-from hatcli.stages.fingerprints import compile_fingerprint, export_fingerprint, stage_fingerprint
+from hatcli.stages.fingerprints import (
+    compile_fingerprint,
+    export_fingerprint,
+    file_sha256,
+    float_fingerprint,
+    imported_float,
+    stage_fingerprint,
+)
 from hatcli.stages.folders import (
     checkpoint_path,
     default_compile_dir,
@@ -31,7 +38,8 @@ from hatcli.stages.unfinished import unfinished, unfinished_labels, warn_unfinis
 __all__ = [
     "EVAL_STAGES", "EXPORTABLE_STAGES", "TRAIN_STAGES", "UPSTREAM", "artifact_up_to_date", "can_resume",
     "checkpoint_path", "compile_fingerprint", "default_compile_dir", "default_export_dir", "export_fingerprint",
-    "export_source", "export_up_to_date", "is_up_to_date", "quant_source", "read_stage_record", "stage_dir",
+    "export_source", "export_up_to_date", "file_sha256", "float_fingerprint", "imported_float", "is_up_to_date",
+    "quant_source", "read_stage_record", "stage_dir",
     "stage_fingerprint", "stage_record", "unfinished", "unfinished_labels", "warn_unfinished",
     "write_stage_record",
 ]

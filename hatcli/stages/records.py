@@ -13,7 +13,7 @@ from typing import Any
 
 from hatcli.atomic import atomic_write_json, atomic_write_text
 from hatcli.recipe import LoadedRecipe
-from hatcli.stages.fingerprints import compile_fingerprint, stage_fingerprint
+from hatcli.stages.fingerprints import compile_fingerprint, file_sha256, stage_fingerprint
 from hatcli.stages.folders import stage_dir
 
 
@@ -40,11 +40,16 @@ def write_stage_record(lr: LoadedRecipe, stage: str, record: dict[str, Any]) -> 
 
 def is_up_to_date(lr: LoadedRecipe, stage: str) -> bool:
     """Whether `stage` finished, from finished stages, with the fingerprint the recipe gives now,
-    and its files exist."""
+    and its files exist; a float stage imported with `--from` also needs the file it came from to
+    be unchanged where it is still there."""
     record = read_stage_record(lr, stage)
     if not record or record.get("fingerprint") != stage_fingerprint(lr, stage):
         return False
     if record.get("finished") is False or record.get("built_on_unfinished"):
+        return False
+    source = (record.get("weights_from") or {}) if stage == "float" else {}
+    if source.get("via") == "--from" and Path(source["path"]).is_file() \
+            and file_sha256(Path(source["path"])) != source.get("sha256"):
         return False
     return all(Path(p).exists() for p in record.get("artifacts", []))
 

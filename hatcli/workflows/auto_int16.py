@@ -158,6 +158,7 @@ def auto_int16(recipe: Path, overrides: list[str] | None, max_drop: float, outpu
     _check_output(recipe, output)
     key = PRIMARY_METRIC[base.family.task]
     existing = list(base.recipe.quant.int16)
+    from_path = training.float_source(base, from_path)  # weights from outside hat: imported once, as float
 
     def calibrate(patterns: list[str]) -> float:
         lr = base if patterns == existing else load_recipe(recipe, overrides + [_int16_override(patterns)])

@@ -6,7 +6,10 @@ quantization scheme has no integer form (LQ-Net) ends after qat, with a row that
 Each row of the summary says what the stage measured, how long it took (0 when reused) and
 where its files are; each stage also prints one line as it ends. A training stage that an
 earlier run left unfinished (Ctrl-C, `kill -9`) with the same settings is resumed from its
-`checkpoint-last.pt`, so running the same command again continues where it stopped.
+`checkpoint-last.pt`, so running the same command again continues where it stopped. A float
+stage imported with `hat train --stage calibration --from FILE` counts as the float stage: reused
+while the recipe and the file are unchanged, imported again from that file (never trained over)
+when not (`hatcli.workflows.training.make_float`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from hatcli.workflows.exporting import export_stage
 from hatcli.workflows.stage_models import evaluate_stage
 from hatcli.workflows.low_bit_reports import not_integer_schemes
 from hatcli.workflows.report import write_report
-from hatcli.workflows.training import calibrate, evaluate_int_infer, train_float, train_qat
+from hatcli.workflows.training import calibrate, evaluate_int_infer, make_float, train_float, train_qat
 
 
 @dataclass
@@ -89,7 +92,7 @@ def _run_recorded_stage(lr: LoadedRecipe, stage: str, force: bool) -> StageRow:
                        f"(epoch {done.get('epochs')}/{done.get('epochs_planned')} done)")
             record = {"float": train_float, "qat": train_qat}[stage](lr, resume=True)
         else:
-            record = {"float": train_float, "calibration": calibrate, "qat": train_qat,
+            record = {"float": make_float, "calibration": calibrate, "qat": train_qat,
                       "int_infer": evaluate_int_infer}[stage](lr)
         reused = False
     return StageRow(stage, _metric_text(record["metrics"]), 0.0 if reused else record["seconds"],

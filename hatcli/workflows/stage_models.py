@@ -86,8 +86,11 @@ def build_prepared(lr: LoadedRecipe, float_path: Path | None = None) -> tuple[to
 
 def load_prepared(lr: LoadedRecipe, stage: str, path: Path | None = None) -> tuple[torch.fx.GraphModule, dict]:
     """Rebuild the prepared graph and load the calibration or QAT checkpoint into it."""
-    prepared, _, _ = build_prepared(lr)
     state = load_checkpoint(path or checkpoint_path(lr, stage))
+    if path is not None and state.get("stage") not in ("calibration", "qat"):
+        raise UsageError(f"--from: {path} is not a hat calibration checkpoint, which `--stage qat --from` takes "
+                         f"(weights from outside hat go in as float: `--stage calibration --from {path}`)")
+    prepared, _, _ = build_prepared(lr)
     prepared.load_state_dict(state["model"])
     return prepared, state
 
