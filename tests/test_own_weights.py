@@ -79,6 +79,10 @@ def test_calibration_from_a_plain_state_dict_imports_it_as_the_float_stage(hat, 
     assert hat("eval", tiny_recipe, "--stage", "int_infer", "--set", "qat.enabled=false", "--json").code == 0
     evaluated = hat("eval", tiny_recipe, "--stage", "float", "--json")
     assert evaluated.code == 0 and evaluated.json()["metrics"] == record["metrics"]
+    # the run report says where the float stage came from instead of missing curves
+    assert hat("report", tiny_recipe, "--images", "0").code == 0
+    page = (lr.run_dir / "report.html").read_text()
+    assert f"its weights were imported from {path.resolve()}" in page and "via --from" in page
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "wrapped"])

@@ -185,6 +185,14 @@ def curve_panels(records: list[dict[str, Any]]) -> list[Panel]:
     return list(panels.values())
 
 
+def _imported(lr: LoadedRecipe, stage: str) -> dict[str, Any] | None:
+    """Where a float stage's weights came from when they were imported rather than trained
+    (its stage.json's `weights_from`), else None."""
+    record = read_stage_record(lr, stage) if stage == "float" else None
+    source = record.get("weights_from") if isinstance(record, dict) else None
+    return source if isinstance(source, dict) else None
+
+
 def curves_section(lr: LoadedRecipe) -> dict[str, Any]:
     """One chart per training stage with a `metrics.jsonl`, and a sentence for each stage without."""
     from markupsafe import Markup
@@ -195,6 +203,9 @@ def curves_section(lr: LoadedRecipe) -> dict[str, Any]:
         metrics = folder / "metrics.jsonl"
         if stage == "qat" and not lr.recipe.qat.enabled:
             entry["note"] = "QAT is off in this recipe (`qat.enabled = false`)."
+        elif not metrics.is_file() and (source := _imported(lr, stage)):
+            entry["note"] = (f"{stage} trained no epochs here: its weights were imported from {source.get('path')} "
+                             f"(sha256 {str(source.get('sha256', ''))[:12]}, via {source.get('via')}): no curves.")
         elif not metrics.is_file():
             entry["note"] = (f"{stage} has not run: `hat train {lr.path} --stage {stage}` runs it."
                              if not folder.is_dir() else
