@@ -24,6 +24,8 @@ from hatcli.deploy.graph_edit import (
     EIGHT_BIT,
     accumulator_worst_case,
     add_constant,
+    constant_dequantize,
+    dequantized_input,
     drop_unused_dequantize,
     grid_clamp,
     index_graph,
@@ -34,6 +36,7 @@ from hatcli.deploy.graph_edit import (
     trans_b,
     weighted_operands,
 )
+from hatcli.quant.bias_range import accumulator_bound
 
 _MAKE = onnx.helper.make_node
 _SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
@@ -152,6 +155,94 @@ def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> 
             b.nodes.append(_MAKE("Mul", [acc_float, b.const(product.reshape(channel_shape), "dequantize")],
                                  [node.output[0]], name=f"{b.stem}_dequantize"))
             replace_nodes(graph, [node], b.nodes, node)
+        rewritten += 1
+    if rewritten:
+        drop_unused_dequantize(graph)
+    return model, rewritten
+
+
+def _matmul_weight(name: str, producers: dict, initializers: dict) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto] | None:
+    """(int8 weights [out, in], per-output scales, zero point) of a linear layer's MatMul operand:
+    ``Transpose(DequantizeLinear(q_w [out, in], axis 0))``, as torch exports `F.linear` on a tensor
+    of more than two dimensions; None for any other operand."""
+    transpose = producers.get(name)
+    if transpose is None or transpose.op_type != "Transpose":
+        return None
+    perm = next((list(onnx.helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None)
+    found = constant_dequantize(transpose.input[0], producers, initializers)
+    if perm != [1, 0] or found is None or found[0].ndim != 2 or found[2].data_type not in EIGHT_BIT:
+        return None
+    dq = producers[transpose.input[0]]
+    axis = next((int(onnx.helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1)
+    if found[1].size > 1 and axis != 0:
+        return None
+    return found
+
+
+def lower_weighted_matmul(model: onnx.ModelProto, accumulator_bits: int = 32) -> tuple[onnx.ModelProto, int]:
+    """Rewrite every linear layer torch exported as ``MatMul(DequantizeLinear(x), weight) [+ Add of
+    its int32 bias]`` (a linear on a tensor of more than two dimensions: a transformer's
+    channels-last tokens) as `int_weighted` computes it: the exact accumulator (MatMulInteger of
+    8-bit operands, int16 split into bytes), the bias in int64, the march's saturation, one cast
+    to float32, the per-channel multiplier, a QuantizeLinear of scale 1 (or the dequantized
+    accumulator where no quantize follows). Returns the model (modified in place) and the number
+    of rewritten layers."""
+    graph = model.graph
+    initializers, producers, users, outputs = index_graph(graph)
+    rewritten = 0
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        source = dequantized_input(node.input[0], producers, initializers)
+        weight = _matmul_weight(node.input[1], producers, initializers)
+        x_zero = None if source is None else initializers.get(producers[node.input[0]].input[2])
+        if source is None or weight is None or x_zero is None or x_zero.data_type not in (*EIGHT_BIT, *_SIXTEEN_BIT):
+            continue
+        q_w, w_scale, w_zero = weight
+        if np.unique(numpy_helper.to_array(w_zero)).size != 1:
+            continue
+        last, bias = node, None
+        readers = users.get(node.output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "Add" and node.output[0] not in outputs:
+            other = next(i for i in readers[0].input if i != node.output[0])
+            found = constant_dequantize(other, producers, initializers)
+            if found is not None and found[2].data_type == onnx.TensorProto.INT32 and not np.any(
+                    numpy_helper.to_array(found[2])):
+                last, bias = readers[0], found[0]
+        b = Builder(graph, node.name or node.output[0])
+        weight_u8, w_zero_name = _unsigned_weights(b, q_w.T, w_zero)
+        acc = exact_accumulator(b, "MatMul", source, x_zero, producers[node.input[0]].input[2], weight_u8,
+                                w_zero_name, [])
+        if bias is not None:
+            acc = b.op("Add", [acc, b.const(bias.astype(np.int64).reshape(-1), "bias")], "biased")
+        limit = 2 ** (accumulator_bits - 1)
+        info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(x_zero.data_type))
+        x_bound = max(abs(int(info.min) - source[2]), abs(int(info.max) - source[2]))
+        centred = q_w.astype(np.int64) - int(numpy_helper.to_array(w_zero).reshape(-1)[0])
+        bias_bound = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
+        if accumulator_bound(centred, x_bound, bias_bound) > limit - 1:
+            acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
+                       "saturated")
+        acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
+        product = (np.float32(source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
+        found = requantize_chain(last, users, outputs)
+        grid = None if found is None else grid_clamp(*found, initializers, producers)
+        if grid is not None:
+            chain, quant = found
+            y_scale = scalar_initializer(initializers, quant.input[1])
+            multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
+            scaled = b.op("Mul", [acc_float, b.const(multiplier, "multiplier")], "scaled")
+            if len(chain) > 1:
+                low, high, zero = grid
+                scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
+                                       b.const(np.float32(high - zero), "clamp_high")], "clamped")
+            b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
+                                 [quant.output[0]], name=f"{b.stem}_requantize"))
+            replace_nodes(graph, [node, *([] if last is node else [last]), *chain[1:], quant], b.nodes, quant)
+        else:
+            b.nodes.append(_MAKE("Mul", [acc_float, b.const(product, "dequantize")], [last.output[0]],
+                                 name=f"{b.stem}_dequantize"))
+            replace_nodes(graph, [node, *([] if last is node else [last])], b.nodes, last)
         rewritten += 1
     if rewritten:
         drop_unused_dequantize(graph)

@@ -108,11 +108,13 @@ def _pair(value: Any, default: int = 1) -> list[int]:
 
 
 def _is_spatial_mean(layer: Layer) -> bool:
-    """Whether a layer maps N x C x H x W to N x C x 1 x 1 (a global pooling)."""
+    """Whether a layer maps N x C x H x W to N x C x 1 x 1 or N x C (a global pooling, `x.mean([2, 3])`)."""
     if not layer.input_shapes or not layer.output_shapes:
         return False
     x, y = layer.input_shapes[0], layer.output_shapes[0]
-    return bool(x and y) and len(x) == len(y) == 4 and tuple(y[:2]) == tuple(x[:2]) and tuple(y[2:]) == (1, 1)
+    if not (x and y) or len(x) != 4:
+        return False
+    return (len(y) == 4 and tuple(y[:2]) == tuple(x[:2]) and tuple(y[2:]) == (1, 1)) or tuple(y) == tuple(x[:2])
 
 
 def _limit_reasons(layer: Layer, march: MarchProfile) -> list[str]:

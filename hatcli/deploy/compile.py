@@ -27,7 +27,8 @@ import onnx
 
 from hatcli import __version__
 from hatcli.atomic import atomic_write_json, atomic_write_text
-from hatcli.deploy.accumulator_lowering import lower_exact_weighted
+from hatcli.deploy.accumulator_lowering import lower_exact_weighted, lower_weighted_matmul
+from hatcli.deploy.attention_lowering import lower_attention_ops
 from hatcli.deploy.check import check_graph
 from hatcli.deploy.folders import building
 from hatcli.deploy.graph_edit import static_shapes
@@ -89,7 +90,8 @@ def _io(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_bits: int = 32) -> onnx.ModelProto:
     """Every compile-time lowering pass, in order (see hatcli/deploy/lowering.py,
     accumulator_lowering.py, pool_lowering.py, table_lowering.py and kernel_fusion.py): what ONNX
-    Runtime is then given to optimize. Convs and Gemms with a float or int16 result, or an int16
+    Runtime is then given to optimize (attention_lowering.py: matmul of two activations, softmax,
+    LayerNorm, the add of a float constant). Convs and Gemms with a float or int16 result, or an int16
     input, get the exact accumulator held in `accumulator_bits` (the march's). Int8
     weights stay int8 where this CPU's U8S8 kernels are exact (`hatcli.deploy.cpu.exact_u8s8`),
     else they move to uint8 with the activations. Without `runtime_fuses` (the graph is saved
@@ -102,10 +104,12 @@ def lower_graph(proto: onnx.ModelProto, runtime_fuses: bool = True, accumulator_
     # ONNX shape inference cannot see through); the passes keep the names of the tensors they read
     shapes = static_shapes(proto) if any(n.op_type in SHAPED_OPS for n in proto.graph.node) else {}
     proto, _ = lower_exact_weighted(proto, accumulator_bits)
+    proto, _ = lower_weighted_matmul(proto, accumulator_bits)
     proto, _ = lower_average_pool(proto, shapes)
     proto, _ = lower_linear_resize(proto, shapes)
     proto, _ = fuse_global_average_pool(proto, shapes)
     proto, _ = lower_quantized_binary(proto)
+    proto, _ = lower_attention_ops(proto)
     proto, _ = lower_lookup_tables(proto, runtime_tables=runtime_fuses)
     proto, _ = lower_requantize(proto)
     proto, _ = lower_quantized_conv(proto, clamped_only=runtime_fuses)

@@ -324,6 +324,12 @@ class _Reader:
     def fuse_chain(self, head: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[str], list[str], str]:
         """Head op plus the activations fused after it: (nodes, fused names, float-fused, output)."""
         chain, names, floats, t = [head], [], [], head.output[0]
+        bias = self.consumers.get(t, [])
+        if (head.op_type == "MatMul" and len(head.input) > 1 and head.input[1] in self.static and len(bias) == 1
+                and bias[0].op_type == "Add" and t not in self.graph_outputs and t not in self.qdtype
+                and all(i == t or i in self.static for i in bias[0].input)):
+            chain.append(bias[0])  # a linear on N-D tokens exports as MatMul + Add of its bias: one layer
+            t = bias[0].output[0]
         while t not in self.graph_outputs:
             cons = self.consumers.get(t, [])
             if len(cons) == 1 and (cons[0].op_type in FUSIBLE_ACTIVATIONS or (

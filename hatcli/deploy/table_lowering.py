@@ -1,4 +1,4 @@
-"""Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, exp, sign, a
+"""Compile-time lowering of quantized elementwise functions (sigmoid, tanh, hardswish, GELU, exp, sign, a
 constant scale, a clamp standing alone) to 256-entry tables, as an accelerator computes them."""
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def _table_function(op: onnx.NodeProto, dq_output: str, initializers: dict, prod
               "Exp": aten.exp.default, "Sign": aten.sign.default}
     if op.op_type in simple and len(op.input) == 1:
         return simple[op.op_type]
+    if op.op_type == "Gelu" and len(op.input) == 1:
+        approximate = attrs.get("approximate", "none")
+        approximate = approximate.decode() if isinstance(approximate, bytes) else str(approximate)
+        return lambda x: aten.gelu.default(x, approximate=approximate)  # what torch's gelu exports to
     if op.op_type in ONNX_CLAMPS:  # a clamp standing alone (a fused one follows a conv, not a dequantize)
         bounds = onnx_clamp_bounds(op, initializers, producers)
         if bounds is None:
@@ -177,7 +181,8 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
         if dq_name is None:
             continue
         source = dequantized_input(dq_name, producers, initializers)
-        fn = _table_function(op, dq_name, initializers, producers)
+        gate = _silu_gate(op, dq_name, producers, users)
+        fn = torch_silu() if gate is not None else _table_function(op, dq_name, initializers, producers)
         found = requantize_chain(op, users, outputs)
         if fn is None or found is None or len(found[0]) != 1:
             continue
@@ -192,8 +197,28 @@ def lower_lookup_tables(model: onnx.ModelProto, runtime_tables: bool = True) -> 
                 op.op_type, in_zero, float(scale), out_zero, float(out_scale.reshape(())), table):
             continue  # ONNX Runtime's own table kernel holds the same entries: leave the pattern to it
         nodes = _gather(graph, op.name or op.output[0], tensor, in_min, table, quant.output[0])
-        replace_nodes(graph, [op, quant], nodes, quant)
+        replace_nodes(graph, [op, quant, *([] if gate is None else [gate])], nodes, quant)
         tables += 1
     if tables:
         drop_unused_dequantize(graph)
     return model, tables
+
+
+def torch_silu():
+    """torch's SiLU, the function of the table the integer program builds for `aten.silu`."""
+    import torch
+
+    return torch.ops.aten.silu.default
+
+
+def _silu_gate(op: onnx.NodeProto, dq_output: str, producers: dict, users: dict) -> onnx.NodeProto | None:
+    """The Sigmoid of `Mul(x, Sigmoid(x))` (a SiLU as torch exports it) when `op` is that Mul of
+    the dequantized `dq_output` and nothing else reads the Sigmoid; None otherwise."""
+    if op.op_type != "Mul" or len(op.input) != 2 or dq_output not in op.input:
+        return None
+    other = op.input[1] if op.input[0] == dq_output else op.input[0]
+    gate = producers.get(other)
+    if gate is None or gate.op_type != "Sigmoid" or list(gate.input) != [dq_output]:
+        return None
+    readers = users.get(other, [])
+    return gate if len(readers) == 1 and readers[0] is op else None

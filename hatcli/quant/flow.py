@@ -166,13 +166,32 @@ def convert_to_integer(prepared: GraphModule) -> GraphModule:
     return integer
 
 
+def _global_pools(model: GraphModule) -> list:
+    """The `adaptive_avg_pool2d(x, 1)` nodes of a program."""
+    return [n for n in model.graph.nodes if n.op == "call_function"
+            and n.target == torch.ops.aten.adaptive_avg_pool2d.default and list(n.args[1]) == [1, 1]]
+
+
+def _global_pools_as_means(model: GraphModule) -> None:
+    """Rewrite every `adaptive_avg_pool2d(x, 1)` as `mean(x, [-2, -1], keepdim=True)` (the same values)."""
+    for node in _global_pools(model):
+        node.target = torch.ops.aten.mean.dim
+        node.args = (node.args[0], [-2, -1], True)
+    model.recompile()
+
+
 def export_program(integer_model: GraphModule, example: tuple) -> torch.export.ExportedProgram:
     """Capture the integer program as an ExportedProgram with a free batch dimension; quantizes onto
     narrow (low-bit) grids are followed by an explicit clamp, which ONNX needs (its QuantizeLinear
-    saturates to the whole 8-bit range)."""
+    saturates to the whole 8-bit range). A global average pool is written as the mean over H and W
+    it is: torch's export decomposes `adaptive_avg_pool2d` of a permuted (channels-last) tensor
+    into a mean and an `as_strided` copy, which would leave the mean without its quantize."""
     if narrow_quantizes(integer_model):
         integer_model = copy.deepcopy(integer_model)
         clamp_narrow_grids(integer_model)
+    if _global_pools(integer_model):
+        integer_model = copy.deepcopy(integer_model)
+        _global_pools_as_means(integer_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(integer_model, example, dynamic_shapes=batch_dynamic_shapes(example))

@@ -64,7 +64,16 @@ from hatcli.quant.integer_kernels import (
     lookup_table,
     quantize_input,
 )
-from hatcli.quant.op_sets import CLAMP_OPS, clamp_bounds
+from hatcli.quant.integer_kernels_nn import (
+    grid_bound,
+    int_add_float,
+    int_layer_norm,
+    int_matmul,
+    int_softmax,
+    layer_norm_epsilon,
+    softmax_table,
+)
+from hatcli.quant.op_sets import CLAMP_OPS, LAYER_NORM_OPS, MATMUL_OPS, SOFTMAX_OPS, clamp_bounds
 from hatcli.quant.quantizer import module_path
 
 QD = torch.ops.quantized_decomposed
@@ -79,7 +88,8 @@ SUB = {A.sub.Tensor, A.sub_.Tensor}
 MUL = {A.mul.Tensor, A.mul_.Tensor}
 DIV = {A.div.Tensor, A.div_.Tensor}
 TABLE_OPS = {A.sigmoid.default, A.tanh.default, A.hardsigmoid.default, A.hardswish.default, A.exp.default,
-             A.sign.default}
+             A.sign.default, A.gelu.default, A.silu.default, A.sigmoid_.default, A.tanh_.default,
+             A.hardsigmoid_.default, A.hardswish_.default, A.exp_.default, A.gelu_.default, A.silu_.default}
 """Elementwise functions of one tensor, computed as a 256-entry table on 8-bit inputs."""
 INTEGER_GRIDS = (torch.int8, torch.uint8, torch.int16, torch.uint16)
 """The grids integer ops take (8- and 16-bit)."""
@@ -323,7 +333,9 @@ class _Rewriter:
         if node.target in MUL and len(args) == 2 and not isinstance(args[0], Node):
             args.reverse()  # constant * x: the same float32 product as x * constant
         tensors = [a for a in args if isinstance(a, Node)]
-        if len(tensors) != 1 or args[0] is not tensors[0] or node.kwargs:
+        kwargs = dict(node.kwargs)
+        if len(tensors) != 1 or args[0] is not tensors[0] or any(
+                not isinstance(v, (int, float, str)) for v in kwargs.values()):
             return False
         xq = _QParams.of(tensors[0])
         quant = _single_user(node)
@@ -334,7 +346,7 @@ class _Rewriter:
                                              (isinstance(args[1], torch.Tensor) and args[1].numel() == 1)):
             return False
         target, rest = node.target, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:])
-        table = lookup_table(lambda x: target(x, *rest), xq.scale, xq.zero, xq.qmin, xq.qmax,
+        table = lookup_table(lambda x: target(x, *rest, **kwargs), xq.scale, xq.zero, xq.qmin, xq.qmax,
                              yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype)
         return self.replace(node, quant, int_lookup, (xq.source, self.constant(table, "table", quant), xq.qmin), "table")
 
@@ -350,6 +362,79 @@ class _Rewriter:
         return self.replace(node, quant, int_resample, (
             xq.source, xq.zero, xq.qmin, xq.qmax, yq.dtype, None if out_size is None else tuple(out_size),
             bool(align_corners), None if scales is None else tuple(scales)), "resample")
+
+    def _requantized_by(self, node: Node) -> tuple[Node, "_QParams"] | None:
+        quant = _single_user(node)
+        yq = _QParams.of(quant) if quant is not None and quant.target in Q_TENSOR else None
+        return None if yq is None else (quant, yq)
+
+    def matmul(self, node: Node) -> bool:
+        """matmul of two quantized tensors (`int_matmul`)."""
+        inputs, out = self._binary_inputs(node), self._requantized_by(node)
+        if inputs is None or out is None or any(q.dtype not in INTEGER_GRIDS for q in inputs):
+            return False
+        (aq, bq), (quant, yq) = inputs, out
+        return self.replace(node, quant, int_matmul, (
+            aq.source, aq.scale, aq.zero, grid_bound(aq.qmin, aq.qmax, aq.zero),
+            bq.source, bq.scale, bq.zero, grid_bound(bq.qmin, bq.qmax, bq.zero),
+            yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype), "matmul")
+
+    def softmax(self, node: Node) -> bool:
+        """softmax of a quantized tensor (`int_softmax`: an exponential table, an exact sum)."""
+        xq, out = _QParams.of(node.args[0]), self._requantized_by(node)
+        if xq is None or out is None or node.args[0].target not in DQ_TENSOR or xq.dtype not in INTEGER_GRIDS:
+            return False
+        if len(node.args) > 2 and node.args[2] and node.target == A.softmax.int:
+            return False  # a dtype argument: not the plain softmax
+        quant, yq = out
+        span = xq.qmax - xq.qmin
+        table = self.constant(softmax_table(xq.scale, span), "softmax_table", quant)
+        return self.replace(node, quant, int_softmax, (
+            xq.source, int(node.args[1]), table, span, yq.scale, yq.zero, yq.qmin, yq.qmax, yq.dtype), "softmax")
+
+    def layer_norm(self, node: Node) -> bool:
+        """LayerNorm over the last dimension of a quantized tensor (`int_layer_norm`)."""
+        xq, out = _QParams.of(node.args[0]), self._requantized_by(node)
+        if xq is None or out is None or node.args[0].target not in DQ_TENSOR or xq.dtype not in INTEGER_GRIDS:
+            return False
+        shape, weight, bias = (list(node.args[1:4]) + [None, None])[:3]
+        eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+        if len(shape) != 1 or any(a is not None and not (isinstance(a, Node) and a.op == "get_attr")
+                                  for a in (weight, bias)):
+            return False
+        quant, yq = out
+        channels = int(shape[0])
+        gamma = torch.ones(channels) if weight is None else _attr(self.gm, weight.target).detach()
+        beta = torch.zeros(channels) if bias is None else _attr(self.gm, bias.target).detach()
+        gain = gamma.to(torch.float32) / torch.tensor(yq.scale, dtype=torch.float32)
+        offset = beta.to(torch.float32) / torch.tensor(yq.scale, dtype=torch.float32)
+        return self.replace(node, quant, int_layer_norm, (
+            xq.source, xq.zero, layer_norm_epsilon(eps, channels, xq.scale),
+            self.constant(gain, "norm_gain", quant), self.constant(offset, "norm_offset", quant),
+            yq.zero, yq.qmin, yq.qmax, yq.dtype), "layer_norm")
+
+    def add_float(self, node: Node) -> bool:
+        """A quantized tensor plus or minus a float one (a constant bias or mask): `int_add_float`."""
+        if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            return False
+        a, other = node.args
+        subtract = node.target in SUB
+        if not subtract and _QParams.of(other) is not None and _QParams.of(a) is None:
+            a, other = other, a  # c + x: the same float32 sum
+        aq = _QParams.of(a)
+        if aq is None or a.target not in DQ_TENSOR or aq.dtype not in INTEGER_GRIDS:
+            return False
+        if not (isinstance(other, (int, float)) or (isinstance(other, Node) and _QParams.of(other) is None)):
+            return False
+        _, bounds, quant = _output_quantize(node)
+        yq = _QParams.of(quant) if quant is not None else None
+        if yq is None:
+            return False
+        low, high = _grid_bounds(bounds, yq)
+        return self.replace(node, quant, int_add_float, (
+            aq.source, aq.scale, aq.zero,
+            other if isinstance(other, Node) else self.constant(torch.tensor(float(other)), "addend", quant),
+            yq.scale, yq.zero, low, high, yq.dtype, subtract), "add")
 
     def requantize(self, node: Node) -> bool:
         """A quantize of a dequantized tensor onto another grid: a table of the identity."""
@@ -380,7 +465,16 @@ def _dead_in_place(node: Node) -> bool:
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
         return False
     first = node.args[0] if node.args else None
-    return isinstance(first, Node) and len(first.users) == 1
+    return isinstance(first, Node) and len(first.users) == 1 and not _is_view(first)
+
+
+def _is_view(node: Node) -> bool:
+    """Whether `node` returns a view of another tensor (`slice`, `select`, `view`...): an in-place
+    op on it writes into that tensor (a shifted-window mask filled slice by slice), so it is not dead."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return node.op != "call_function" and node.op != "placeholder"
+    return any(ret.alias_info is not None for ret in target._schema.returns)
 
 
 def integer_program(reference: GraphModule, accumulator_bits: int = 32) -> GraphModule:
@@ -406,7 +500,13 @@ def integer_program(reference: GraphModule, accumulator_bits: int = 32) -> Graph
         elif node.target in AVG_POOL:
             rewriter.avg_pool(node)
         elif node.target in ADD or node.target in SUB:
-            rewriter.add(node)
+            rewriter.add(node) or rewriter.add_float(node)
+        elif node.target in MATMUL_OPS:
+            rewriter.matmul(node)
+        elif node.target in SOFTMAX_OPS:
+            rewriter.softmax(node)
+        elif node.target in LAYER_NORM_OPS:
+            rewriter.layer_norm(node)
         elif node.target in MUL:
             rewriter.mul(node) or rewriter.table(node)
         elif node.target in TABLE_OPS or node.target in DIV or node.target in CLAMP_OPS:

@@ -38,7 +38,7 @@ CLAMP_OPS = _ops("relu", "relu_", "relu6", "relu6_", "hardtanh", "hardtanh_", "c
 """ReLU-like clamps: fused into the conv / linear / add before them, otherwise requantized."""
 SILU_OPS = _ops("silu", "silu_")
 LUT_OPS = SILU_OPS | _ops("sigmoid", "sigmoid_", "tanh", "tanh_", "hardsigmoid", "hardsigmoid_",
-                          "hardswish", "hardswish_", "exp", "exp_")
+                          "hardswish", "hardswish_", "exp", "exp_", "gelu", "gelu_")
 """Look-up-table ops: input shares its producer's scale, output requantized."""
 NON_NEGATIVE_LUTS = _ops("sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_")
 ONNX_ACTIVATION = {
@@ -49,6 +49,7 @@ ONNX_ACTIVATION = {
     **{op: "Tanh" for op in _ops("tanh", "tanh_")},
     **{op: "HardSigmoid" for op in _ops("hardsigmoid", "hardsigmoid_")},
     **{op: "HardSwish" for op in _ops("hardswish", "hardswish_")},
+    **{op: "Gelu" for op in _ops("gelu", "gelu_")},
 }
 """What each activation is called in ONNX (the march's `fusible_activations` names)."""
 ADD_OPS = _ops("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "add.Scalar", "sub.Scalar")
@@ -63,6 +64,7 @@ SCALE_PRESERVING_OPS = _ops(
     "upsample_bilinear2d.vec", "upsample_bilinear2d", "flatten.using_ints", "view", "_unsafe_view",
     "reshape", "permute", "transpose.int", "squeeze", "squeeze.dim", "squeeze.dims", "unsqueeze",
     "slice.Tensor", "clone", "contiguous", "pixel_shuffle", "pixel_unshuffle", "constant_pad_nd", "pad",
+    "roll", "select.int", "expand", "narrow", "t",
 )
 MULTI_OUTPUT_OPS = {**{op: (0,) for op in _ops("max_pool2d_with_indices", "adaptive_max_pool2d")},
                     **{op: None for op in _ops("split.Tensor", "split_with_sizes", "unbind.int",
@@ -70,6 +72,14 @@ MULTI_OUTPUT_OPS = {**{op: (0,) for op in _ops("max_pool2d_with_indices", "adapt
 """Scale-preserving ops returning a tuple: which outputs (None: all) carry the data."""
 CONSTANT_PAD_OPS = _ops("constant_pad_nd")
 PAD_OPS = CONSTANT_PAD_OPS | _ops("pad")
+MATMUL_OPS = _ops("matmul", "bmm")
+"""Products of two activations (attention's q k^T and attn v); a constant operand is a linear's job."""
+SOFTMAX_OPS = _ops("softmax.int", "_softmax")
+LAYER_NORM_OPS = _ops("layer_norm")
+CONSTANT_CREATORS = _ops("new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+                         "empty_like")
+"""Ops that read only the shape, dtype or device of their input: their result is a constant (a
+shifted-window attention mask built with `x.new_zeros`)."""
 NEUTRAL_OPS = _ops("dropout", "dropout_")
 """Ops that vanish in eval mode: neither annotated nor reported."""
 

@@ -10,12 +10,16 @@ What it annotates (on the aten graph `torch.export` produces, BatchNorm already 
   producer's scale, the constant stays float (the runtime folds it into the output multiplier),
   the output gets its own scale; mul of two activations (squeeze-excite, `x * sigmoid(x)`): both
   inputs keep their scales, the output gets its own.
-- fused activation: ReLU / ReLU6 / hardtanh / clamp always (a clamp of the accumulator); sigmoid,
-  tanh, hardsigmoid, hardswish and SiLU when the march lists them in `fusible_activations` (a
-  look-up table applied to the accumulator, as the BPU does; `host` lists none, so ONNX Runtime
-  gets a QLinearConv and a separate integer activation). Fused means the op's own output is not
-  quantized: one quantizer, after the activation.
-- look-up-table ops on their own (sigmoid, tanh, hardsigmoid, hardswish, exp, SiLU): the input
+- fused activation: ReLU / ReLU6 / hardtanh / clamp always (a clamp of the accumulator: the op's
+  own output is not quantized, one quantizer after the clamp); sigmoid, tanh, hardsigmoid,
+  hardswish, GELU and SiLU when the march lists them in `fusible_activations`: a look-up table
+  applied to the accumulator requantized onto an int16 grid (int8 on a march without int16), as
+  the BPU does (`host` lists none, so ONNX Runtime gets a QLinearConv and a separate 8-bit table).
+- matmul of two activations (attention): both inputs keep their scales, the output gets its own;
+  softmax: the input keeps its producer's scale, the output is unsigned; LayerNorm over the last
+  dimension with constant weight and bias: the input keeps its scale, the output gets its own.
+  Tensors made from an input's shape alone (`x.new_zeros`: an attention mask) are constants.
+- look-up-table ops on their own (sigmoid, tanh, hardsigmoid, hardswish, GELU, exp, SiLU): the input
   keeps its producer's scale, the output is requantized (a table maps input codes to output
   codes). A SiLU that cannot fuse is rewritten as `x * sigmoid(x)` before annotation, so both
   halves are integer ops (ONNX has no SiLU: a lone SiLU would leave a float Sigmoid -> Mul).
@@ -78,10 +82,13 @@ from hatcli.quant.op_sets import (
     CAT_OPS,
     CLAMP_OPS,
     CONSTANT_PAD_OPS,
+    CONSTANT_CREATORS,
     CONV_OPS,
     DIV_OPS,
+    LAYER_NORM_OPS,
     LINEAR_OPS,
     LUT_OPS,
+    MATMUL_OPS,
     MULTI_OUTPUT_OPS,
     MUL_OPS,
     NEUTRAL_OPS,
@@ -90,6 +97,7 @@ from hatcli.quant.op_sets import (
     PAD_OPS,
     SCALE_PRESERVING_OPS,
     SILU_OPS,
+    SOFTMAX_OPS,
     SUB_OPS,
     clamp_bounds,
 )
@@ -276,9 +284,16 @@ class MarchQuantizer(Quantizer):
         out = None if accumulator_out and self._is_graph_output(last) else self._output_spec(last, non_negative, node)
         if act is None:
             self._annotate(node, inputs, out)
-        else:
+        elif act.target in CLAMP_OPS:
             self._annotate(node, inputs)
             self._annotate(act, output=out)
+        else:
+            # a fused table (sigmoid, SiLU, hardswish...): the accumulator is requantized onto an
+            # int16 grid (int8 where the march has none) and the table maps it to the output, as a
+            # BPU applies its look-up table; both int_infer and the artifact then compute integers
+            wide = self._activation_spec("int16" if self.march.quant.allow_int16 else "int8")
+            self._annotate(node, inputs, wide)
+            self._annotate(act, {node: SharedQuantizationSpec(node)}, out)
 
     def _low_bit_layer(self, node: Node) -> LayerBits | None:
         if self.plan is None or not self.plan.low_bit or per_channel_scale(node, CONV_OPS):
@@ -336,6 +351,30 @@ class MarchQuantizer(Quantizer):
         inputs.update({t: SharedQuantizationSpec((first, node)) for t in tensors[1:]})
         self._annotate(node, inputs, SharedQuantizationSpec((first, node)))
 
+    def _annotate_matmul(self, node: Node, constants: set[Node]) -> bool:
+        """matmul of two activations: both inputs keep their scales, the output gets its own
+        (the attention's q k^T and attn v); False when an operand is a constant."""
+        a, b = node.args[:2]
+        if not all(isinstance(t, Node) and t not in constants for t in (a, b)):
+            return False
+        out = None if self._is_graph_output(node) else self._output_spec(node, self._unsigned(a) and self._unsigned(b))
+        inputs = {a: self._input_spec(a)}
+        if b is not a:
+            inputs[b] = self._input_spec(b)
+        self._annotate(node, inputs, out)
+        return True
+
+    def _annotate_layer_norm(self, node: Node, constants: set[Node]) -> bool:
+        """LayerNorm over the last dimension with constant (or no) weight and bias: the input keeps
+        its producer's scale, the output gets its own (signed); False for any other form."""
+        x, shape = node.args[0], node.args[1]
+        affine = [a for a in node.args[2:4] if a is not None]
+        if not isinstance(shape, (list, tuple)) or len(shape) != 1 or any(
+                not isinstance(a, Node) or a not in constants for a in affine):
+            return False
+        self._annotate(node, {x: self._input_spec(x)}, self._output_spec(node, False))
+        return True
+
     def _annotate_multi_output(self, node: Node) -> None:
         """A tuple-returning op: the input edge here, the shared output on each data `getitem`."""
         x = node.args[0]
@@ -390,6 +429,8 @@ class MarchQuantizer(Quantizer):
                 handled = self._annotate_arithmetic(node, constants)
             elif target in CAT_OPS:
                 self._annotate_cat(node)
+            elif target in MATMUL_OPS:
+                handled = self._annotate_matmul(node, constants)
             elif not isinstance(x, Node):
                 handled = False
             elif target in MULTI_OUTPUT_OPS:
@@ -408,6 +449,10 @@ class MarchQuantizer(Quantizer):
             elif target in LUT_OPS:
                 self._annotate(node, {x: self._input_spec(x)},
                                self._output_spec(node, target in NON_NEGATIVE_LUTS))
+            elif target in SOFTMAX_OPS:
+                self._annotate(node, {x: self._input_spec(x)}, self._output_spec(node, True))
+            elif target in LAYER_NORM_OPS:
+                handled = self._annotate_layer_norm(node, constants)
             else:
                 handled = False
             if not handled and _reportable(node):
@@ -419,11 +464,12 @@ class MarchQuantizer(Quantizer):
 
 
 def _constant_nodes(model: GraphModule) -> set[Node]:
-    """Parameters, buffers and whatever is computed from them alone (folded at export)."""
+    """Parameters, buffers, tensors made from an input's shape alone (`x.new_zeros`), and whatever is
+    computed from them alone (folded at export)."""
     constants: set[Node] = set()
     for node in model.graph.nodes:
-        if node.op == "get_attr" or (node.op == "call_function"
-                                     and all(a in constants for a in node.all_input_nodes)):
+        if node.op == "get_attr" or (node.op == "call_function" and (
+                node.target in CONSTANT_CREATORS or all(a in constants for a in node.all_input_nodes))):
             constants.add(node)
     return constants
 
