@@ -132,33 +132,46 @@ def lower_exact_weighted(model: onnx.ModelProto, accumulator_bits: int = 32) -> 
         if ops.bias is not None:
             acc = b.op("Add", [acc, b.const(ops.bias.astype(np.int64).reshape(channel_shape), "bias")], "biased")
         limit = 2 ** (accumulator_bits - 1)
-        if accumulator_worst_case(ops, x_zero, node)[0] > limit - 1:
-            acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
-                       "saturated")
-        acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
         product = (np.float32(ops.source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
-        found = requantize_chain(node, users, outputs)
-        grid = None if found is None else grid_clamp(*found, initializers, producers)
-        if grid is not None:
-            chain, quant = found
-            y_scale = scalar_initializer(initializers, quant.input[1])
-            multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
-            scaled = b.op("Mul", [acc_float, b.const(multiplier.reshape(channel_shape), "multiplier")], "scaled")
-            if len(chain) > 1:
-                low, high, zero = grid
-                scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
-                                       b.const(np.float32(high - zero), "clamp_high")], "clamped")
-            b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
-                                 [quant.output[0]], name=f"{b.stem}_requantize"))
-            replace_nodes(graph, [*chain, quant], b.nodes, quant)
-        else:
-            b.nodes.append(_MAKE("Mul", [acc_float, b.const(product.reshape(channel_shape), "dequantize")],
-                                 [node.output[0]], name=f"{b.stem}_dequantize"))
-            replace_nodes(graph, [node], b.nodes, node)
+        _finish(b, acc, accumulator_worst_case(ops, x_zero, node)[0] > limit - 1, limit, product, channel_shape,
+                [node], (initializers, producers, users, outputs))
         rewritten += 1
     if rewritten:
         drop_unused_dequantize(graph)
     return model, rewritten
+
+
+def _finish(b: Builder, acc: str, saturate: bool, limit: int, product: np.ndarray, channel_shape: tuple[int, ...],
+            replaced: list[onnx.NodeProto], index: tuple[dict, dict, dict, set]) -> None:
+    """The tail every exact-accumulator lowering shares: the march's saturation (when the worst case
+    can pass it), one cast to float32, then the per-channel multiplier and a QuantizeLinear of scale
+    1 onto the grid of the requantize chain that follows (clamped where the chain clamps), or the
+    dequantized accumulator where none follows. `replaced` are the nodes the accumulator computes
+    (the op, and its bias Add), the last of them the one whose output is read."""
+    initializers, producers, users, outputs = index
+    graph, last = b.graph, replaced[-1]
+    if saturate:
+        acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
+                   "saturated")
+    acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
+    found = requantize_chain(last, users, outputs)
+    grid = None if found is None else grid_clamp(*found, initializers, producers)
+    if grid is None:
+        b.nodes.append(_MAKE("Mul", [acc_float, b.const(product.reshape(channel_shape), "dequantize")],
+                             [last.output[0]], name=f"{b.stem}_dequantize"))
+        replace_nodes(graph, replaced, b.nodes, last)
+        return
+    chain, quant = found
+    y_scale = scalar_initializer(initializers, quant.input[1])
+    multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
+    scaled = b.op("Mul", [acc_float, b.const(multiplier.reshape(channel_shape), "multiplier")], "scaled")
+    if len(chain) > 1:
+        low, high, zero = grid
+        scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
+                               b.const(np.float32(high - zero), "clamp_high")], "clamped")
+    b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
+                         [quant.output[0]], name=f"{b.stem}_requantize"))
+    replace_nodes(graph, [*replaced, *chain[1:], quant], b.nodes, quant)
 
 
 def _matmul_weight(name: str, producers: dict, initializers: dict) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto] | None:
@@ -220,29 +233,9 @@ def lower_weighted_matmul(model: onnx.ModelProto, accumulator_bits: int = 32) ->
         x_bound = max(abs(int(info.min) - source[2]), abs(int(info.max) - source[2]))
         centred = q_w.astype(np.int64) - int(numpy_helper.to_array(w_zero).reshape(-1)[0])
         bias_bound = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
-        if accumulator_bound(centred, x_bound, bias_bound) > limit - 1:
-            acc = b.op("Clip", [acc, b.const(np.int64(-limit), "acc_min"), b.const(np.int64(limit - 1), "acc_max")],
-                       "saturated")
-        acc_float = b.op("Cast", [acc], "acc_float", to=onnx.TensorProto.FLOAT)
         product = (np.float32(source[1]) * w_scale.astype(np.float32).reshape(-1)).astype(np.float32)
-        found = requantize_chain(last, users, outputs)
-        grid = None if found is None else grid_clamp(*found, initializers, producers)
-        if grid is not None:
-            chain, quant = found
-            y_scale = scalar_initializer(initializers, quant.input[1])
-            multiplier = (product / np.float32(y_scale.reshape(()))).astype(np.float32)
-            scaled = b.op("Mul", [acc_float, b.const(multiplier, "multiplier")], "scaled")
-            if len(chain) > 1:
-                low, high, zero = grid
-                scaled = b.op("Clip", [scaled, b.const(np.float32(low - zero), "clamp_low"),
-                                       b.const(np.float32(high - zero), "clamp_high")], "clamped")
-            b.nodes.append(_MAKE("QuantizeLinear", [scaled, b.const(np.float32(1.0), "unit_scale"), quant.input[2]],
-                                 [quant.output[0]], name=f"{b.stem}_requantize"))
-            replace_nodes(graph, [node, *([] if last is node else [last]), *chain[1:], quant], b.nodes, quant)
-        else:
-            b.nodes.append(_MAKE("Mul", [acc_float, b.const(product, "dequantize")], [last.output[0]],
-                                 name=f"{b.stem}_dequantize"))
-            replace_nodes(graph, [node, *([] if last is node else [last])], b.nodes, last)
+        _finish(b, acc, accumulator_bound(centred, x_bound, bias_bound) > limit - 1, limit, product, (-1,),
+                [node, *([] if last is node else [last])], (initializers, producers, users, outputs))
         rewritten += 1
     if rewritten:
         drop_unused_dequantize(graph)
