@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hat_timm.family import TimmConfig, TimmFamily
 from hatcli.plugins import families, load_plugins
+from hatcli.testing import library_recipe, refusing_downloads, run_hat, tiny_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # the core's tests: shared helpers
-from test_library_models import library_recipe, refusing_downloads, run_hat, tiny_run  # noqa: E402
 
 timm = pytest.importorskip("timm")
 import timm.models._builder  # noqa: E402  (after the importorskip)

@@ -5,8 +5,6 @@ size handed to ViT / MaxViT, nothing downloaded, and a tiny run through calibrat
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,8 @@ import torchvision
 
 from hat_torchvision.family import TorchvisionConfig, TorchvisionFamily
 from hatcli.plugins import families
+from hatcli.testing import library_recipe, refusing_downloads, run_hat, tiny_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # the core's tests: shared helpers
-from test_library_models import library_recipe, refusing_downloads, run_hat, tiny_run  # noqa: E402
 
 FAMILY = TorchvisionFamily()
 recipe = functools.partial(library_recipe, family="torchvision", task="tv_tiny", arch="mobilenet_v2",
