@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quantize import compiled, float_onnx, quantized_onnx, realistic_statistics  # noqa: E402
-from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
+from hatcli.deploy.timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 INPUT = (224, 224)
 TARGETS = {"int8_vs_torch_fp32": 4.0, "int8_vs_ort_fp32": 1.3}

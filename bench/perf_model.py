@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _quantize import compiled, quantized_onnx, realistic_statistics  # noqa: E402
-from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
+from hatcli.deploy.timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 TARGET = 0.25
 DRIFT_LIMIT = 0.15
@@ -108,11 +108,11 @@ def main() -> int:
             compiled(qdq, "host", Path(tmp) / name, size)
             estimate = estimate_latency(qdq, host, batch=1, input_shape=[1, 3, side, side])
             artifact = load_artifact(Path(tmp) / name, threads=args.threads)
-            sessions[name] = (artifact, random_feed(artifact.session, 1, [1, 3, side, side]))
+            sessions[name] = (artifact, random_feed(artifact.session.ort, 1, [1, 3, side, side]))
             rows.append({"name": name, "input": [1, 3, side, side], "estimated_ms": estimate.latency_ms,
                          "fallback_layers": sum(1 for layer in estimate.layers if layer.fallback)})
         rates = [dense_gops(args.threads)]  # the machine's speed before and after the models' turns
-        runners = {name: (lambda s=artifact.session, f=feed: s.run(None, f)) for name, (artifact, feed) in sessions.items()}
+        runners = {name: (lambda s=artifact.session.ort, f=feed: s.run(None, f)) for name, (artifact, feed) in sessions.items()}
         # block warm-up: the previous model's turn left its own weights in the cache
         seconds, side_cpu_use = time_in_turns(runners, args.rounds, args.runs, args.warmup, args.threads,
                                               turn_warmup=args.block_warmup)

@@ -64,7 +64,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _flow import ROOT, StageFailed, hat, log, pack, subset, unpack  # noqa: E402
-from _timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
+from hatcli.deploy.timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "hat-bench-quant-accuracy"

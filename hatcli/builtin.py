@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from hatcli.data.packers import coco, imagenet, mnist
 from hatcli.data.shapes import pack_shapes
+from hatcli.deploy.runtime import ONNXRUNTIME
 from hatcli.engine.callbacks import EarlyStopping
 from hatcli.family import CallbackSpec, Packer, QuantSchemeSpec
 from hatcli.hookspecs import hookimpl
 from hatcli.march_profile import MarchProfile, read_march_file
 from hatcli.quant.low_bit.schemes import BUILTIN_SCHEMES
 from hatcli.quant.march import SHIPPED_MARCHES, shipped_march_file
+from hatcli.runtime_spec import RuntimeSpec
 
 
 @hookimpl
@@ -54,3 +56,9 @@ def register_marches(register: Callable[[MarchProfile], None]) -> None:
     """Register the march profiles that ship with hat (`hatcli/quant/marches/*.toml`)."""
     for name in SHIPPED_MARCHES:
         register(read_march_file(shipped_march_file(name), what=f"hatcli/quant/marches/{name}.toml"))
+
+
+@hookimpl
+def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
+    """Register ONNX Runtime, the runtime hat's artifacts are proven exact on."""
+    register(ONNXRUNTIME)

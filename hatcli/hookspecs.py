@@ -22,6 +22,7 @@ import pluggy
 
 from hatcli.family import CallbackSpec, ModelFamily, Packer, QuantSchemeSpec
 from hatcli.march_profile import MarchProfile
+from hatcli.runtime_spec import RuntimeSpec
 
 hookspec = pluggy.HookspecMarker("hat")
 hookimpl = pluggy.HookimplMarker("hat")
@@ -70,4 +71,15 @@ def register_marches(register: Callable[[MarchProfile], None]) -> None:
     ship it as a TOML file in the plugin's package and register `read_march_file(path)`. Recipes
     choose it with ``[quant] march = "NAME"``, commands with ``--march NAME``; docs/marches.md
     describes every field.
+    """
+
+
+@hookspec
+def register_runtimes(register: Callable[[RuntimeSpec], None]) -> None:
+    """Register runtimes that run artifacts: call `register(spec)` with a `hatcli.runtime_spec.RuntimeSpec`.
+
+    `hat compile` writes the artifact model each registered runtime reads (`spec.form`) and lists
+    the runtimes in the manifest; `hat eval --stage deploy`, `hat infer`, `hat perf` and
+    `hat benchmark` take ``--runtime NAME``. Register the runtime even when its library is not
+    installed: `spec.missing()` then says how to install it, and hat reports that line.
     """

@@ -32,6 +32,7 @@ from hatcli.errors import PluginError
 from hatcli.family import CallbackSpec, FamilyConfig, ModelFamily, Packer, QuantSchemeSpec, TaskKind
 from hatcli.march_profile import MarchProfile
 from hatcli.registry import Registry, closest
+from hatcli.runtime_spec import RuntimeSpec
 
 ENTRY_POINT_GROUP = "hat.plugins"
 BUILTIN = "builtin"
@@ -53,6 +54,7 @@ HOOKS: dict[str, _Hook] = {
     "register_callbacks": _Hook(CallbackSpec, "callbacks"),
     "register_quant_schemes": _Hook(QuantSchemeSpec, "quant_schemes"),
     "register_marches": _Hook(MarchProfile, "marches"),
+    "register_runtimes": _Hook(RuntimeSpec, "runtimes"),
 }
 """Every hook of `hatcli.hookspecs`, in the order they are called for each plugin."""
 
@@ -71,6 +73,7 @@ class PluginInfo:
     callbacks: list[str] = field(default_factory=list)
     quant_schemes: list[str] = field(default_factory=list)
     marches: list[str] = field(default_factory=list)
+    runtimes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class PluginState:
     callbacks: Registry[CallbackSpec]
     quant_schemes: Registry[QuantSchemeSpec]
     marches: Registry[MarchProfile]
+    runtimes: Registry[RuntimeSpec]
 
 
 _state: PluginState | None = None
@@ -253,7 +257,7 @@ def load_plugins(reload: bool = False) -> PluginState:
     state = PluginState(manager=pm, infos=infos, families=Registry("model family"),
                         packers=Registry("packer"), callbacks=Registry("callback"),
                         quant_schemes=Registry("quantization scheme"),
-                        marches=Registry("march"))
+                        marches=Registry("march"), runtimes=Registry("runtime"))
     for owner in sorted(infos, key=lambda name: (name != BUILTIN, name)):
         if infos[owner].status == "ok":
             _register_plugin(state, owner)
@@ -287,6 +291,11 @@ def quant_schemes() -> Registry[QuantSchemeSpec]:
 def marches() -> Registry[MarchProfile]:
     """Return the registry of march profiles (`[quant] march = ...`, `--march`)."""
     return load_plugins().marches
+
+
+def runtimes() -> Registry[RuntimeSpec]:
+    """Return the registry of runtimes that run artifacts (`--runtime NAME`)."""
+    return load_plugins().runtimes
 
 
 def plugin_infos() -> list[PluginInfo]:

@@ -139,7 +139,7 @@ HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) 
 
 def test_there_are_hooks():
     assert HOOKS == ["register_callbacks", "register_families", "register_marches", "register_packers",
-                     "register_quant_schemes"]
+                     "register_quant_schemes", "register_runtimes"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

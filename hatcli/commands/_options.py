@@ -17,6 +17,20 @@ SetOpt = Annotated[
                  metavar="KEY=VALUE"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+RuntimeOpt = Annotated[
+    str | None,
+    typer.Option(help="Runtime that runs the compiled artifact (`hat plugins` lists them; default onnxruntime, "
+                      "the one proven equal to int_infer).", show_default=False),
+]
+
+
+def check_runtime_stage(runtime: str | None, stages: list[str]) -> None:
+    """UsageError when --runtime is given but no stage in `stages` is the deployed artifact."""
+    from hatcli.errors import UsageError
+
+    if runtime is not None and "deploy" not in stages:
+        raise UsageError(f"--runtime {runtime}: only the deploy stage runs on a runtime; add --stage deploy "
+                         "(or deploy to --compare)")
 
 
 def load(recipe: Path, overrides: list[str] | None) -> Any:

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json, print_metrics
+from hatcli.commands._options import (
+    JsonOpt,
+    RecipeArg,
+    RuntimeOpt,
+    SetOpt,
+    check_runtime_stage,
+    load,
+    print_json,
+    print_metrics,
+)
 from hatcli.errors import UsageError
 
 EXAMPLES = """
@@ -20,6 +29,8 @@ Examples:
   hat eval recipes/quickstart.toml --stage deploy --artifact runs/quickstart/compile/nash_e-O3
 
   hat eval recipes/quickstart.toml --stage deploy --compare qat,int_infer
+
+  hat eval recipes/quickstart.toml --stage deploy --runtime openvino --compare int_infer
 """
 
 
@@ -31,6 +42,7 @@ def evaluate(
         help="Other stages to run on the same images, comma-separated (e.g. qat,int_infer): "
              "reports top-1 agreement (detection: images with the same detections) and the "
              "largest output difference, in output steps.")] = None,
+    runtime: RuntimeOpt = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -41,8 +53,9 @@ def evaluate(
 
     lr = load(recipe, overrides)
     if compare is None:
-        result = evaluate_stage(lr, stage, artifact)
-        print_json(result) if json_out else print_metrics(stage, result["metrics"])
+        check_runtime_stage(runtime, [stage])
+        result = evaluate_stage(lr, stage, artifact, runtime)
+        print_json(result) if json_out else print_metrics(_title(stage, runtime), result["metrics"])
         return
     from hatcli.workflows.compare import compare_stages
 
@@ -50,13 +63,19 @@ def evaluate(
     unknown = [s for s in [stage, *others] if s not in EVAL_STAGES]
     if unknown or not others:
         raise UsageError(f"--compare takes stages from {', '.join(EVAL_STAGES)}, comma-separated; got `{compare}`")
-    report = compare_stages(lr, [stage, *others], artifact)
+    check_runtime_stage(runtime, [stage, *others])
+    report = compare_stages(lr, [stage, *others], artifact, runtime)
     if json_out:
         print_json(report)
         return
     for name, metrics in report["stages"].items():
-        print_metrics(name, metrics)
+        print_metrics(_title(name, runtime), metrics)
     _print_agreement(report)
+
+
+def _title(stage: str, runtime: str | None) -> str:
+    """`deploy (openvino)` for the deploy stage on a chosen runtime, else the stage."""
+    return f"{stage} ({runtime})" if stage == "deploy" and runtime else stage
 
 
 def _print_agreement(report: dict) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json
+from hatcli.commands._options import JsonOpt, RecipeArg, RuntimeOpt, SetOpt, check_runtime_stage, load, print_json
 from hatcli.errors import UsageError
 from hatcli.progress import stdout
 
@@ -17,6 +17,8 @@ Examples:
   hat infer recipes/quickstart.toml --input photo.jpg --out pred.png
 
   hat infer recipes/quickstart.toml --input photo.jpg --out pred.png --stage deploy
+
+  hat infer recipes/quickstart.toml --input photo.jpg --stage deploy --runtime openvino
 
   hat infer recipes/shapes_fcos.toml --input street.jpg --out boxes.png --min-score 0.4 --json
 """
@@ -30,6 +32,7 @@ def infer(
     topk: Annotated[int | None, typer.Option(help="Classification: how many classes to show (default 5). "
                                                   "Detection: at most this many boxes (default 100).")] = None,
     min_score: Annotated[float, typer.Option(help="Detection: draw and list boxes scoring at least this.")] = 0.3,
+    runtime: RuntimeOpt = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -42,6 +45,7 @@ def infer(
     from hatcli.workflows.stage_models import stage_model
 
     lr = load(recipe, overrides)
+    check_runtime_stage(runtime, [stage])
     if topk is not None and topk < 1:
         raise UsageError(f"--topk must be at least 1 (got {topk})")
     if not 0 <= min_score <= 1:
@@ -52,7 +56,7 @@ def infer(
         picture = read_picture(input.read_bytes())
     except (UnidentifiedImageError, RuntimeError, OSError) as exc:
         raise UsageError(f"--input: {input} is not a readable image ({exc})") from None
-    model, classes = stage_model(lr, stage)
+    model, classes = stage_model(lr, stage, runtime=runtime)
     detection = lr.family.task == "detection"
     rows, drawn = predict_picture(lr, model, classes, picture, topk, min_score)
     import io
@@ -61,7 +65,8 @@ def infer(
     drawn.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
     if json_out:
-        print_json({"input": str(input), "out": str(out), "stage": stage, "predictions": rows})
+        print_json({"input": str(input), "out": str(out), "stage": stage, "predictions": rows,
+                    **({"runtime": runtime} if stage == "deploy" else {})})
         return
     for row in rows:
         box = "  " + " ".join(f"{v:7.1f}" for v in row["box"]) if detection else ""

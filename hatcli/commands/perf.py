@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hatcli.commands._options import JsonOpt, print_json
+from hatcli.commands._options import JsonOpt, RuntimeOpt, print_json
 from hatcli.errors import UsageError
 from hatcli.progress import stdout
 
@@ -21,6 +21,8 @@ Examples:
 
   hat perf model.onnx --march host --batch 8 --threads 2
 
+  hat perf runs/quickstart/compile/host-O3 --runtime openvino
+
   hat perf --fit board.csv --march nash_e --out my_nash_e.toml   # calibrate on your own board
 """
 
@@ -31,16 +33,18 @@ def perf(
     march: Annotated[str | None, typer.Option(help="March to estimate for (default: the artifact's, else host).")] = None,
     measure: Annotated[bool | None, typer.Option("--measure/--no-measure", help="Also time it on this host (default: on).")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 1,
-    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="The runtime's intra-op threads.")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs after warm-up.")] = 50,
     layers: Annotated[int, typer.Option(min=0, help="How many of the slowest layers to list (0: none).")] = 10,
     fit: Annotated[Path | None, typer.Option(help="Fit --march's latency model to a CSV of your board's measurements "
                                                   "(model,latency_ms[,fps,threads,family]) and write a profile.",
                                              metavar="CSV")] = None,
     out: Annotated[Path | None, typer.Option(help="With --fit: the profile to write (e.g. my_nash_e.toml).")] = None,
+    runtime: RuntimeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Estimate latency/FPS on a march from a per-layer cost model; measure it here with ONNX Runtime.
+    """Estimate latency/FPS on a march from a per-layer cost model; measure it here with a runtime
+    (ONNX Runtime unless --runtime names another).
 
     With --fit, calibrate the march's latency model on models you measured on a board instead: the
     new profile works wherever a march does (`--march my_nash_e.toml`, `[quant] march = ...`)."""
@@ -64,7 +68,7 @@ def perf(
             raise UsageError(f"{target} is not an artifact folder (no manifest.json)")
         from hatcli.deploy.runtime import load_artifact
 
-        artifact = load_artifact(target)  # refuses a tampered artifact before timing it
+        artifact = load_artifact(target, runtime=runtime)  # refuses a tampered artifact before timing it
         march = march or artifact_march(target, json.loads(manifest_path.read_text()))
         model_path, source = artifact.model_path, estimation_source(target)
     elif target.is_file():
@@ -73,7 +77,7 @@ def perf(
         raise UsageError(f"no such artifact or model: {target}")
     march = march or "host"
     report = perf_report(model_path, march, measure=True if measure is None else measure, batch=batch,
-                         threads=threads, runs=runs, estimate_from=source)
+                         threads=threads, runs=runs, estimate_from=source, runtime=runtime)
     if json_out:
         print_json(report)
         return
@@ -88,7 +92,8 @@ def perf(
                       _load_how(est))
     if "measured" in report:
         m = report["measured"]
-        table.add_row("this host (ONNX Runtime)", f"{m['median_ms']:.3f} (p90 {m['p90_ms']:.3f})", f"{m['fps']:.1f}",
+        where = "this host (ONNX Runtime)" if m.get("runtime", "onnxruntime") == "onnxruntime" else f"this host ({m['runtime']})"
+        table.add_row(where, f"{m['median_ms']:.3f} (p90 {m['p90_ms']:.3f})", f"{m['fps']:.1f}",
                       f"measured, median of {m['runs']} runs")
     stdout.print(table)
     if layers:

@@ -25,8 +25,8 @@ Examples:
 """
 
 HEADERS = ("plugin", "distribution", "version", "families", "packers", "callbacks", "schemes", "marches",
-           "status")
-LISTS = {"families", "packers", "callbacks", "schemes", "marches"}
+           "runtimes", "status")
+LISTS = {"families", "packers", "callbacks", "schemes", "marches", "runtimes"}
 """Columns that hold comma-separated names: they may wrap between names, never inside one."""
 
 
@@ -34,7 +34,7 @@ def _rows(infos: list) -> list[tuple[str, ...]]:
     """One row of plain strings per plugin, in HEADERS order."""
     return [(i.name, i.distribution, i.version, ", ".join(i.families) or "-", ", ".join(i.packers) or "-",
              ", ".join(i.callbacks) or "-", ", ".join(i.quant_schemes) or "-",
-             ", ".join(i.marches) or "-", i.status) for i in infos]
+             ", ".join(i.marches) or "-", ", ".join(i.runtimes) or "-", i.status) for i in infos]
 
 
 def _column_widths(rows: list[tuple[str, ...]], available: int) -> list[int] | None:
@@ -91,7 +91,7 @@ def _print_family_descriptions() -> None:
 
 
 def plugins(json_out: JsonOpt = False) -> None:
-    """List plugins with version, registered families, packers, callbacks and quantization schemes, and status (broken ones say why);
+    """List plugins with version, registered families, packers, callbacks, quantization schemes, marches and runtimes, and status (broken ones say why);
     then each family with its description."""
     from hatcli.plugins import plugin_infos
 

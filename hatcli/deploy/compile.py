@@ -8,6 +8,8 @@ so an interrupted compile never leaves a half artifact.
 
 Artifact layout:
     out_dir/model.onnx     optimized graph (loads with plain onnxruntime)
+    out_dir/model_qdq.onnx the exported QDQ model, written when a registered runtime reads that form
+                           (OpenVINO does its own int8 lowering); manifest `models` and `runtimes`
     out_dir/perf.json      estimate on the march (+ measured latency when the march is `host`)
     out_dir/perf.html      the same as a self-contained page: figures, slowest layers, per-layer table
     out_dir/march.toml     the march profile it was compiled for (rules, op table, cost model), so
@@ -45,7 +47,7 @@ from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.perf_html import render_perf_html
 from hatcli.deploy.pool_lowering import lower_average_pool
-from hatcli.deploy.runtime import MANIFEST, MODEL, create_session, opt_level_name, sha256_file
+from hatcli.deploy.runtime import MANIFEST, MODEL, QDQ_MODEL, create_session, opt_level_name, sha256_file
 from hatcli.errors import ArtifactError, HatError, UsageError
 from hatcli.march_profile import march_toml
 from hatcli.quant.march import MarchProfile
@@ -183,6 +185,52 @@ def _perf_report(onnx_path: Path, model_path: Path, march: MarchProfile, opt: in
     return perf, summary
 
 
+def _portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without the exporter's per-node stack traces and doc strings, which hold absolute
+    paths of the machine that exported it (the module paths, `name_scopes`, stay)."""
+    for node in model.graph.node:
+        node.doc_string = ""
+        kept = [prop for prop in node.metadata_props if "stack_trace" not in prop.key]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return model
+
+
+def _runtime_models(tmp_dir: Path, src: Path, batch: int, input_shape: list[int] | None
+                    ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The artifact's model per form and, per registered runtime, what it reads and whether it ran.
+
+    The lowered model is already in `tmp_dir` (ONNX Runtime ran it); the QDQ model is copied in
+    when a registered runtime reads it, and every installed runtime of another form runs it once on
+    a random batch: `status` is "ok", "not installed here: ..." or "cannot run it: ..."."""
+    from hatcli.deploy.perf import random_feed
+    from hatcli.plugins import runtimes
+
+    registry = runtimes()
+    specs = [registry.get(name) for name in registry.names()]
+    models = {"lowered": MODEL}
+    if any(spec.form == "qdq" for spec in specs):
+        qdq = _portable(onnx.load(str(src)))  # with its external data: the copy is one self-contained file
+        big = qdq.ByteSize() > INLINE_LIMIT
+        onnx.save_model(qdq, str(tmp_dir / QDQ_MODEL), save_as_external_data=big, location=f"{QDQ_MODEL}.data")
+        models["qdq"] = QDQ_MODEL
+    record: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        entry: dict[str, Any] = {"model": models[spec.form], "exact": spec.exact, "status": "ok"}
+        missing = spec.missing()
+        if missing:
+            entry["status"] = f"not installed here: {missing}"
+        elif spec.form != "lowered":
+            try:
+                session = spec.load(tmp_dir / models[spec.form], 1, {})
+                session.run(random_feed(session, batch, input_shape))
+            except Exception as exc:  # noqa: BLE001 - a runtime plugin's own errors; ONNX Runtime still runs it
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                entry["status"] = f"cannot run it: {first}"
+        record[spec.name] = entry
+    return models, record
+
+
 def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir: str | Path,
                   input_spec: dict[str, Any], extra_manifest: dict[str, Any] | None = None,
                   measure: bool | None = None, name: str | None = None,
@@ -228,13 +276,14 @@ def compile_model(onnx_path: str | Path, march: MarchProfile, opt: int, out_dir:
         if march.estimated:
             notes.append(f"{march.name} cannot run here: the artifact runs on ONNX Runtime (CPU) and "
                          "its perf.json latency for the march is an estimate")
+        models, runtime_record = _runtime_models(tmp_dir, src, batch, input_shape)
         signed_weights = exact_u8s8()
         if signed_weights:
             notes.append(SIGNED_WEIGHTS_NOTE)
         manifest = {
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
             "march": march.name, "chip": march.chip, "estimated": march.estimated, "opt": opt,
-            "model": MODEL, "march_profile": MARCH_PROFILE,
+            "model": MODEL, "models": models, "runtimes": runtime_record, "march_profile": MARCH_PROFILE,
             "source": {"path": source_ref, "sha256": sha256_file(src)},
             "input_spec": input_spec, "inputs": inputs, "outputs": outputs,
             "session_options": {"graph_optimization_level": level,

@@ -32,7 +32,7 @@ from hatcli.deploy.check import FALLBACK, check_graph
 from hatcli.deploy.onnx_graph import Graph, Layer, load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf_features import BlockFeatures, graph_features, model_features
 from hatcli.deploy.perf_fit import MIN_FAMILIES, extrapolation, predict_ms
-from hatcli.deploy.runtime import NP_DTYPES, create_session, opt_level_name
+from hatcli.deploy.runtime import OrtSession, opt_level_name, runtime_spec
 from hatcli.errors import UsageError
 from hatcli.march_profile import FittedCost
 from hatcli.progress import make_progress
@@ -139,7 +139,7 @@ def error_detail(error: dict[str, Any]) -> str:
 
 @dataclass
 class PerfMeasurement:
-    """Latency measured on this host with ONNX Runtime."""
+    """Latency measured on this host with a runtime (ONNX Runtime unless `runtime` says otherwise)."""
 
     model: str
     batch: int
@@ -155,6 +155,7 @@ class PerfMeasurement:
     warmup: int
     device: str = "cpu (onnxruntime CPUExecutionProvider)"
     estimated: bool = False
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -348,17 +349,20 @@ def estimate_latency(onnx_path: str | Path, march: MarchProfile, batch: int = 1,
 
 def random_feed(session: Any, batch: int, input_shape: list[int] | None = None,
                 seed: int = 0) -> dict[str, np.ndarray]:
-    """Return random inputs for every input of an ONNX Runtime session at `batch`."""
+    """Return random inputs for every input of a loaded model at `batch`: a `RuntimeSession` or an
+    ONNX Runtime InferenceSession."""
     rng = np.random.default_rng(seed)
     feed: dict[str, np.ndarray] = {}
-    for inp in session.get_inputs():
+    infos = session.inputs if hasattr(session, "inputs") and not hasattr(session, "get_inputs") \
+        else OrtSession(session).inputs
+    for inp in infos:
         dims = list(inp.shape)
         shape = [batch] + [int(d) if isinstance(d, int) else None for d in dims[1:]]
         if input_shape is not None:
             shape = [batch] + [int(d) for d in input_shape[1:]]
         if any(d is None for d in shape):
             raise UsageError(f"input `{inp.name}` has dynamic dims {dims}: give the input shape")
-        dtype = NP_DTYPES.get(inp.type, np.float32)
+        dtype = np.dtype(inp.dtype)
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
@@ -368,21 +372,23 @@ def random_feed(session: Any, batch: int, input_shape: list[int] | None = None,
 
 def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None = None,
                     warmup: int = 10, runs: int = 50, opt_level: int = 3,
-                    input_shape: list[int] | None = None, progress: bool = False) -> PerfMeasurement:
-    """Measure the latency of the ONNX model at `onnx_path` on this CPU with ONNX Runtime.
+                    input_shape: list[int] | None = None, progress: bool = False,
+                    runtime: str | None = None) -> PerfMeasurement:
+    """Measure the latency of the ONNX model at `onnx_path` on this CPU with the registered runtime
+    `runtime` (default ONNX Runtime, at graph optimization `opt_level`).
 
     Random inputs at `batch`; `warmup` untimed runs, then `runs` timed runs. `threads` sets
-    intra-op threads (None: ONNX Runtime's default). `progress` draws a progress bar.
+    intra-op threads (None: the runtime's default). `progress` draws a progress bar.
     """
     if runs < 1 or warmup < 0 or batch < 1:
         raise UsageError("runs and batch must be >= 1, warmup >= 0")
     level = opt_level_name(opt_level)
     onnx_path = resolve_model_path(onnx_path)
     load_onnx(onnx_path, external_data=False)
-    session = create_session(onnx_path, level, threads=threads)
+    session = runtime_spec(runtime).load(onnx_path, threads, {"graph_optimization_level": level})
     feed = random_feed(session, batch, input_shape)
     for _ in range(warmup):
-        session.run(None, feed)
+        session.run(feed)
     times: list[float] = []
     bar = make_progress() if progress else None
     task = bar.add_task("timing", total=runs) if bar else None
@@ -391,7 +397,7 @@ def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None =
     try:
         for _ in range(runs):
             t0 = time.perf_counter()
-            session.run(None, feed)
+            session.run(feed)
             times.append((time.perf_counter() - t0) * 1e3)
             if bar and task is not None:
                 bar.advance(task)
@@ -400,6 +406,9 @@ def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None =
             bar.stop()
     median = statistics.median(times)
     p90 = float(np.percentile(times, 90))
+    spec = runtime_spec(runtime)
+    device = "cpu (onnxruntime CPUExecutionProvider)" if spec.name == "onnxruntime" else f"cpu ({spec.name})"
     return PerfMeasurement(model=str(onnx_path), batch=batch, threads=threads, opt_level=opt_level,
                            median_ms=median, p90_ms=p90, mean_ms=statistics.fmean(times),
-                           min_ms=min(times), fps=batch * 1e3 / median, runs=runs, warmup=warmup)
+                           min_ms=min(times), fps=batch * 1e3 / median, runs=runs, warmup=warmup,
+                           device=device, runtime=spec.name)

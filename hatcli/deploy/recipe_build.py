@@ -61,13 +61,13 @@ def estimation_source(artifact_dir: Path) -> Path:
 
 
 def perf_report(model_path: Path, march: str, measure: bool, batch: int = 1, threads: int | None = None,
-                runs: int = 50, estimate_from: Path | None = None) -> dict[str, Any]:
+                runs: int = 50, estimate_from: Path | None = None, runtime: str | None = None) -> dict[str, Any]:
     """Estimated latency on `march` (from `estimate_from`, default the model itself) and, when
-    `measure`, latency of `model_path` measured on this host."""
+    `measure`, latency of `model_path` measured on this host with `runtime` (default ONNX Runtime)."""
     profile = load_march(march)
     estimate = estimate_latency(estimate_from or model_path, profile, batch=batch).to_dict()
     report: dict[str, Any] = {"model": str(model_path), "march": march, "estimate": estimate}
     if measure:
         report["measured"] = measure_latency(model_path, batch=batch, threads=threads, runs=runs,
-                                             progress=True).to_dict()
+                                             progress=True, runtime=runtime).to_dict()
     return report

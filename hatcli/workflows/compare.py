@@ -20,6 +20,7 @@ scale x weight scale, per output channel.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,28 +140,48 @@ class _Pair:
         return out
 
 
-def compare_stages(lr: Any, stages: list[str], artifact: Path | None = None) -> dict[str, Any]:
-    """Metrics of each stage and pairwise agreement over the val set (see the module docstring)."""
+def compare_stages(lr: Any, stages: list[str], artifact: Path | None = None,
+                   runtime: str | None = None) -> dict[str, Any]:
+    """Metrics of each stage and pairwise agreement over the val set (see the module docstring);
+    the deploy stage runs on the registered runtime `runtime` (default ONNX Runtime)."""
     if len(set(stages)) != len(stages):
         raise UsageError(f"--compare names a stage twice: {', '.join(stages)}")
+    models = {stage: stage_model(lr, stage, *((artifact, runtime) if stage == "deploy" else (None, None)))[0]
+              for stage in stages}
+    report = compare_models(lr, models, list(itertools.combinations(stages, 2)))
+    return {"stages": report["stages"], **({"runtime": runtime or "onnxruntime"} if "deploy" in stages else {}),
+            "agreement": report["agreement"], "output_step": report["output_step"]}
+
+
+def compare_models(lr: Any, models: dict[str, Callable[[torch.Tensor], Any]], pairs: list[tuple[str, str]],
+                   limit: int | None = None) -> dict[str, Any]:
+    """Run the val set (its first `limit` images, default all) through every model of `models` (name ->
+    batch -> outputs in the deploy model's order) at once: each model's metrics, and the agreement
+    of each pair of names in `pairs`, in steps of the exported model's outputs where it is there."""
     detection = lr.family.task == "detection"
-    models = {stage: stage_model(lr, stage, artifact if stage == "deploy" else None)[0] for stage in stages}
     export = default_export_dir(lr) / "model.onnx"
     steps = output_steps(export) if export.exists() else []
     with_steps = any(step is not None for step in steps)
     loader = build_loader(lr, "val")
-    metrics = {stage: lr.family.build_metric(loader.dataset, lr.model) for stage in stages}
-    pairs = [_Pair(a, b) for a, b in itertools.combinations(stages, 2)]
+    metrics = {name: lr.family.build_metric(loader.dataset, lr.model) for name in models}
+    running = [_Pair(a, b) for a, b in pairs]
+    total = len(loader) if limit is None else min(len(loader), -(-limit // lr.recipe.data.batch_size))
+    seen = 0
     with torch.no_grad(), make_progress() as progress:
-        task = progress.add_task(f"compare {', '.join(stages)}", total=len(loader))
+        task = progress.add_task(f"compare {', '.join(models)}", total=total)
         for images, targets in loader:
-            raw = {stage: model(images) for stage, model in models.items()}
-            flat = {stage: flat_outputs(out) for stage, out in raw.items()}
-            for stage, out in raw.items():
-                metrics[stage].update(out, targets)
+            if limit is not None and seen >= limit:
+                break
+            if limit is not None and seen + len(images) > limit:
+                images, targets = images[:limit - seen], targets[:limit - seen]
+            seen += len(images)
+            raw = {name: model(images) for name, model in models.items()}
+            flat = {name: flat_outputs(out) for name, out in raw.items()}
+            for name, out in raw.items():
+                metrics[name].update(out, targets)
             if detection:
-                decoded = {stage: lr.family.predict(out, config=lr.model) for stage, out in raw.items()}
-            for pair in pairs:
+                decoded = {name: lr.family.predict(out, config=lr.model) for name, out in raw.items()}
+            for pair in running:
                 pair.update_outputs(flat[pair.a], flat[pair.b], steps)
                 if detection:
                     pair.update_same([same_detections(x, y) for x, y in zip(decoded[pair.a], decoded[pair.b])])
@@ -169,8 +190,10 @@ def compare_stages(lr: Any, stages: list[str], artifact: Path | None = None) -> 
             progress.advance(task)
     known = [np.asarray(step).reshape(-1) for step in steps if step is not None]
     return {
-        "stages": {stage: metric.compute() for stage, metric in metrics.items()},
-        "agreement": [pair.result("same_detections" if detection else "top1_agreement", with_steps) for pair in pairs],
+        "stages": {name: metric.compute() for name, metric in metrics.items()},
+        "images": seen,
+        "agreement": [pair.result("same_detections" if detection else "top1_agreement", with_steps)
+                      for pair in running],
         "output_step": None if not known else {"min": float(min(s.min() for s in known)),
                                                "max": float(max(s.max() for s in known))},
     }

@@ -104,8 +104,10 @@ def integer_model(lr: LoadedRecipe, stage: str | None = None) -> tuple[torch.fx.
     return flow.convert_to_integer(prepared), state
 
 
-def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> tuple[Callable, list[str]]:
-    """A callable batch -> outputs for `stage`, and the class names."""
+def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None,
+                runtime: str | None = None) -> tuple[Callable, list[str]]:
+    """A callable batch -> outputs for `stage`, and the class names; the deploy stage runs on the
+    registered runtime `runtime` (default ONNX Runtime)."""
     if stage in ("float", "calibration", "qat"):
         warn_unfinished(lr, stage, f"the {stage} model")
     elif stage == "deploy" and artifact is None:
@@ -122,7 +124,7 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> t
         folder = artifact or default_compile_dir(lr, lr.recipe.quant.march, lr.recipe.deploy.opt)
         if not Path(folder).exists():
             raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
-        runner = load_artifact(folder)
+        runner = load_artifact(folder, runtime=runtime)
         classes = runner.manifest.get("extra", {}).get("classes") or runner.manifest.get("classes", [])
         return _onnx_callable(runner), classes
     else:
@@ -140,8 +142,10 @@ def _onnx_callable(runner: Any) -> Callable:
     return run
 
 
-def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None) -> dict[str, Any]:
-    """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}`."""
-    model, _ = stage_model(lr, stage, artifact)
+def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None,
+                   runtime: str | None = None) -> dict[str, Any]:
+    """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}` (with the
+    `runtime` that ran the deploy stage when one was asked for)."""
+    model, _ = stage_model(lr, stage, artifact, runtime)
     metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval", config=lr.model)
-    return {"stage": stage, "metrics": metrics}
+    return {"stage": stage, "metrics": metrics, **({"runtime": runtime} if stage == "deploy" and runtime else {})}

@@ -1,0 +1,1 @@
+"""hat-openvino: the `openvino` runtime for hatcli (`--runtime openvino`)."""
