@@ -9,19 +9,24 @@ statistics from one random batch so activations keep their scale) at 1x3x224x224
   batches, converted, exported to ONNX QDQ) and compiled by `hat compile`'s function at
   `--opt 3`; run by ONNX Runtime with the artifact's own session options (`load_artifact`);
 - torch fp32: the float model in eager mode (`torch.no_grad`, eval);
-- ORT fp32: the float model exported to ONNX (dynamo exporter), ONNX Runtime at ORT_ENABLE_ALL.
+- ORT fp32: the float model exported to ONNX (dynamo exporter), ONNX Runtime at ORT_ENABLE_ALL;
+- with OpenVINO installed (and the hat-openvino plugin), what a user would pick instead of hat's
+  artifact on an x86 CPU: OpenVINO int8 (the artifact's own QDQ model, `--runtime openvino`),
+  OpenVINO fp32 (the float ONNX, f32 inference precision) and OpenVINO default (the float ONNX at
+  the CPU plugin's default precision: bf16 on CPUs with bf16 support, such as AMX Xeons).
 
 Torch and ONNX Runtime get the same thread count (`--threads`, default: torch's). The machine
 is noisy, so after warm-up runs the three take turns: `--runs` timed runs each, for `--rounds`
 rounds; each side's median over all its runs is used. Speed-ups are median fp32 / median int8
-(> 1: the int8 artifact is faster). Targets: `int8_vs_torch_fp32` >= 4, `int8_vs_ort_fp32` >= 1.3.
+(> 1: the int8 artifact is faster). Targets: `int8_vs_torch_fp32` >= 4, `int8_vs_ort_fp32` >= 1.3,
+`int8_vs_openvino_int8` >= 1.0 and `int8_vs_openvino_fp32` >= 1.5 (null without OpenVINO).
 The outputs are compared too (top-1 of int8 against fp32 on the timing input), as a check that the
 int8 side computes the same network.
 
 `cpu_use` (process CPU time over wall time and threads, over the timed runs) is about 1 on an
 idle machine; below 0.85 the run is flagged `machine_busy`. The last line is one JSON object
-with `int8_vs_torch_fp32`, `int8_vs_ort_fp32`, the medians in ms, `threads`, `targets_met` and
-`machine_busy`.
+with `int8_vs_torch_fp32`, `int8_vs_ort_fp32`, `int8_vs_openvino_int8`, `int8_vs_openvino_fp32`,
+`int8_vs_openvino_default`, the medians in ms, `cpu`, `threads`, `targets_met` and `machine_busy`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from _quantize import compiled, float_onnx, quantized_onnx, realistic_statistics
 from hatcli.deploy.timing import BUSY_CPU_USE, time_in_turns  # noqa: E402
 
 INPUT = (224, 224)
-TARGETS = {"int8_vs_torch_fp32": 4.0, "int8_vs_ort_fp32": 1.3}
+TARGETS = {"int8_vs_torch_fp32": 4.0, "int8_vs_ort_fp32": 1.3, "int8_vs_openvino_int8": 1.0,
+           "int8_vs_openvino_fp32": 1.5}
 
 
 def build_model(alpha: float) -> torch.nn.Module:
@@ -55,6 +61,23 @@ def build_model(alpha: float) -> torch.nn.Module:
     return realistic_statistics(model, INPUT)
 
 
+def openvino_sides(artifact: Path, fp32_onnx: Path, feed: np.ndarray, threads: int) -> dict:
+    """OpenVINO int8 (the artifact's QDQ model), fp32 and default-precision sides; none without OpenVINO."""
+    try:
+        import openvino  # noqa: F401
+        from hat_openvino.runtime import OpenVinoSession
+    except ImportError:
+        print("OpenVINO or hat-openvino is not installed: no OpenVINO sides (pip install openvino)", file=sys.stderr)
+        return {}
+    import openvino as ov
+
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")  # bf16 where the CPU has it
+    sessions = {"openvino_int8": OpenVinoSession(artifact / "model_qdq.onnx", threads),
+                "openvino_fp32": OpenVinoSession(fp32_onnx, threads),
+                "openvino_default": OpenVinoSession(fp32_onnx, threads, precision=default)}
+    return {name: (lambda s=s: s.run({s.inputs[0].name: feed})) for name, s in sessions.items()}
+
+
 def main() -> int:
     """Build the three sides, time them in turns, print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,6 +89,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from hatcli.deploy.cpu import cpu_name
     from hatcli.deploy.runtime import create_session, load_artifact
 
     model = build_model(args.alpha)
@@ -83,6 +107,7 @@ def main() -> int:
             "int8": lambda: int8.run(feed),
             "torch_fp32": lambda: model(x),
             "ort_fp32": lambda: fp32.run(None, {fp32.get_inputs()[0].name: feed}),
+            **openvino_sides(tmp_path / "artifact", tmp_path / "fp32.onnx", feed, args.threads),
         }
         with torch.no_grad():
             reference = model(x).numpy()
@@ -91,18 +116,25 @@ def main() -> int:
             seconds, cpu_use = time_in_turns(sides, args.rounds, args.runs, args.warmup, args.threads)
     times = {name: [t * 1e3 for t in values] for name, values in seconds.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
+    def ratio(side: str) -> float | None:
+        return round(median[side] / median["int8"], 3) if side in median else None
+
     result = {
-        "int8_vs_torch_fp32": round(median["torch_fp32"] / median["int8"], 3),
-        "int8_vs_ort_fp32": round(median["ort_fp32"] / median["int8"], 3),
+        "int8_vs_torch_fp32": ratio("torch_fp32"),
+        "int8_vs_ort_fp32": ratio("ort_fp32"),
+        "int8_vs_openvino_int8": ratio("openvino_int8"),
+        "int8_vs_openvino_fp32": ratio("openvino_fp32"),
+        "int8_vs_openvino_default": ratio("openvino_default"),
         "median_ms": {name: round(value, 3) for name, value in median.items()},
         "p90_ms": {name: round(float(np.percentile(values, 90)), 3) for name, values in times.items()},
         "model": f"mobilenet_v1 alpha {args.alpha}, 1x3x224x224, batch 1",
-        "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
+        "cpu": cpu_name(), "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
         "int8_top1_equals_fp32": bool(agree), "ort_fp32_max_abs_diff_vs_torch": ort_diff,
         "cpu_use": {name: round(value, 3) for name, value in cpu_use.items()},
         "machine_busy": min(cpu_use.values()) < BUSY_CPU_USE,
     }
-    result["targets_met"] = {f"{key}_ge_{value}": result[key] >= value for key, value in TARGETS.items()}
+    result["targets_met"] = {f"{key}_ge_{value}": result[key] >= value for key, value in TARGETS.items()
+                             if result[key] is not None}
     for name in sides:
         print(f"  {name:<11} median {median[name]:8.3f} ms", file=sys.stderr)
     if result["machine_busy"]:

@@ -17,8 +17,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from hatcli import __version__
-from hatcli.commands import (calops, check, compile, debug, eval, export, infer, march, pack, perf, plugins, recipe,
-                             report, run, sensitivity, train)
+from hatcli.commands import (benchmark, calops, check, compile, debug, eval, export, infer, march, pack, perf, plugins,
+                             recipe, report, run, sensitivity, train)
 from hatcli.errors import HatError, HatWarning, Interrupted
 from hatcli.progress import console
 
@@ -59,7 +59,7 @@ app = typer.Typer(
 )
 
 for module in (pack, train, eval, calops, export, check, sensitivity, debug, compile, perf, infer, run, report,
-               plugins):
+               benchmark, plugins):
     module.register(app)
 app.add_typer(march.app, name="march")
 app.add_typer(recipe.app, name="recipe")

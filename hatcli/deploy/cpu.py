@@ -36,3 +36,23 @@ def exact_u8s8() -> bool:
     if machine in ("aarch64", "arm64"):
         return "asimddp" in flags
     return False
+
+
+def cpu_name() -> str:
+    """This CPU's model name from /proc/cpuinfo, with the int8 instructions it has that matter to
+    int8 kernels (AVX2, AVX-512 VNNI, AVX-VNNI, AMX); `platform.processor()` where there is none."""
+    import platform
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    have = [label for flag, label in (("avx2", "AVX2"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                      ("amx_int8", "AMX"), ("asimddp", "Arm dot product")) if flag in flags]
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(have)})" if have else name

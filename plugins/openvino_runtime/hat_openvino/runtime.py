@@ -34,7 +34,7 @@ def _first_line(exc: BaseException) -> str:
 class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, as a `hatcli.runtime_spec.RuntimeSession`."""
 
-    def __init__(self, model_path: Path, threads: int | None, precision: str = "f32") -> None:
+    def __init__(self, model_path: Path, threads: int | None, precision: Any = "f32") -> None:
         import openvino as ov
 
         core = ov.Core()
