@@ -177,3 +177,14 @@ def test_a_trained_run_evaluates_on_openvino_beside_the_integer_program(hat, tin
     assert exact["agreement"][0]["top1_agreement"] == 100
     text = hat("eval", tiny_recipe, "--stage", "deploy", "--runtime", "openvino")
     assert text.code == 0 and "deploy (openvino)" in text.out
+
+
+def test_hat_check_says_which_runtimes_compute_int_infers_integers(hat, source: Path, with_fake_runtime) -> None:
+    with_fake_runtime(missing="pip install fake-runtime")
+    result = hat("check", "--model", source, "--march", "host", "--json")
+    rows = {row["name"]: row for row in json.loads(result.out)["runtimes"]}
+    assert rows["onnxruntime"]["exact"] and rows["onnxruntime"]["installed"]
+    assert not rows["fake_qdq"]["exact"] and rows["fake_qdq"]["install"] == "pip install fake-runtime"
+    assert "--runtime fake_qdq --compare int_infer" in rows["fake_qdq"]["note"]
+    text = hat("check", "--model", source, "--march", "host").out
+    assert "runtime onnxruntime: computes the integer program's integers" in text

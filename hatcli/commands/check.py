@@ -69,8 +69,11 @@ def check(
     onnx_path, lr = resolve_onnx(recipe, model, overrides)
     profile = load_march(march_name(march, lr))
     report = check_model(onnx_path, profile)
+    from hatcli.deploy.runtime import runtime_exactness
+
+    exactness = runtime_exactness()
     if json_out:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), "runtimes": exactness})
     else:
         low_bit = bool(report.low_bit_layers)
         table = Table("node", "module", "op", *(["trained"] if low_bit else []), "runs on", "reason")
@@ -88,6 +91,11 @@ def check(
             stdout.print(f"[yellow]saturated bias[/] {escape(record.describe())}", highlight=False)
         for record in report.accumulator_overflow:
             stdout.print(f"[yellow]accumulator[/] {escape(record.describe())}", highlight=False)
+        for runtime in exactness:
+            colour = "green" if runtime["exact"] else "yellow"
+            where = "" if runtime["installed"] else f" (not installed here: {runtime['install']})"
+            stdout.print(f"[{colour}]runtime[/] {escape(runtime['name'])}: {escape(runtime['note'])}{escape(where)}",
+                         highlight=False, soft_wrap=True)
         verdict = "[green]supported[/]" if report.supported else f"[yellow]{report.fallbacks} ops fall back[/]"
         stdout.print(f"{onnx_path} on {profile.name}: {verdict}")
     if not report.supported:

@@ -127,6 +127,24 @@ def runtime_spec(name: str | None) -> RuntimeSpec:
     return spec
 
 
+def runtime_exactness() -> list[dict[str, Any]]:
+    """Per registered runtime: whether it is installed here and whether its int8 arithmetic is
+    int_infer's (`exact`), with one line that says what that means for the artifact."""
+    from hatcli.plugins import runtimes
+
+    registry = runtimes()
+    rows = []
+    for name in sorted(registry.names(), key=lambda n: (n != DEFAULT_RUNTIME, n)):
+        spec = registry.get(name)
+        missing = spec.missing()
+        note = ("computes the integer program's integers (artifact == int_infer, proven by hat's tests)" if spec.exact
+                else f"its own int8 lowering: not bit-exact with int_infer; `hat eval RECIPE --stage deploy --runtime "
+                     f"{name} --compare int_infer` measures how far")
+        rows.append({"name": name, "exact": spec.exact, "installed": not missing, "note": note,
+                     **({"install": missing} if missing else {})})
+    return rows
+
+
 def _inside(root: Path, path: Path) -> bool:
     """Whether `path`, symlinks followed, lies inside the folder `root`."""
     return path.resolve().is_relative_to(root.resolve())
