@@ -31,13 +31,25 @@ def _first_line(exc: BaseException) -> str:
     return (useful or lines or [type(exc).__name__])[0]
 
 
+_CORE: Any = None
+
+
+def _core() -> Any:
+    """One OpenVINO Core per process: each Core keeps its own plugin state and thread pools, and hat
+    opens many models in one process (every compile runs the artifact once on each runtime)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
 class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, as a `hatcli.runtime_spec.RuntimeSession`."""
 
     def __init__(self, model_path: Path, threads: int | None, precision: Any = "f32") -> None:
-        import openvino as ov
-
-        core = ov.Core()
+        core = _core()
         try:
             model = core.read_model(str(model_path))
             config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
