@@ -45,6 +45,13 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, default=str))
 
 
+def aligned_lines(header: list[str] | tuple[str, ...], rows: list[list[str]] | list[tuple[str, ...]]) -> list[str]:
+    """The header and rows as plain lines, each column as wide as its widest cell; nothing is cut
+    (a table's form for pipes and log files)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
     """Print metrics as `title: top1 93.20  top5 100.00`."""
     text = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items())

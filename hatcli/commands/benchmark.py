@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, load, print_json
-from hatcli.errors import UsageError
+from hatcli.commands._options import JsonOpt, RecipeArg, SetOpt, aligned_lines, load, print_json
 from hatcli.progress import stdout
 
 EXAMPLES = """
@@ -45,8 +44,6 @@ def benchmark(
     from hatcli.workflows.benchmark import benchmark as run_benchmark
 
     lr = load(recipe, overrides)
-    if lr.family.task not in ("classification", "detection"):
-        raise UsageError(f"hat benchmark: no metric for task kind `{lr.family.task}`")
     result = run_benchmark(lr, batch=batch, threads=threads, rounds=rounds, runs=runs, warmup=warmup, images=images)
     if json_out:
         print_json(result)
@@ -91,11 +88,8 @@ def _print(result: dict) -> None:
             table.add_row(*cells[:1], cells[1] if cells[1] == "ok" else f"[yellow]{cells[1]}[/]", *cells[2:])
         stdout.print(table)
     else:
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-        stdout.print(title, markup=False, highlight=False, soft_wrap=True)
-        for cells in [header, *lines]:
-            stdout.print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), markup=False,
-                         highlight=False, soft_wrap=True)
+        for line in [title, *aligned_lines(header, lines)]:
+            stdout.print(line, markup=False, highlight=False, soft_wrap=True)
     for note in notes:
         stdout.print(note, markup=False, highlight=False, soft_wrap=True)
     stdout.print(f"{result['cpu']}; accuracy and agreement on {result['images']} validation images; latency: "

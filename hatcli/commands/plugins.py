@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hatcli.commands._options import JsonOpt, print_json
+from hatcli.commands._options import JsonOpt, aligned_lines, print_json
 from hatcli.progress import stdout
 
 EXAMPLES = """
@@ -70,12 +70,6 @@ def _table(rows: list[tuple[str, ...]], widths: list[int]) -> Table:
     return table
 
 
-def _plain_lines(rows: list[tuple[str, ...]]) -> list[str]:
-    """The header and rows as lines with columns aligned on the widest cell; nothing is cut."""
-    widths = [max(len(row[i]) for row in [HEADERS, *rows]) for i in range(len(HEADERS))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [HEADERS, *rows]]
-
-
 def _print_family_descriptions() -> None:
     """One line per registered family: its name and its `description`, aligned."""
     from hatcli.plugins import families
@@ -104,7 +98,7 @@ def plugins(json_out: JsonOpt = False) -> None:
     if widths is not None:
         stdout.print(_table(rows, widths))
     else:
-        for line in _plain_lines(rows):
+        for line in aligned_lines(HEADERS, rows):
             stdout.print(line, markup=False, highlight=False, soft_wrap=True)
     for info in infos:
         if info.status != "ok":

@@ -47,7 +47,15 @@ from hatcli.deploy.onnx_graph import load_onnx, read_graph, resolve_model_path
 from hatcli.deploy.perf import estimate_graph, measure_latency, random_feed
 from hatcli.deploy.perf_html import render_perf_html
 from hatcli.deploy.pool_lowering import lower_average_pool
-from hatcli.deploy.runtime import MANIFEST, MODEL, QDQ_MODEL, create_session, opt_level_name, sha256_file
+from hatcli.deploy.runtime import (
+    MANIFEST,
+    MODEL,
+    QDQ_MODEL,
+    create_session,
+    opt_level_name,
+    runtime_names,
+    sha256_file,
+)
 from hatcli.errors import ArtifactError, HatError, UsageError
 from hatcli.march_profile import march_toml
 from hatcli.quant.march import MarchProfile
@@ -203,11 +211,9 @@ def _runtime_models(tmp_dir: Path, src: Path, batch: int, input_shape: list[int]
     The lowered model is already in `tmp_dir` (ONNX Runtime ran it); the QDQ model is copied in
     when a registered runtime reads it, and every installed runtime of another form runs it once on
     a random batch: `status` is "ok", "not installed here: ..." or "cannot run it: ..."."""
-    from hatcli.deploy.perf import random_feed
     from hatcli.plugins import runtimes
 
-    registry = runtimes()
-    specs = [registry.get(name) for name in registry.names()]
+    specs = [runtimes().get(name) for name in runtime_names()]
     models = {"lowered": MODEL}
     if any(spec.form == "qdq" for spec in specs):
         qdq = _portable(onnx.load(str(src)))  # with its external data: the copy is one self-contained file

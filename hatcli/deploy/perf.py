@@ -353,9 +353,7 @@ def random_feed(session: Any, batch: int, input_shape: list[int] | None = None,
     ONNX Runtime InferenceSession."""
     rng = np.random.default_rng(seed)
     feed: dict[str, np.ndarray] = {}
-    infos = session.inputs if hasattr(session, "inputs") and not hasattr(session, "get_inputs") \
-        else OrtSession(session).inputs
-    for inp in infos:
+    for inp in session.inputs if hasattr(session, "inputs") else OrtSession(session).inputs:
         dims = list(inp.shape)
         shape = [batch] + [int(d) if isinstance(d, int) else None for d in dims[1:]]
         if input_shape is not None:
@@ -385,7 +383,8 @@ def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None =
     level = opt_level_name(opt_level)
     onnx_path = resolve_model_path(onnx_path)
     load_onnx(onnx_path, external_data=False)
-    session = runtime_spec(runtime).load(onnx_path, threads, {"graph_optimization_level": level})
+    spec = runtime_spec(runtime)
+    session = spec.load(onnx_path, threads, {"graph_optimization_level": level})
     feed = random_feed(session, batch, input_shape)
     for _ in range(warmup):
         session.run(feed)
@@ -406,7 +405,6 @@ def measure_latency(onnx_path: str | Path, batch: int = 1, threads: int | None =
             bar.stop()
     median = statistics.median(times)
     p90 = float(np.percentile(times, 90))
-    spec = runtime_spec(runtime)
     device = "cpu (onnxruntime CPUExecutionProvider)" if spec.name == "onnxruntime" else f"cpu ({spec.name})"
     return PerfMeasurement(model=str(onnx_path), batch=batch, threads=threads, opt_level=opt_level,
                            median_ms=median, p90_ms=p90, mean_ms=statistics.fmean(times),

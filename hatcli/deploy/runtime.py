@@ -127,15 +127,21 @@ def runtime_spec(name: str | None) -> RuntimeSpec:
     return spec
 
 
+def runtime_names() -> list[str]:
+    """The registered runtimes' names, ONNX Runtime (the default) first, then by name."""
+    from hatcli.plugins import runtimes
+
+    return sorted(runtimes().names(), key=lambda name: (name != DEFAULT_RUNTIME, name))
+
+
 def runtime_exactness() -> list[dict[str, Any]]:
     """Per registered runtime: whether it is installed here and whether its int8 arithmetic is
     int_infer's (`exact`), with one line that says what that means for the artifact."""
     from hatcli.plugins import runtimes
 
-    registry = runtimes()
     rows = []
-    for name in sorted(registry.names(), key=lambda n: (n != DEFAULT_RUNTIME, n)):
-        spec = registry.get(name)
+    for name in runtime_names():
+        spec = runtimes().get(name)
         missing = spec.missing()
         note = ("computes the integer program's integers (artifact == int_infer, proven by hat's tests)" if spec.exact
                 else f"its own int8 lowering: not bit-exact with int_infer; `hat eval RECIPE --stage deploy --runtime "
@@ -164,21 +170,17 @@ def verify_files(root: Path, files: Mapping[str, str]) -> None:
                                 "(the artifact was modified or is incomplete)")
 
 
-def artifact_models(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The artifact's model file per form (`models`); an artifact from before forms were recorded
-    has only its lowered `model`."""
-    models = manifest.get("models")
-    return dict(models) if isinstance(models, Mapping) else {"lowered": manifest.get("model", MODEL)}
-
-
 def manifest_model(root: Path, manifest: Mapping[str, Any], form: str = "lowered") -> Path:
     """The model file of `form` the manifest names (`models[form]`, for the lowered form also
     `model`, default model.onnx): it must be the plain name of one of the checksummed `files`,
-    inside `root`; else ArtifactError naming the key."""
+    inside `root`; else ArtifactError naming the key. An artifact from before forms were recorded
+    has no `models`: only its lowered `model`."""
     if form == "lowered":
         name, key = manifest.get("model", MODEL), f"{root / MANIFEST}: key `model`"
     else:
-        name, key = artifact_models(manifest).get(form), f"{root / MANIFEST}: key `models.{form}`"
+        models = manifest.get("models")
+        name = models.get(form) if isinstance(models, Mapping) else None
+        key = f"{root / MANIFEST}: key `models.{form}`"
     if name is None:
         raise ArtifactError(f"{root}: the artifact has no `{form}` model (it was compiled before a runtime that "
                             "reads it was installed, or by an older hat); compile it again")

@@ -31,7 +31,7 @@ import torch
 from hatcli.atomic import atomic_write_json
 from hatcli.deploy.cpu import cpu_name
 from hatcli.deploy.export import export_onnx
-from hatcli.deploy.runtime import DEFAULT_RUNTIME, load_artifact
+from hatcli.deploy.runtime import load_artifact, runtime_names
 from hatcli.deploy.timing import BUSY_CPU_USE, OtherLoad, time_in_turns
 from hatcli.engine.loaders import build_loader
 from hatcli.errors import HatError
@@ -42,7 +42,7 @@ from hatcli.recipe import LoadedRecipe
 from hatcli.stages import default_compile_dir
 from hatcli.workflows.compare import compare_models
 from hatcli.workflows.pipeline import run_pipeline
-from hatcli.workflows.stage_models import load_float_model, stage_model
+from hatcli.workflows.stage_models import artifact_callable, load_float_model, stage_model
 
 REFERENCE = "int_infer"
 
@@ -74,22 +74,6 @@ class _Side:
     timed: Callable[[], object]
 
 
-def _outputs(arrays: list[np.ndarray]) -> Any:
-    """A runtime's outputs as the torch stages return them: one tensor, or a tuple."""
-    tensors = [torch.from_numpy(np.asarray(a)) for a in arrays]
-    return tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-
-def _session_side(row: Row, session: Any, timing_input: np.ndarray) -> _Side:
-    """A side for a loaded runtime session (`RuntimeSession` or an artifact's runner)."""
-    run = session.run
-    name = session.inputs[0].name if hasattr(session, "inputs") else session.input_names[0]
-    feed = {name: timing_input}
-    if hasattr(session, "inputs"):
-        return _Side(row, lambda images: _outputs(run({name: images.detach().cpu().numpy()})), lambda: run(feed))
-    return _Side(row, lambda images: _outputs(run(images.detach().cpu().numpy())), lambda: run(timing_input))
-
-
 def _float_onnx(lr: LoadedRecipe, deploy_float: torch.nn.Module, path: Path) -> Path:
     """The float deploy model exported to ONNX with a free batch dimension (what fp32 rows run)."""
     example = lr.family.example_inputs(tuple(lr.recipe.data.input_size), batch=2)
@@ -115,15 +99,12 @@ def _first_line(exc: BaseException) -> str:
 
 def _runtime_sides(lr: LoadedRecipe, artifact: Path, float_path: Path, threads: int | None,
                    timing_input: np.ndarray) -> tuple[list[_Side], list[Row]]:
-    """An fp32 and an int8 side per registered runtime (ONNX Runtime first); rows that cannot run
-    here, with the reason."""
-    registry = runtimes()
-    names = sorted(registry.names(), key=lambda n: (n != DEFAULT_RUNTIME, n))
+    """An fp32 side (the float ONNX file) and an int8 side (the artifact) per registered runtime,
+    ONNX Runtime first, both loaded by `load_artifact`; rows that cannot run here, with the reason."""
     sides: list[_Side] = []
     idle: list[Row] = []
-    for name in names:
-        spec = registry.get(name)
-        missing = spec.missing()
+    for name in runtime_names():
+        missing = runtimes().get(name).missing()
         for precision in ("fp32", "int8"):
             row = Row(name=f"{name} {precision}", runtime=name, precision=precision)
             if missing:
@@ -131,13 +112,9 @@ def _runtime_sides(lr: LoadedRecipe, artifact: Path, float_path: Path, threads: 
                 idle.append(row)
                 continue
             try:
-                if precision == "fp32":
-                    session = spec.load(float_path, threads, {"graph_optimization_level": "ORT_ENABLE_ALL"})
-                    row.file, row.size_mb = str(float_path), _size_mb(float_path)
-                else:
-                    session = load_artifact(artifact, threads=threads, runtime=name)
-                    row.file, row.size_mb = str(session.model_path), _size_mb(session.model_path)
-                side = _session_side(row, session, timing_input)
+                loaded = load_artifact(float_path if precision == "fp32" else artifact, threads=threads, runtime=name)
+                row.file, row.size_mb = str(loaded.model_path), _size_mb(loaded.model_path)
+                side = _Side(row, artifact_callable(loaded), lambda run=loaded.run: run(timing_input))
                 side.timed()  # a runtime that loads but cannot run fails here, not in the timing
             except HatError as exc:
                 row.status = f"failed: {_first_line(exc)}"

@@ -126,15 +126,16 @@ def stage_model(lr: LoadedRecipe, stage: str, artifact: Path | None = None,
             raise ArtifactError(f"no compiled artifact at {folder}; run `hat compile {lr.path}` first")
         runner = load_artifact(folder, runtime=runtime)
         classes = runner.manifest.get("extra", {}).get("classes") or runner.manifest.get("classes", [])
-        return _onnx_callable(runner), classes
+        return artifact_callable(runner), classes
     else:
         raise UsageError(f"unknown stage `{stage}`; choose one of {', '.join(EVAL_STAGES)}")
     return model, state["classes"]
 
 
-def _onnx_callable(runner: Any) -> Callable:
-    """batch -> outputs through ONNX Runtime: one tensor for a single-output model, else a tuple in
-    the deploy model's output order (what the torch stages return)."""
+def artifact_callable(runner: Any) -> Callable:
+    """batch -> outputs through a loaded artifact (`load_artifact`, on its runtime): one tensor for a
+    single-output model, else a tuple in the deploy model's output order (what the torch stages
+    return)."""
     def run(images: torch.Tensor) -> Any:
         outputs = [torch.from_numpy(out) for out in runner.run(images.detach().cpu().numpy())]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
