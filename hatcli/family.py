@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that `hat --help` stays fast
     import torch
     from PIL import Image
 
-TaskKind = Literal["classification", "detection"]
+TaskKind = Literal["classification", "detection", "segmentation"]
 
 
 class FamilyConfig(BaseModel):

@@ -72,8 +72,9 @@ def model_input(lr: LoadedRecipe, image: torch.Tensor, device: torch.device | st
 
 def detection_model_input(lr: LoadedRecipe, image: torch.Tensor,
                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
-    """One decoded uint8 CHW image as a detection model receives it (a batch of one), and the
-    target that maps its detections back onto the image (`image_box`, `orig_size`, `img_size`)."""
+    """One decoded uint8 CHW image as a detection or segmentation model receives it (a batch of
+    one), and the target that maps its detections or label map back onto the image (`image_box`,
+    `orig_size`, `img_size`)."""
     import torch
 
     from hatcli.data.datasets import transform_detection

@@ -42,7 +42,7 @@ class PackConfig(Strict):
     """How `hat run` produces the dataset when `data.root` holds none yet."""
 
     kind: str = "shapes"
-    task: Literal["classification", "detection"] = "classification"
+    task: Literal["classification", "detection", "segmentation"] = "classification"
     num_images: int = Field(1200, gt=0)
     image_size: int = Field(64, ge=16)
     seed: Seed = 0

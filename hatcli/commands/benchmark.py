@@ -61,12 +61,13 @@ def _cells(result: dict) -> tuple[list[str], list[list[str]], list[str]]:
     not a matter of steps."""
     rows = result["rows"]
     metric = next((k for row in rows for k in row["metrics"]), "top1")
-    same = "same dets %" if any("same_detections" in row["agreement"] for row in rows) else "same top-1 %"
+    same = next((title for key, title in (("same_detections", "same dets %"), ("pixel_agreement", "same pixels %"))
+                 if any(key in row["agreement"] for row in rows)), "same top-1 %")
     header = ["format", "status", "MB", f"{metric} %", same, "max steps", "median ms", "p90 ms", "FPS"]
     lines, notes = [], []
     for row in rows:
         agreement = row["agreement"]
-        share = agreement.get("same_detections", agreement.get("top1_agreement"))
+        share = agreement.get("same_detections", agreement.get("pixel_agreement", agreement.get("top1_agreement")))
         status = row["status"].split(":", 1)[0]
         if row["status"] != "ok":
             notes.append(f"{row['name']}: {row['status']}")

@@ -40,14 +40,15 @@ def evaluate(
     artifact: Annotated[Path | None, typer.Option(help="Compiled artifact folder (deploy stage).")] = None,
     compare: Annotated[str | None, typer.Option(
         help="Other stages to run on the same images, comma-separated (e.g. qat,int_infer): "
-             "reports top-1 agreement (detection: images with the same detections) and the "
-             "largest output difference, in output steps.")] = None,
+             "reports top-1 agreement (detection: images with the same detections; segmentation: "
+             "pixels with the same class and the mIoU difference) and the largest output difference, "
+             "in output steps.")] = None,
     runtime: RuntimeOpt = None,
     overrides: SetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Evaluate a stage: top-1/top-5 (classification) or COCO mAP (detection) in percent; with
-    --compare, how far stages agree."""
+    """Evaluate a stage: top-1/top-5 (classification), COCO mAP (detection) or mIoU with per-class
+    IoU (segmentation) in percent; with --compare, how far stages agree."""
     from hatcli.stages import EVAL_STAGES
     from hatcli.workflows.stage_models import evaluate_stage
 
@@ -55,7 +56,12 @@ def evaluate(
     if compare is None:
         check_runtime_stage(runtime, [stage])
         result = evaluate_stage(lr, stage, artifact, runtime)
-        print_json(result) if json_out else print_metrics(_title(stage, runtime), result["metrics"])
+        if json_out:
+            print_json(result)
+            return
+        print_metrics(_title(stage, runtime), result["metrics"])
+        if "per_class" in result:
+            _print_per_class(result["per_class"])
         return
     from hatcli.workflows.compare import compare_stages
 
@@ -78,6 +84,20 @@ def _title(stage: str, runtime: str | None) -> str:
     return f"{stage} ({runtime})" if stage == "deploy" and runtime else stage
 
 
+def _print_per_class(table: dict) -> None:
+    """Every class's figure (a segmentation family's IoU, ...) as aligned `name  value` lines."""
+    from hatcli.commands._options import aligned_lines
+    from hatcli.progress import stdout
+
+    rows = [[name, "-" if value is None else f"{value:.2f}"] for name, value in table["values"].items()]
+    for line in aligned_lines(["class", f"{table['metric']} %"], rows):
+        stdout.print(line, markup=False, highlight=False)
+
+
+AGREEMENT_TITLES = {"same_detections": "same detections", "pixel_agreement": "same class per pixel",
+                    "top1_agreement": "top-1 agreement"}
+
+
 def _print_agreement(report: dict) -> None:
     """The pairwise agreement table."""
     from rich.table import Table
@@ -85,11 +105,19 @@ def _print_agreement(report: dict) -> None:
     from hatcli.progress import stdout
 
     steps = report["output_step"] is not None
-    detection = any("same_detections" in pair for pair in report["agreement"])
-    key, title = ("same_detections", "same detections") if detection else ("top1_agreement", "top-1 agreement")
-    table = Table("a", "b", title, "max |diff|", *(["max diff (output steps)"] if steps else []))
-    for pair in report["agreement"]:
-        row = [pair["a"], pair["b"], f"{pair[key]:.2f}% of {pair['images']}", f"{pair['max_abs_diff']:.3g}"]
+    pairs = report["agreement"]
+    key, title = next(((k, t) for k, t in AGREEMENT_TITLES.items() if any(k in pair for pair in pairs)),
+                      ("top1_agreement", "top-1 agreement"))
+    unit = "pixels of" if key == "pixel_agreement" else "of"
+    miou = any("mIoU_diff" in pair for pair in pairs)
+    table = Table("a", "b", title, *(["mIoU a - b"] if miou else []), "max |diff|",
+                  *(["max diff (output steps)"] if steps else []))
+    for pair in pairs:
+        row = [pair["a"], pair["b"], f"{pair[key]:.3f}% {unit} {pair['images']} images" if miou
+               else f"{pair[key]:.2f}% of {pair['images']}"]
+        if miou:
+            row.append(f"{pair['mIoU_diff']:+.2f}")
+        row.append(f"{pair['max_abs_diff']:.3g}")
         if steps:
             row.append(f"{pair['max_diff_steps']:.2f}")
         table.add_row(*row)

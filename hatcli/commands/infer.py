@@ -21,6 +21,8 @@ Examples:
   hat infer recipes/quickstart.toml --input photo.jpg --stage deploy --runtime openvino
 
   hat infer recipes/shapes_fcos.toml --input street.jpg --out boxes.png --min-score 0.4 --json
+
+  hat infer recipes/shapes_unet.toml --input street.jpg --out mask.png
 """
 
 
@@ -37,7 +39,8 @@ def infer(
     json_out: JsonOpt = False,
 ) -> None:
     """Run one image through a stage's model and draw the predictions on it: the top-k classes
-    (classification) or boxes with class names and scores (detection)."""
+    (classification), boxes with class names and scores (detection), or a coloured mask with a
+    legend of the classes found and their share of the picture (segmentation)."""
     from PIL import UnidentifiedImageError
 
     from hatcli.atomic import atomic_write_bytes
@@ -69,6 +72,10 @@ def infer(
                     **({"runtime": runtime} if stage == "deploy" else {})})
         return
     for row in rows:
+        if "share" in row:  # segmentation: a class present in the picture
+            stdout.print(f"{row['label']:>16}  {row['share'] * 100:6.2f}% of the pixels, "
+                         f"mean confidence {row['score'] * 100:5.1f}%")
+            continue
         box = "  " + " ".join(f"{v:7.1f}" for v in row["box"]) if detection else ""
         stdout.print(f"{row['label']:>16}  {row['score'] * 100:6.2f}%{box}")
     if detection and not rows:

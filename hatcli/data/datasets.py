@@ -1,4 +1,4 @@
-"""torch Datasets over packed (LMDB) data, and the detection collate function.
+"""torch Datasets over packed (LMDB) data, and the detection and segmentation collate functions.
 
 Each dataset holds a `PackedReader`, which opens the LMDB environment lazily in whichever
 process first reads a record, so datasets can be handed to DataLoader workers (fork or spawn).
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from hatcli.data.lmdb_format import PackedReader, open_packed
+from hatcli.data.lmdb_format import IGNORE_INDEX, REPACK_HINT, PackedReader, open_packed
 from hatcli.errors import DataError
 
 Transform = Any  # a callable: t(image) for classification, t(image, target) for detection
@@ -109,7 +109,8 @@ class DetectionDataset(_PackedDataset):
     """Items are ``(image, target)`` with target ``{"boxes": float32 [N, 4] xyxy pixels,
     "labels": int64 [N], "image_id": int, "orig_size": (h, w), "image_box": float32 [4]}``.
 
-    Crowd annotations and boxes with no width or height are left out of the target. A transform
+    Crowd annotations, difficult boxes (Pascal VOC's flag) and boxes with no width or height are
+    left out of the target. A transform
     is called as ``transform(image, target)`` with the boxes as `tv_tensors.BoundingBoxes`, so the
     geometric v2 transforms move them; boxes that end up empty are dropped afterwards.
     ``image_box`` is where the original image's corners (0, 0) and (w, h) are after the
@@ -124,9 +125,10 @@ class DetectionDataset(_PackedDataset):
         record = self.reader[index]
         image = self._image(record, index)
         h, w = int(image.shape[-2]), int(image.shape[-1])
+        difficult = record.get("difficult") or [0] * len(record["boxes"])
         keep = [
-            i for i, (box, crowd) in enumerate(zip(record["boxes"], record["iscrowd"]))
-            if not crowd and box[2] > 0 and box[3] > 0
+            i for i, (box, crowd, hard) in enumerate(zip(record["boxes"], record["iscrowd"], difficult))
+            if not crowd and not hard and box[2] > 0 and box[3] > 0
         ]
         boxes = torch.tensor([record["boxes"][i] for i in keep], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
@@ -173,6 +175,95 @@ def transform_detection(transform: Transform, image: torch.Tensor,
     return image, target
 
 
+class SegmentationDataset(_PackedDataset):
+    """Items are ``(image, target)`` with target ``{"mask": tv_tensors.Mask uint8 [H, W] (class
+    index per pixel, `ignore_index` where no class counts), "image_id": int, "orig_size": (h, w),
+    "image_box": float32 [4]}``.
+
+    A transform is called as ``transform(image, target)``: the geometric v2 transforms move the
+    mask with the image (nearest-neighbour resampling, so every pixel keeps a class index; padding
+    fills it with `ignore_index`). ``image_box`` is where the original image's corners are after
+    the transforms, as for detection: `hatcli.tasks.segmentation` maps a predicted mask back onto
+    the original image through it.
+    """
+
+    kind = "segmentation"
+
+    @property
+    def ignore_index(self) -> int:
+        """The mask value that no loss or metric counts (255)."""
+        return int(self.reader.meta.get("ignore_index", IGNORE_INDEX))
+
+    def _item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        record = self.reader[index]
+        image = self._image(record, index)
+        mask = decode_mask(record["mask"], f"mask of record {index} of {self.path}")
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        if tuple(mask.shape) != (h, w):
+            raise DataError(f"record {index} of {self.path}: mask is {mask.shape[1]}x{mask.shape[0]} but the "
+                            f"image is {w}x{h}; {REPACK_HINT}")
+        target: dict[str, Any] = {
+            "mask": tv_tensors.Mask(mask),
+            "image_id": int(record["image_id"]),
+            "orig_size": (h, w),
+            "image_box": torch.tensor([0.0, 0.0, float(w), float(h)]),
+        }
+        if self.transform is None:
+            return image, target
+        return transform_segmentation(self.transform, image, target)
+
+
+def decode_mask(data: bytes, where: str = "mask") -> torch.Tensor:
+    """Decode a packed mask (8-bit greyscale PNG) into a uint8 [H, W] tensor; DataError names `where`."""
+    try:
+        mask = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as exc:
+        raise DataError(f"cannot decode {where}: {exc}") from None
+    if mask.ndim != 3 or mask.shape[0] != 1 or mask.dtype != torch.uint8:
+        raise DataError(f"{where} is not an 8-bit single-channel PNG (shape {tuple(mask.shape)}, {mask.dtype}); "
+                        f"{REPACK_HINT}")
+    return mask[0]
+
+
+def transform_segmentation(transform: Transform, image: torch.Tensor,
+                           target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Apply a segmentation transform to `image` (uint8 CHW) and `target` ("mask", "image_box");
+    return the new image and target, with the mask moved like the image and `image_box` like a box."""
+    # The image's extent rides along as a box, exactly as detection's does, with no real boxes.
+    with_boxes = {**target, "mask": tv_tensors.Mask(target["mask"]), "boxes": torch.zeros(0, 4),
+                  "labels": torch.zeros(0, dtype=torch.int64)}
+    image, moved = transform_detection(transform, image, with_boxes)
+    moved.pop("boxes")
+    moved.pop("labels")
+    moved["mask"] = tv_tensors.Mask(moved["mask"].as_subclass(torch.Tensor).reshape(image.shape[-2:]))
+    return image, moved
+
+
+def segmentation_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Stack images into one NCHW tensor and keep the targets as a list of dicts.
+
+    Images of different sizes are padded at the bottom and right (zeros) to the largest size in
+    the batch and their masks with the ignore index, so padded pixels count for nothing; each
+    target records its image's own size as ``img_size`` (h, w).
+    """
+    height = max(int(item[0].shape[-2]) for item in batch)
+    width = max(int(item[0].shape[-1]) for item in batch)
+    images, targets = detection_collate(batch)
+    for (image, _), target in zip(batch, targets):
+        mask = target["mask"].as_subclass(torch.Tensor)
+        if tuple(mask.shape) != (height, width):
+            padded = mask.new_full((height, width), IGNORE_INDEX)
+            padded[: mask.shape[0], : mask.shape[1]] = mask
+            mask = padded
+        target["mask"] = mask
+    return images, targets
+
+
+def batch_masks(targets: list[dict[str, Any]], device: torch.device | str | None = None) -> torch.Tensor:
+    """The targets' masks as one int64 [N, H, W] tensor (what a segmentation loss takes)."""
+    return torch.stack([t["mask"].as_subclass(torch.Tensor) for t in targets]).to(device=device, dtype=torch.int64)
+
+
 def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Stack images into one NCHW tensor and keep the targets as a list of dicts.
 
@@ -195,12 +286,22 @@ def detection_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple
     return torch.stack(images), targets
 
 
-def open_dataset(path: str | Path, transform: Transform | None = None) -> ClassificationDataset | DetectionDataset:
+PackedDataset = ClassificationDataset | DetectionDataset | SegmentationDataset
+
+
+def open_dataset(path: str | Path, transform: Transform | None = None) -> PackedDataset:
     """Open the packed data at `path` as the dataset its meta `kind` calls for."""
     kind = open_packed(path).meta["kind"]
     if kind == "classification":
         return ClassificationDataset(path, transform)
+    if kind == "segmentation":
+        return SegmentationDataset(path, transform)
     return DetectionDataset(path, transform)
+
+
+def collate_for(kind: str) -> Any:
+    """The DataLoader collate function for packed data of `kind` (None: the default one)."""
+    return {"detection": detection_collate, "segmentation": segmentation_collate}.get(kind)
 
 
 def coco_ground_truth(path_or_reader: str | Path | PackedReader) -> dict[str, Any]:
@@ -223,10 +324,14 @@ def coco_ground_truth(path_or_reader: str | Path | PackedReader) -> dict[str, An
             "height": record["height"], "width": record["width"],
         })
         areas = record.get("area") or [b[2] * b[3] for b in record["boxes"]]
-        for box, category, crowd, area in zip(record["boxes"], record["category_ids"], record["iscrowd"], areas):
+        difficult = record.get("difficult") or [0] * len(record["boxes"])
+        for box, category, crowd, area, hard in zip(record["boxes"], record["category_ids"], record["iscrowd"],
+                                                     areas, difficult):
+            # A difficult box (VOC) is an ignore region, as a crowd is: a detection on it is
+            # neither a true nor a false positive (COCOeval's `iscrowd` is its only ignore flag).
             annotations.append({
                 "id": len(annotations) + 1, "image_id": record["image_id"], "category_id": category,
-                "bbox": list(box), "area": float(area), "iscrowd": int(crowd),
+                "bbox": list(box), "area": float(area), "iscrowd": int(bool(crowd) or bool(hard)),
             })
     categories = meta.get("coco_categories") or [
         {"id": cid, "name": name} for cid, name in zip(meta["category_ids"], meta["classes"])

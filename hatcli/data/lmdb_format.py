@@ -4,7 +4,7 @@ Layout (also documented in docs/, keep the two in step):
 
 - records under the keys ``b"%08d" % index`` for ``index`` in ``0 .. count-1``;
 - metadata under ``b"__meta__"``: a msgpack dict ``{"format": "hat-lmdb", "version": 1,
-  "kind": "classification"|"detection", "split": str, "count": int, "classes": [names in label
+  "kind": "classification"|"detection"|"segmentation", "split": str, "count": int, "classes": [names in label
   order], "checksums": {"records_sha256": hex}, ...}`` where the checksum is SHA-256 over the
   record bytes in key order. Packers may add more keys (detection adds ``category_ids`` and
   ``coco_categories``).
@@ -13,7 +13,13 @@ A classification record is ``{"image": bytes, "label": int, "name": str}``, plus
 bytes`` (the exact file name) when the file name is not UTF-8; a detection record
 is ``{"image": bytes, "image_id": int, "file_name": str, "height": int, "width": int, "boxes":
 [[x, y, w, h], ...], "labels": [int], "category_ids": [int], "iscrowd": [0|1], "area": [float]}``
-with COCO ``xywh`` boxes in pixels. Image bytes are the encoded JPEG/PNG file, as it was.
+with COCO ``xywh`` boxes in pixels, plus optional ``"difficult": [0|1]`` and ``"truncated": [0|1]``
+per box (Pascal VOC's flags; a difficult box is neither trained on nor counted by the metrics).
+A segmentation record is ``{"image": bytes, "mask": bytes, "image_id": int, "file_name": str,
+"height": int, "width": int}`` where ``mask`` is an 8-bit greyscale PNG of the image's size holding
+one class index per pixel (``meta["ignore_index"]``, 255, marks pixels no metric or loss counts);
+segmentation meta adds ``ignore_index`` and ``palette`` (one RGB triple per class, for drawing).
+Image bytes are the encoded JPEG/PNG file, as it was.
 
 This module reads and verifies the format; `hatcli.data.lmdb_writer.LmdbWriter` writes it.
 """
@@ -35,14 +41,17 @@ from hatcli.errors import DataError
 FORMAT = "hat-lmdb"
 VERSION = 1
 META_KEY = b"__meta__"
-KINDS = ("classification", "detection")
+KINDS = ("classification", "detection", "segmentation")
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("image", "label", "name"),
     "detection": (
         "image", "image_id", "file_name", "height", "width",
         "boxes", "labels", "category_ids", "iscrowd",
     ),
+    "segmentation": ("image", "mask", "image_id", "file_name", "height", "width"),
 }
+IGNORE_INDEX = 255
+"""The mask value of pixels that belong to no class (borders, unlabelled): no loss, no metric."""
 REPACK_HINT = "re-pack it with `hat pack`"
 
 

@@ -1,8 +1,9 @@
 """The built-in synthetic dataset: coloured shapes on textured backgrounds, as real JPEG files.
 
-`generate_shapes` writes an ImageNet-style folder tree (classification) or a COCO-style image
-folder plus annotation json (detection); `pack_shapes` (`hat pack shapes`) generates it and packs
-it with the `imagenet` or `coco` packer. Everything is deterministic for a seed: each image draws from its own
+`generate_shapes` writes an ImageNet-style folder tree (classification), a COCO-style image
+folder plus annotation json (detection), or image and mask folders (segmentation: each pixel's
+class, 0 the background); `pack_shapes` (`hat pack shapes`) generates it and packs it with the
+`imagenet` or `coco` packer, or as segmentation records. Everything is deterministic for a seed: each image draws from its own
 random generator seeded with (seed, split, index).
 """
 
@@ -19,8 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hatcli.data.masks import encode_mask
 from hatcli.data.packers.coco import pack_coco_split
 from hatcli.data.packers.imagenet import pack_imagenet_split
+from hatcli.data.packers.mask_folders import pack_mask_folders
+from hatcli.data.palette import voc_colormap
 from hatcli.data.packing import add_summary
 from hatcli.errors import UsageError
 from hatcli.family import PackRequest, PackResult
@@ -29,6 +33,10 @@ from hatcli.progress import track
 
 CLASSES = ("circle", "cross", "ring", "square", "star", "triangle")
 """Shape classes, in label order (sorted, so the folder packer gives the same labels)."""
+SEGMENTATION_CLASSES = ("background", *CLASSES)
+"""Segmentation classes: a mask holds 0 for the background and 1 + the shape's class elsewhere."""
+MASK_COVERAGE = 0.5
+"""A pixel belongs to a shape in the mask when the shape covers at least this share of it."""
 
 DEFAULT_NUM_IMAGES = 1200
 VAL_FRACTION = 0.2
@@ -160,15 +168,18 @@ def _overlap(a: list[float], b: list[float]) -> float:
 
 def render_image(
     seed: int, split: str, index: int, image_size: int, task: str
-) -> tuple[bytes, list[dict[str, Any]]]:
-    """Render one image; return its JPEG bytes and its objects (`label`, `box` xywh, `area`).
+) -> tuple[bytes, list[dict[str, Any]], np.ndarray]:
+    """Render one image; return its JPEG bytes, its objects (`label`, `box` xywh, `area`) and its
+    label mask (uint8 HxW: 0 background, 1 + class where a shape covers `MASK_COVERAGE` of a pixel;
+    a later shape paints over an earlier one, as in the image).
 
     Classification images hold one large shape whose class is ``index % len(CLASSES)``;
-    detection images hold 1-4 smaller shapes that overlap little.
+    detection and segmentation images hold 1-4 smaller shapes that overlap little.
     """
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
     size = image_size
     img = _background(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
     if task == "classification":
         wanted = [index % len(CLASSES)]
         r_range = (0.25 * size, 0.42 * size)
@@ -196,12 +207,13 @@ def render_image(
         a = alpha[..., None]
         patch *= 1 - a
         patch += (colour[None, None, :] * shade[:, None, None]) * a
+        mask[py0:py0 + h, px0:px0 + w][alpha >= MASK_COVERAGE] = label + 1
         objects.append({"label": int(label), "box": box, "area": round(float(alpha.sum()), 2)})
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 9))
     pixels = np.clip(img, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue(), objects
+    return buf.getvalue(), objects, mask
 
 
 def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_size: int) -> dict[str, int]:
@@ -209,10 +221,13 @@ def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_siz
 
     Classification: ``raw/{train,val}/<class>/<00000>.jpg`` (every class folder exists, even an
     empty one). Detection: ``raw/{train2017,val2017}/<image_id:012d>.jpg`` and
-    ``raw/annotations/instances_{train,val}2017.json``. Earlier output there is replaced.
+    ``raw/annotations/instances_{train,val}2017.json``. Segmentation: ``raw/segmentation/{train,val}/
+    images/<00000>.jpg`` and ``.../masks/<00000>.png`` (8-bit class indices). Earlier output there is
+    replaced.
     """
-    if task not in ("classification", "detection"):
-        raise UsageError(f"unknown task `{task}` for the shapes dataset: use classification or detection")
+    if task not in ("classification", "detection", "segmentation"):
+        raise UsageError(f"unknown task `{task}` for the shapes dataset: use classification, detection or "
+                         "segmentation")
     if image_size < 16:
         raise UsageError(f"image_size must be at least 16 pixels, got {image_size}")
     sizes = split_sizes(num_images)
@@ -224,6 +239,11 @@ def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_siz
             shutil.rmtree(split_dir, ignore_errors=True)
             for name in CLASSES:
                 (split_dir / name).mkdir(parents=True, exist_ok=True)
+        elif task == "segmentation":
+            split_dir = raw / "segmentation" / split
+            shutil.rmtree(split_dir, ignore_errors=True)
+            (split_dir / "images").mkdir(parents=True)
+            (split_dir / "masks").mkdir(parents=True)
         else:
             split_dir = raw / f"{split}2017"
             shutil.rmtree(split_dir, ignore_errors=True)
@@ -231,9 +251,13 @@ def generate_shapes(root: Path, task: str, num_images: int, seed: int, image_siz
             images: list[dict[str, Any]] = []
             annotations: list[dict[str, Any]] = []
         for index in track(range(n), total=n, description=f"generate shapes {split}"):
-            data, objects = render_image(seed, split, index, image_size, task)
+            data, objects, mask = render_image(seed, split, index, image_size, task)
             if task == "classification":
                 (split_dir / CLASSES[objects[0]["label"]] / f"{index:05d}.jpg").write_bytes(data)
+                continue
+            if task == "segmentation":
+                (split_dir / "images" / f"{index:05d}.jpg").write_bytes(data)
+                (split_dir / "masks" / f"{index:05d}.png").write_bytes(encode_mask(mask))
                 continue
             image_id = next_image_id
             next_image_id += 1
@@ -283,6 +307,13 @@ def pack_shapes(request: PackRequest) -> PackResult:
             if request.task == "classification":
                 summary, _ignored = pack_imagenet_split(root / "raw", root, split, workers=request.workers,
                                                         strict=request.strict, extra_meta=extra, request=request)
+            elif request.task == "segmentation":
+                split_dir = root / "raw" / "segmentation" / split
+                summary = pack_mask_folders(
+                    split_dir / "images", split_dir / "masks", root, split, list(SEGMENTATION_CLASSES),
+                    palette=voc_colormap(len(SEGMENTATION_CLASSES)), source="shapes", extra_meta=extra,
+                    request=request,
+                )
             else:
                 summary = pack_coco_split(
                     root / "raw" / "annotations" / f"instances_{split}2017.json", root / "raw" / f"{split}2017",

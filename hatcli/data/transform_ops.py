@@ -16,6 +16,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import is_pure_tensor
 
+from hatcli.data.lmdb_format import IGNORE_INDEX
+
 
 def _unwrap(inpt: Any) -> torch.Tensor:
     """The plain tensor behind a tv_tensor (or the tensor itself)."""
@@ -232,7 +234,8 @@ class Pad(v2.Transform):
     """Pad at the bottom and right only, so box coordinates stay as they are.
 
     Either to the next multiple of ``size_divisor`` in both height and width, or to exactly
-    ``size`` (h, w); an image larger than ``size`` is a ValueError. Padded pixels are ``fill``.
+    ``size`` (h, w); an image larger than ``size`` is a ValueError. Padded pixels are ``fill``, and
+    `IGNORE_INDEX` (255) in a segmentation mask: padding belongs to no class.
     """
 
     def __init__(
@@ -265,7 +268,7 @@ class Pad(v2.Transform):
         """Pad one image, box set (canvas only) or mask."""
         if not any(params["padding"]):
             return inpt
-        fill = 0 if isinstance(inpt, tv_tensors.Mask) else self.fill
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else self.fill
         return F.pad(inpt, params["padding"], fill=fill)
 
 

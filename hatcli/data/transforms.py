@@ -10,8 +10,9 @@
 Names are looked up in `TRANSFORMS`, a plain-name registry of factories (no import paths, no
 `eval`). Every transform is a `torchvision.transforms.v2` transform working on uint8 (or float
 0..255) CHW tensors; the pipeline returned by `build_transforms` is called as ``t(image)`` or, for
-detection, ``t(image, target)`` with ``target["boxes"]`` a `tv_tensors.BoundingBoxes`, which the
-geometric transforms move along with the image.
+detection and segmentation, ``t(image, target)`` with ``target["boxes"]`` a
+`tv_tensors.BoundingBoxes` and ``target["mask"]`` a `tv_tensors.Mask`, which the geometric
+transforms move along with the image (masks resampled nearest-neighbour, padded with 255).
 
 A few transforms (`BATCH_TRANSFORMS`: ToFloat, ToTensor, RGBToYUV444, Normalize) also work on
 NCHW batches on any device; `build_batch_transforms` builds a pipeline of only those, to run on a
@@ -25,8 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from hatcli.data.lmdb_format import IGNORE_INDEX
 from hatcli.data.transform_ops import (
     AugmentHSV,
     Normalize,
@@ -151,10 +154,12 @@ def _resize(size: Any, keep_ratio: Any = False, ratio_range: Any = None, antiali
 def _random_crop(size: Any, pad_if_needed: Any = True, fill: Any = 0) -> v2.Transform:
     """Crop a random `size` window (int = square, or [h, w]); boxes are shifted and clipped.
 
-    With `pad_if_needed` a smaller image is padded with `fill` first (it lands at a random offset).
+    With `pad_if_needed` a smaller image is padded with `fill` first (it lands at a random offset);
+    a segmentation mask is padded with the ignore index (255).
     """
     return v2.RandomCrop(
-        _size("size", size), pad_if_needed=_bool("pad_if_needed", pad_if_needed), fill=_fill("fill", fill),
+        _size("size", size), pad_if_needed=_bool("pad_if_needed", pad_if_needed),
+        fill={tv_tensors.Mask: IGNORE_INDEX, "others": _fill("fill", fill)},
     )
 
 

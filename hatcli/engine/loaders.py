@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hatcli.data.datasets import detection_collate, open_dataset
+from hatcli.data.datasets import collate_for, open_dataset
 from hatcli.engine import distributed
 from hatcli.engine.sampling import EpochSampler
 from hatcli.errors import DataError
@@ -104,7 +104,7 @@ def build_loader(lr: LoadedRecipe, split: str, shuffle: bool | None = None, seed
     training = split == "train"
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=info.world_size,
                            rank=info.rank, even=training)
-    collate = detection_collate if getattr(dataset, "kind", "") == "detection" else None
+    collate = collate_for(getattr(dataset, "kind", ""))
     device = torch.device(device)
     per_rank = len(dataset) // info.world_size
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,

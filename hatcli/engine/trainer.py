@@ -36,7 +36,7 @@ from hatcli.family import FamilyConfig, ModelFamily
 from hatcli.progress import make_progress
 from hatcli.recipe_schema import EmaConfig, OptimizerConfig
 
-PRIMARY_METRIC = {"classification": "top1", "detection": "mAP"}
+PRIMARY_METRIC = {"classification": "top1", "detection": "mAP", "segmentation": "mIoU"}
 
 
 @dataclass
@@ -69,6 +69,14 @@ def evaluate(model: Callable, loader: Any, family: ModelFamily, description: str
     `config` is the recipe's `[model]` table, for families whose decoding depends on it.
     `transient`: the progress leaves nothing behind (validation, whose numbers the epoch's line shows).
     """
+    return run_metric(model, loader, family, description, config, transient).compute()
+
+
+def run_metric(model: Callable, loader: Any, family: ModelFamily, description: str = "eval",
+               config: FamilyConfig | None = None, transient: bool = False) -> Any:
+    """Run `model` over `loader` and return the family's metric object with every batch added and
+    all ranks merged (what `evaluate` computes; callers that want more than `compute()`, such as a
+    metric's `per_class()` table, read it here)."""
     metric = family.build_metric(getattr(loader, "dataset", None), config)
     info = distributed.current()
     with torch.no_grad(), make_progress(transient=transient) as progress:
@@ -77,7 +85,7 @@ def evaluate(model: Callable, loader: Any, family: ModelFamily, description: str
             metric.update(model(images), targets)
             progress.advance(task)
     metric.merge_across_ranks()
-    return metric.compute()
+    return metric
 
 
 def _rng_state() -> dict[str, Any]:

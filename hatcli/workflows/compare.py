@@ -7,6 +7,8 @@ reports each stage's metrics and, for every pair:
 - classification: the share of images with the same top-1 class;
 - detection: the share of images whose decoded detections are the same (`same_detections`:
   as many boxes, and each matched to one of the other's with the same class at IoU >= 0.95);
+- segmentation: the share of pixels with the same class (`pixel_agreement`, over the logits'
+  own grid) and the difference of the two stages' mIoU (`mIoU_diff`, a minus b);
 - the largest output difference over all outputs, absolute and in units of the output's
   quantization step: the integer program and the deployed artifact should agree on every image
   and differ by at most one step.
@@ -33,6 +35,9 @@ from hatcli.progress import make_progress
 from hatcli.stages import default_export_dir
 from hatcli.workflows.stage_models import stage_model
 
+AGREEMENT_KEY = {"classification": "top1_agreement", "detection": "same_detections",
+                 "segmentation": "pixel_agreement"}
+"""The name of a pair's agreement figure, by task kind."""
 SAME_BOX_IOU = 0.95
 """Two detections are the same when their classes are equal and their boxes overlap this much."""
 
@@ -112,6 +117,7 @@ class _Pair:
         self.a, self.b = a, b
         self.same = 0
         self.count = 0
+        self.images = 0
         self.max_abs = 0.0
         self.max_steps = 0.0
 
@@ -126,14 +132,15 @@ class _Pair:
             if step is not None:
                 self.max_steps = max(self.max_steps, float((diff / broadcast_step(step, diff)).max()))
 
-    def update_same(self, same: list[bool]) -> None:
-        """Count the images of one batch on which the two stages agree."""
-        self.same += sum(same)
-        self.count += len(same)
+    def update_same(self, same: int, count: int, images: int) -> None:
+        """Count the units (images, or pixels) of one batch of `images` on which the two stages agree."""
+        self.same += same
+        self.count += count
+        self.images += images
 
     def result(self, agreement_key: str, with_steps: bool) -> dict[str, Any]:
         """The pair's row of the report."""
-        out: dict[str, Any] = {"a": self.a, "b": self.b, "images": self.count,
+        out: dict[str, Any] = {"a": self.a, "b": self.b, "images": self.images,
                                agreement_key: 100.0 * self.same / max(1, self.count), "max_abs_diff": self.max_abs}
         if with_steps:
             out["max_diff_steps"] = self.max_steps
@@ -158,7 +165,7 @@ def compare_models(lr: Any, models: dict[str, Callable[[torch.Tensor], Any]], pa
     """Run the val set (its first `limit` images, default all) through every model of `models` (name ->
     batch -> outputs in the deploy model's order) at once: each model's metrics, and the agreement
     of each pair of names in `pairs`, in steps of the exported model's outputs where it is there."""
-    detection = lr.family.task == "detection"
+    task_kind = lr.family.task
     export = default_export_dir(lr) / "model.onnx"
     steps = output_steps(export) if export.exists() else []
     with_steps = any(step is not None for step in steps)
@@ -179,21 +186,29 @@ def compare_models(lr: Any, models: dict[str, Callable[[torch.Tensor], Any]], pa
             flat = {name: flat_outputs(out) for name, out in raw.items()}
             for name, out in raw.items():
                 metrics[name].update(out, targets)
-            if detection:
+            if task_kind == "detection":
                 decoded = {name: lr.family.predict(out, config=lr.model) for name, out in raw.items()}
             for pair in running:
                 pair.update_outputs(flat[pair.a], flat[pair.b], steps)
-                if detection:
-                    pair.update_same([same_detections(x, y) for x, y in zip(decoded[pair.a], decoded[pair.b])])
+                if task_kind == "detection":
+                    same = [same_detections(x, y) for x, y in zip(decoded[pair.a], decoded[pair.b])]
+                    pair.update_same(sum(same), len(same), len(images))
                 else:
-                    pair.update_same((flat[pair.a][0].argmax(-1) == flat[pair.b][0].argmax(-1)).tolist())
+                    # classification: one class per image (last dim); segmentation: one per pixel (dim 1)
+                    dim = 1 if task_kind == "segmentation" else -1
+                    same_class = flat[pair.a][0].argmax(dim) == flat[pair.b][0].argmax(dim)
+                    pair.update_same(int(same_class.sum()), same_class.numel(), len(images))
             progress.advance(task)
     known = [np.asarray(step).reshape(-1) for step in steps if step is not None]
+    scores = {name: metric.compute() for name, metric in metrics.items()}
+    rows = [pair.result(AGREEMENT_KEY[task_kind], with_steps) for pair in running]
+    if task_kind == "segmentation":
+        for row in rows:
+            row["mIoU_diff"] = scores[row["a"]]["mIoU"] - scores[row["b"]]["mIoU"]
     return {
-        "stages": {name: metric.compute() for name, metric in metrics.items()},
+        "stages": scores,
         "images": seen,
-        "agreement": [pair.result("same_detections" if detection else "top1_agreement", with_steps)
-                      for pair in running],
+        "agreement": rows,
         "output_step": None if not known else {"min": float(min(s.min() for s in known)),
                                                "max": float(max(s.max() for s in known))},
     }

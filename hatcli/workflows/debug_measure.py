@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from hatcli.data.datasets import detection_collate
+from hatcli.data.datasets import collate_for
 from hatcli.engine.loaders import DeviceLoader, build_dataset
 from hatcli.inputs import batch_transform
 from hatcli.progress import make_progress
@@ -53,7 +53,7 @@ def image_indices(count: int, available: int) -> list[int]:
 def val_batches(lr: LoadedRecipe, indices: list[int]) -> DeviceLoader:
     """Batches of the val images `indices`, with the recipe's val and batch transforms."""
     dataset = build_dataset(lr, "val")
-    collate = detection_collate if getattr(dataset, "kind", "") == "detection" else None
+    collate = collate_for(getattr(dataset, "kind", ""))
     loader = DataLoader(Subset(dataset, indices), batch_size=lr.recipe.data.batch_size, shuffle=False,
                         collate_fn=collate)
     return DeviceLoader(loader, batch_transform(lr), "cpu")
@@ -69,7 +69,8 @@ class ImageRecord:
     difference: float
     """Root mean square of the difference of the pair's outputs on this image."""
     same: bool
-    """Whether the pair predicted the same (top-1 class, or the same detections)."""
+    """Whether the pair predicted the same (top-1 class, the same detections, or the same class at
+    every pixel)."""
 
 
 @dataclass
@@ -99,16 +100,18 @@ class Measurements:
 
 
 def _predictions(lr: LoadedRecipe, captured: dict[str, Any]) -> dict[str, Any]:
-    """Each stage's prediction on the batch: its decoded detections, or its top-1 classes."""
+    """Each stage's prediction on the batch: its decoded detections, its top-1 classes, or (segmentation)
+    every pixel's class on the logits' grid."""
     if lr.family.task == "detection":
         return {stage: lr.family.predict(out, config=lr.model) for stage, (out, _) in captured.items()}
-    return {stage: flat_outputs(out)[0].argmax(-1) for stage, (out, _) in captured.items()}
+    dim = 1 if lr.family.task == "segmentation" else -1
+    return {stage: flat_outputs(out)[0].argmax(dim) for stage, (out, _) in captured.items()}
 
 
 def _same(a: Any, b: Any) -> list[bool]:
     """Per image, whether two stages' predictions (`_predictions`) are the same."""
     if isinstance(a, torch.Tensor):
-        return (a == b).tolist()
+        return (a == b).reshape(len(a), -1).all(1).tolist()
     return [same_detections(x, y) for x, y in zip(a, b)]
 
 

@@ -41,6 +41,8 @@ def _summary(rows: list[dict[str, Any]], detection: bool) -> str:
     if detection:
         return f"{len(rows)} box(es) >= {MIN_SCORE:g}" + (f", best {rows[0]['label']} {rows[0]['score']:.2f}"
                                                          if rows else "")
+    if rows and "share" in rows[0]:  # segmentation: the classes covering most of the picture
+        return ", ".join(f"{r['label']} {100 * r['share']:.0f} %" for r in rows[:3])
     return f"{rows[0]['label']} {100 * rows[0]['score']:.1f} %" if rows else "nothing"
 
 

@@ -23,7 +23,7 @@ from hatcli.workflows.stage_models import prepare_recipe_model, quant_plan
 
 def num_classes(lr: LoadedRecipe) -> int:
     """The model's class count: `model.num_classes`, else the packed training data's, else 1000
-    (classification) or 80 (detection), the ImageNet / COCO counts."""
+    (classification), 80 (detection) or 19 (segmentation), the ImageNet / COCO / Cityscapes counts."""
     wanted = lr.model.num_classes
     if wanted:
         return int(wanted)
@@ -36,7 +36,7 @@ def num_classes(lr: LoadedRecipe) -> int:
             return len(open_packed(path).meta["classes"])
         except Exception:  # noqa: BLE001 - unreadable data: fall back to the standard count
             pass
-    return 80 if lr.family.task == "detection" else 1000
+    return {"detection": 80, "segmentation": 19}.get(lr.family.task, 1000)
 
 
 def planned_low_bit_layers(lr: LoadedRecipe, model: torch.nn.Module | None = None) -> list[LowBitLayer]:

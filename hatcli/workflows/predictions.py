@@ -1,5 +1,5 @@
-"""Predictions drawn on pictures: one image through a stage's model, the classes or boxes it
-found, and the picture with them drawn by the family (what `hat infer` writes and what the run
+"""Predictions drawn on pictures: one image through a stage's model, the classes, boxes or
+per-pixel classes it found, and the picture with them drawn by the family (what `hat infer` writes and what the run
 report shows for a few validation images)."""
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ def predict_picture(lr: LoadedRecipe, model: Callable, classes: list[str], pictu
                     topk: int | None = None, min_score: float = 0.3) -> tuple[list[dict[str, Any]], Image.Image]:
     """Run `picture` through `model` (a `stage_model` callable) and draw what it found: the top-k
     classes (default 5) for classification, boxes scoring at least `min_score` (at most `topk`,
-    default 100) in the picture's own pixels for detection. Returns (rows, drawn picture); a row
-    is `{"label", "score"}`, plus `"box"` (x1, y1, x2, y2) for detection."""
+    default 100) in the picture's own pixels for detection, a class per pixel for segmentation.
+    Returns (rows, drawn picture); a row is `{"label", "score"}`, plus `"box"` (x1, y1, x2, y2) for
+    detection; for segmentation one row per class present, largest first, with its `share` of the
+    picture's pixels and `score` its pixels' mean confidence."""
     if lr.family.task == "detection":
         return _detect(lr, model, picture, classes, topk or 100, min_score)
+    if lr.family.task == "segmentation":
+        return _segment(lr, model, picture, classes)
     return _classify(lr, model, picture, classes, topk or 5)
 
 
@@ -78,3 +82,40 @@ def _detect(lr: LoadedRecipe, model: Callable, picture: Picture, classes: list[s
     rows = [{"label": class_name(classes, int(l)), "score": float(s), "box": [round(float(v), 2) for v in b]}
             for b, s, l in zip(found.boxes[keep], found.scores[keep], found.labels[keep])]
     return rows, lr.family.draw_predictions(picture.image, found, classes, min_score=min_score)
+
+
+def _segment(lr: LoadedRecipe, model: Callable, picture: Picture,
+             classes: list[str]) -> tuple[list[dict[str, Any]], Image.Image]:
+    """Every pixel's class in the picture's own pixels, and the picture with the coloured mask and
+    a legend drawn (the class colours of the val data's `palette` when it has one)."""
+    import torch
+
+    from hatcli.inputs import detection_model_input
+    from hatcli.tasks.drawing import class_name
+    from hatcli.tasks.segmentation import to_original
+
+    inputs, target = detection_model_input(lr, picture.tensor)
+    with torch.no_grad():
+        outputs = model(inputs)
+    found = to_original(lr.family.predict(outputs, config=lr.model)[0], target)
+    rows = []
+    for label, share in found.class_shares():
+        confidence = found.confidence[found.labels == label].mean()
+        rows.append({"label": class_name(classes, label), "share": share, "score": float(confidence)})
+    return rows, lr.family.draw_predictions(picture.image, found, classes, palette=data_palette(lr))
+
+
+def data_palette(lr: LoadedRecipe) -> list[tuple[int, int, int]] | None:
+    """The class colours recorded in the recipe's packed val (or train) data, None when it has none."""
+    from hatcli.data.lmdb_format import open_packed
+    from hatcli.errors import DataError
+    from hatcli.inputs import data_path
+
+    for split in ("val", "train"):
+        try:
+            palette = open_packed(data_path(lr, split)).meta.get("palette")
+        except DataError:
+            continue
+        if palette:
+            return [tuple(int(v) for v in colour) for colour in palette]  # type: ignore[misc]
+    return None

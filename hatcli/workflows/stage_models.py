@@ -14,7 +14,7 @@ import torch
 from hatcli.deploy.runtime import load_artifact
 from hatcli.engine.checkpoint import load_checkpoint
 from hatcli.engine.loaders import build_loader
-from hatcli.engine.trainer import evaluate
+from hatcli.engine.trainer import run_metric
 from hatcli.errors import ArtifactError, UsageError
 from hatcli.quant import flow
 from hatcli.plugins import quant_schemes
@@ -148,5 +148,10 @@ def evaluate_stage(lr: LoadedRecipe, stage: str, artifact: Path | None = None,
     """Evaluate one stage on the packed val set: `{"stage": ..., "metrics": {...}}` (with the
     `runtime` that ran the deploy stage when one was asked for)."""
     model, _ = stage_model(lr, stage, artifact, runtime)
-    metrics = evaluate(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval", config=lr.model)
-    return {"stage": stage, "metrics": metrics, **({"runtime": runtime} if stage == "deploy" and runtime else {})}
+    metric = run_metric(model, build_loader(lr, "val"), lr.family, description=f"{stage} eval", config=lr.model)
+    result = {"stage": stage, "metrics": metric.compute(),
+              **({"runtime": runtime} if stage == "deploy" and runtime else {})}
+    figure, values = metric.per_class() if hasattr(metric, "per_class") else ("", {})
+    if values:
+        result["per_class"] = {"metric": figure, "values": values}
+    return result
