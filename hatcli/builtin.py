@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hatcli.data.packers import coco, imagenet, mnist
+from hatcli.data.packers import cityscapes, coco, imagenet, mnist, voc
 from hatcli.data.shapes import pack_shapes
 from hatcli.deploy.runtime import ONNXRUNTIME
 from hatcli.engine.callbacks import EarlyStopping
@@ -30,6 +30,10 @@ def register_packers(register: Callable[[Packer], None]) -> None:
         ("coco", "COCO-format detection: SRC/annotations/instances_<split>2017.json + SRC/<split>2017/",
          coco.run),
         ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", mnist.run),
+        ("cityscapes", "Cityscapes semantic segmentation: SRC/leftImg8bit/<split>/<city>/*_leftImg8bit.png + "
+         "SRC/gtFine/<split>/<city>/*_gtFine_labelIds.png -> 19 classes", cityscapes.run),
+        ("voc", "Pascal VOC: SRC/{JPEGImages,Annotations,ImageSets/Main,SegmentationClass}; --task detection "
+         "(the default) or segmentation", voc.run),
     ):
         register(Packer(name=name, description=description, run=run))
 

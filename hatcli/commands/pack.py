@@ -20,11 +20,19 @@ Examples:
 
   hat pack coco --src-data-dir ~/coco --target-data-dir data/coco --split val
 
+  hat pack voc --src-data-dir ~/VOCdevkit/VOC2012 --target-data-dir data/voc --split trainval
+
+  hat pack voc --src-data-dir ~/VOCdevkit/VOC2012 --target-data-dir data/voc_seg --task segmentation
+
+  hat pack cityscapes --src-data-dir ~/cityscapes --target-data-dir data/cityscapes   # leftImg8bit/ + gtFine/
+
   hat pack mnist --src-data-dir /usr/share/datasets/fashion-mnist --target-data-dir data/fmnist
 
   hat pack shapes --target-data-dir data/shapes --num-images 1200
 
   hat pack shapes --target-data-dir data/shapes_det --task detection
+
+  hat pack shapes --target-data-dir data/shapes_seg --task segmentation
 
   hat pack verify data/shapes/val_lmdb
 """
@@ -35,8 +43,10 @@ def pack(
     path: Annotated[Path | None, typer.Argument(help="With `verify`: the database to check.")] = None,
     target_data_dir: Annotated[Path | None, typer.Option(help="Folder that receives <split>_lmdb.")] = None,
     src_data_dir: Annotated[Path | None, typer.Option(help="Folder of the raw dataset.")] = None,
-    split: Annotated[str, typer.Option(help="Split to pack: train, val or all.")] = "all",
-    task: Annotated[str, typer.Option(help="classification or detection (generated datasets).")] = "classification",
+    split: Annotated[str, typer.Option(help="Split to pack: train, val, all (every split the source has), or the "
+                                                 "source's own (voc: trainval, test).")] = "all",
+    task: Annotated[str, typer.Option(help="classification, detection or segmentation (generated datasets; "
+                                           "`voc`: detection or segmentation records).")] = "classification",
     num_images: Annotated[int | None, typer.Option(help="Images to generate (generated datasets).")] = None,
     image_size: Annotated[int, typer.Option(help="Image side in pixels (generated datasets).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed (generated datasets).")] = 0,
@@ -76,8 +86,8 @@ def pack(
     packer = packers().get(kind)
     if target_data_dir is None:
         raise UsageError(f"`hat pack {kind}` needs --target-data-dir DIR")
-    if task not in ("classification", "detection"):
-        raise UsageError(f"--task must be classification or detection, not `{task}`")
+    if task not in ("classification", "detection", "segmentation"):
+        raise UsageError(f"--task must be classification, detection or segmentation, not `{task}`")
     request = PackRequest(kind=kind, target_data_dir=target_data_dir, src_data_dir=src_data_dir, split=split,
                           task=task, num_images=num_images, image_size=image_size, seed=seed, workers=workers,
                           strict=strict, ann_file=ann_file, max_bytes=max_bytes, max_pixels=max_pixels,

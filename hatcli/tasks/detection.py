@@ -11,6 +11,7 @@ image's corners landed after the per-image transforms (resize, pad, flip).
 from __future__ import annotations
 
 from abc import abstractmethod
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,26 +68,32 @@ def to_original(detections: Detections, target: dict[str, Any]) -> Detections:
 
 
 class DetectionMetric:
-    """COCO box mAP of a detection family's raw outputs over packed detection data.
+    """COCO box mAP of a detection family's raw outputs over packed detection data, plus the
+    Pascal VOC devkit's AP50 (``voc_mAP50``) on VOC data (`hatcli.metrics.voc.wants_voc_metric`).
 
     `update(outputs, targets)` decodes a batch with the family, maps the detections back to the
-    original images and adds them to a `CocoDetectionMetric`; under `torch.distributed` every
-    rank's detections are gathered before `compute`.
+    original images and adds them to a `CocoDetectionMetric` (and a `VocDetectionMetric`); under
+    `torch.distributed` every rank's detections are gathered before `compute`.
     """
 
     def __init__(self, family: DetectionFamily, dataset: Any, config: FamilyConfig | None = None) -> None:
         from hatcli.data.datasets import coco_ground_truth
         from hatcli.metrics.coco import CocoDetectionMetric
+        from hatcli.metrics.voc import VocDetectionMetric, wants_voc_metric
 
         self.family = family
         self.config = config
         self.coco = CocoDetectionMetric(coco_ground_truth(dataset.reader), dataset.reader.meta["category_ids"])
+        self.voc = VocDetectionMetric.from_reader(dataset.reader) if wants_voc_metric(dataset.reader) else None
 
     def update(self, outputs: Any, targets: list[dict[str, Any]]) -> None:
         """Add one batch of raw outputs and its targets."""
         detections = self.family.predict(outputs, config=self.config)
         originals = [to_original(d, t).as_dict() for d, t in zip(detections, targets)]
-        self.coco.update([int(t["image_id"]) for t in targets], originals)
+        image_ids = [int(t["image_id"]) for t in targets]
+        self.coco.update(image_ids, originals)
+        if self.voc is not None:
+            self.voc.update(image_ids, originals)
 
     def merge_across_ranks(self) -> None:
         """Give every rank all ranks' detections (no-op in a single process)."""
@@ -97,12 +104,26 @@ class DetectionMetric:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.coco.results)
-        self.coco.results = [entry for part in gathered for entry in part]
+        dist.all_gather_object(gathered, (self.coco.results, self.voc.detections if self.voc is not None else None))
+        self.coco.results = [entry for coco, _ in gathered for entry in coco]
+        if self.voc is not None:
+            self.voc.detections = [entry for _, voc in gathered for entry in voc]
 
     def compute(self) -> dict[str, float]:
-        """`{"mAP", "AP50", "AP75", "APs", "APm", "APl"}` in percent."""
-        return self.coco.compute()
+        """`{"mAP", "AP50", "AP75", "APs", "APm", "APl"}` in percent, and `voc_mAP50` on VOC data."""
+        result = self.coco.compute()
+        if self.voc is not None:
+            result["voc_mAP50"] = self.voc.compute()["voc_mAP50"]
+        return result
+
+    def per_class(self) -> tuple[str, dict[str, float | None]]:
+        """("AP50 (VOC)", each class's VOC AP50 in percent; None: no non-difficult box of it); no
+        classes on data that is not VOC. Not in `compute`, whose values are all plain numbers (the
+        trainer logs and compares them)."""
+        if self.voc is None:
+            return "AP50 (VOC)", {}
+        values = self.voc.compute()["voc_AP50_per_class"]
+        return "AP50 (VOC)", {name: None if math.isnan(v) else v for name, v in values.items()}
 
 
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
