@@ -97,3 +97,21 @@ def test_a_detector_goes_through_every_stage_and_deploys_what_int_infer_computes
     int_ops = hat("calops", det_recipe, "--stage", "int_infer", "--json")
     assert ops.code == 0 and int_ops.code == 0, int_ops.err
     assert ops.json()["macs"] == int_ops.json()["macs"] > 0
+
+
+def test_fcos_trains_on_a_packed_pascal_voc_tree_unchanged_and_scores_voc_map(hat, tmp_path):
+    from test_pack_voc import voc_tree
+
+    src = voc_tree(tmp_path / "src")
+    packed = hat("pack", "voc", "--src-data-dir", src, "--target-data-dir", tmp_path / "voc", "--split", "all")
+    assert packed.code == 0, packed.err
+    recipe = tmp_path / "voc.toml"
+    text = DETECTION_RECIPE.format(work=tmp_path / "runs", data=tmp_path / "voc")
+    recipe.write_text(text.replace("[data.pack]", "[unused]").replace('kind = "shapes"\ntask = "detection"\n', "")
+                      .replace("num_images = 60\nimage_size = 96\nseed = 1\n", "").replace("[unused]\n", "")
+                      .replace("batch_size = 8", "batch_size = 2"))
+    trained = hat("train", recipe, "--stage", "float", "--json")
+    assert trained.code == 0, trained.err
+    metrics = trained.json()["metrics"]
+    # the VOC devkit's AP50 beside COCO's figures, both scored on the VOC val split
+    assert {"mAP", "AP50", "voc_mAP50"} <= set(metrics) and 0 <= metrics["voc_mAP50"] <= 100
