@@ -29,11 +29,11 @@ def register_packers(register: Callable[[Packer], None]) -> None:
          imagenet.run),
         ("coco", "COCO-format detection: SRC/annotations/instances_<split>2017.json + SRC/<split>2017/",
          coco.run),
-        ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", mnist.run),
-        ("cityscapes", "Cityscapes semantic segmentation: SRC/leftImg8bit/<split>/<city>/*_leftImg8bit.png + "
-         "SRC/gtFine/<split>/<city>/*_gtFine_labelIds.png -> 19 classes", cityscapes.run),
         ("voc", "Pascal VOC: SRC/{JPEGImages,Annotations,ImageSets/Main,SegmentationClass}; --task detection "
          "(the default) or segmentation", voc.run),
+        ("cityscapes", "Cityscapes semantic segmentation: SRC/leftImg8bit/<split>/<city>/*_leftImg8bit.png + "
+         "SRC/gtFine/<split>/<city>/*_gtFine_labelIds.png -> 19 classes", cityscapes.run),
+        ("mnist", "MNIST or Fashion-MNIST idx files: SRC/{train,t10k}-{images,labels}-idx*-ubyte.gz", mnist.run),
     ):
         register(Packer(name=name, description=description, run=run))
 

@@ -44,10 +44,16 @@ def _batch(family, batch: int = 2) -> torch.Tensor:
 
 
 def _targets(family, batch: int) -> object:
-    """Labels (classification) or one box per image (detection), made up for one training step."""
+    """Labels (classification), one box per image (detection) or a mask with an ignored border
+    (segmentation), made up for one training step."""
     if family.task == "classification":
         return torch.arange(batch) % NUM_CLASSES
     h, w = family.min_input_size
+    if family.task == "segmentation":
+        masks = [(torch.arange(h * w).reshape(h, w) + i) % NUM_CLASSES for i in range(batch)]
+        for mask in masks:
+            mask[0] = 255
+        return [{"mask": mask.to(torch.uint8), "img_size": (h, w)} for mask in masks]
     return [{"boxes": torch.tensor([[w * 0.2, h * 0.25, w * 0.7, h * 0.8]]), "labels": torch.tensor([i % NUM_CLASSES]),
              "img_size": (h, w)} for i in range(batch)]
 

@@ -42,7 +42,8 @@ def test_installed_plugins_are_listed_with_version_and_families(hat):
     result = hat("plugins", "--json")
     assert result.code == 0
     by_name = {p["name"]: p for p in result.json()}
-    assert by_name["builtin"]["packers"] == ["shapes", "imagenet", "coco", "mnist"]
+    assert by_name["builtin"]["packers"] == ["shapes", "imagenet", "coco", "voc", "cityscapes", "mnist"]
+    assert by_name["unet"]["families"] == ["unet"]
     assert by_name["mobilenet"]["families"] == ["mobilenet_v1", "mobilenet_v2"]
     assert by_name["mobilenet"]["distribution"] == "hat-mobilenet"
     assert by_name["mobilenet"]["status"] == "ok"

@@ -101,7 +101,12 @@ class SegmentationFamily(ModelFamily):
     task: ClassVar[TaskKind] = "segmentation"
     output_names: ClassVar[list[str]] = ["logits"]
     output_stride: ClassVar[int] = 1
-    """How much coarser than the input the deploy model's logits are (1, 2, 4, 8, ...)."""
+    """How much coarser than the input the deploy model's logits are (1, 2, 4, 8, ...); a family
+    whose stride is a `[model]` setting overrides `stride_of` instead."""
+
+    def stride_of(self, config: FamilyConfig | None) -> int:
+        """The logits' stride for the recipe's `[model]` table (default: `output_stride`)."""
+        return self.output_stride
 
     def loss(self, outputs: Any, targets: list[dict[str, Any]], label_smoothing: float = 0.0,
              config: FamilyConfig | None = None) -> torch.Tensor:
@@ -116,18 +121,19 @@ class SegmentationFamily(ModelFamily):
         return SegmentationMetric(dataset)
 
     def predict(self, outputs: Any, topk: int = 1, config: FamilyConfig | None = None) -> list[SegmentationMap]:
-        """Upsample the logits by `output_stride` and take every pixel's most likely class (`topk`
+        """Upsample the logits by the stride (`stride_of`) and take every pixel's most likely class (`topk`
         is not used: a map holds one class per pixel)."""
         logits = torch.as_tensor(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)
-        size = (logits.shape[-2] * self.output_stride, logits.shape[-1] * self.output_stride)
+        stride = self.stride_of(config)
+        size = (logits.shape[-2] * stride, logits.shape[-1] * stride)
         probs = logits_at(logits, size).float().softmax(1)
         confidence, labels = probs.max(1)
         return [SegmentationMap(l.cpu(), c.cpu()) for l, c in zip(labels, confidence)]
 
     def describe_outputs(self, config: FamilyConfig, input_size: tuple[int, int],
                          num_classes: int) -> list[dict[str, Any]]:
-        """The one output is a map of class logits at `output_stride` of the input."""
-        s = self.output_stride
+        """The one output is a map of class logits at the stride (`stride_of`) of the input."""
+        s = self.stride_of(config)
         return [{"name": name, "what": "per-pixel class logits",
                  "shape": ["N", num_classes, input_size[0] // s, input_size[1] // s], "layout": "NCHW",
                  "stride": s,
