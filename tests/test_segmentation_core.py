@@ -145,3 +145,18 @@ def test_mask_folder_packing_rejects_bad_masks_and_images_without_one(tmp_path, 
     reasons = [json.loads(line)["reason"] for line in summary.rejected_file.read_text().splitlines()]
     assert any(expected in r for r in reasons), reasons
     assert any("no mask" in r for r in reasons), reasons
+
+
+def test_the_drawing_tints_each_class_but_the_black_background_and_adds_a_legend():
+    from hatcli.tasks.segmentation import SegmentationFamily
+
+    image = Image.new("RGB", (400, 200), (200, 200, 200))
+    labels = torch.zeros(200, 400, dtype=torch.int64)
+    labels[:, 300:] = 1  # the right quarter is class 1 (dark red in VOC's map)
+    drawn = SegmentationFamily.draw_predictions(None, image, SegmentationMap(labels, torch.ones(200, 400)),
+                                                ["background", "thing"])
+    assert drawn.size == (400, 200)
+    assert drawn.getpixel((200, 150)) == (200, 200, 200)  # background: untouched
+    r, g, b = drawn.getpixel((350, 150))
+    assert r > g and r > b  # tinted towards the class colour
+    assert drawn.getpixel((10, 8)) != (200, 200, 200)  # the legend's panel in the top-left corner

@@ -146,15 +146,17 @@ class SegmentationFamily(ModelFamily):
     def draw_predictions(self, image: Image.Image, prediction: SegmentationMap, class_names: list[str],
                          palette: list[tuple[int, int, int]] | None = None, alpha: float = 0.55) -> Image.Image:
         """Return the image (enlarged to at least 320 px wide) with each pixel tinted by its class
-        colour and a legend of the classes present with their share of the image. `prediction` is in
+        colour (a class coloured black, the background, is not tinted) and a legend of the classes present with their share of the image. `prediction` is in
         original-image pixels; `palette` has one RGB triple per class (default: VOC's colour map)."""
         colours = list(palette or []) + voc_colormap(max(len(class_names), int(prediction.labels.max()) + 1)
                                                      )[len(palette or []):]
         canvas, _ = readable_canvas(image, Image.Resampling.BILINEAR)
         table = torch.tensor(colours, dtype=torch.uint8)
-        coloured = table[prediction.labels.clamp(0, len(colours) - 1)].numpy()
-        overlay = Image.fromarray(coloured, "RGB").resize(canvas.size, Image.Resampling.NEAREST)
-        canvas = Image.blend(canvas, overlay, alpha)
+        coloured = table[prediction.labels.clamp(0, len(colours) - 1)]
+        overlay = Image.fromarray(coloured.numpy(), "RGB").resize(canvas.size, Image.Resampling.NEAREST)
+        # a class drawn in black (VOC's and shapes' background) leaves its pixels as they are
+        tinted = Image.fromarray(((coloured.sum(-1) > 0).to(torch.uint8) * 255).numpy(), "L")
+        canvas.paste(Image.blend(canvas, overlay, alpha), mask=tinted.resize(canvas.size, Image.Resampling.NEAREST))
         font = ImageFont.load_default(size=max(11, canvas.width // 40))
         draw = ImageDraw.Draw(canvas, "RGBA")
         line_height = font.getbbox("Ag")[3] + 4

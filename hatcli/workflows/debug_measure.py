@@ -68,9 +68,9 @@ class ImageRecord:
     sqnr_db: float
     difference: float
     """Root mean square of the difference of the pair's outputs on this image."""
-    same: bool
-    """Whether the pair predicted the same (top-1 class, the same detections, or the same class at
-    every pixel)."""
+    same: bool | float
+    """How much of the prediction the pair agree on: whether the top-1 class or the detections
+    are the same, or the share of pixels with the same class (segmentation)."""
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Measurements:
     (for the layers whose weights QAT moved)."""
     ranges: dict[str, RangeStats] = field(default_factory=dict)
     per_image: list[ImageRecord] = field(default_factory=list)
-    same_as_float: dict[str, int] = field(default_factory=dict)
+    same_as_float: dict[str, float] = field(default_factory=dict)
     correct: dict[str, int] = field(default_factory=dict)
     """Classification: images each stage classified right."""
     capture_exact: dict[str, bool] = field(default_factory=dict)
@@ -108,10 +108,13 @@ def _predictions(lr: LoadedRecipe, captured: dict[str, Any]) -> dict[str, Any]:
     return {stage: flat_outputs(out)[0].argmax(dim) for stage, (out, _) in captured.items()}
 
 
-def _same(a: Any, b: Any) -> list[bool]:
-    """Per image, whether two stages' predictions (`_predictions`) are the same."""
+def _same(a: Any, b: Any) -> list[bool] | list[float]:
+    """Per image, how much of two stages' predictions (`_predictions`) agree: whether the class or
+    the detections are the same, or the share of equal pixels of a segmentation map."""
+    if isinstance(a, torch.Tensor) and a.dim() > 1:
+        return (a == b).reshape(len(a), -1).double().mean(1).tolist()
     if isinstance(a, torch.Tensor):
-        return (a == b).reshape(len(a), -1).all(1).tolist()
+        return (a == b).tolist()
     return [same_detections(x, y) for x, y in zip(a, b)]
 
 
