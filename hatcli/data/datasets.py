@@ -246,10 +246,9 @@ def segmentation_collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tu
     the batch and their masks with the ignore index, so padded pixels count for nothing; each
     target records its image's own size as ``img_size`` (h, w).
     """
-    height = max(int(item[0].shape[-2]) for item in batch)
-    width = max(int(item[0].shape[-1]) for item in batch)
     images, targets = detection_collate(batch)
-    for (image, _), target in zip(batch, targets):
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    for target in targets:
         mask = target["mask"].as_subclass(torch.Tensor)
         if tuple(mask.shape) != (height, width):
             padded = mask.new_full((height, width), IGNORE_INDEX)

@@ -12,6 +12,17 @@ import io
 
 import numpy as np
 
+from hatcli.data.source_files import IMAGE_MAGIC, header_size
+
+_PNG_MAGIC = next(magic for magic, kind in IMAGE_MAGIC.items() if kind == "PNG")
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG mask's header, before any pixel is decoded; None when the bytes
+    are not a readable PNG. Packers compare it with the image's size first, so that no mask larger
+    than its image (which passed the pixel limit) is ever decoded."""
+    return header_size(data, "PNG") if data.startswith(_PNG_MAGIC) else None
+
 
 def read_mask(data: bytes) -> tuple[np.ndarray | None, str | None]:
     """The class indices of an encoded mask as uint8 [H, W], or (None, why it cannot be read)."""

@@ -43,11 +43,15 @@ class SegmentationMap:
         return sorted(present, key=lambda item: -item[1])
 
 
+def the_logits(outputs: Any) -> torch.Tensor:
+    """The logits tensor of a segmentation model's outputs ([N, C, h, w], or a 1-tuple of it)."""
+    return torch.as_tensor(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)
+
+
 def logits_at(outputs: Any, size: tuple[int, int]) -> torch.Tensor:
     """The logits (`outputs`, [N, C, h, w] or a 1-tuple of it) resized bilinearly to `size`
     (H, W); unchanged when they already have it."""
-    logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    logits = torch.as_tensor(logits)
+    logits = the_logits(outputs)
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
@@ -111,8 +115,7 @@ class SegmentationFamily(ModelFamily):
     def loss(self, outputs: Any, targets: list[dict[str, Any]], label_smoothing: float = 0.0,
              config: FamilyConfig | None = None) -> torch.Tensor:
         """Per-pixel cross-entropy (ignore-index pixels left out) of the logits upsampled to the masks."""
-        masks = batch_masks(targets, device=torch.as_tensor(outputs[0] if isinstance(outputs, (tuple, list))
-                                                           else outputs).device)
+        masks = batch_masks(targets, device=the_logits(outputs).device)
         logits = logits_at(outputs, tuple(masks.shape[-2:]))
         return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
@@ -123,7 +126,7 @@ class SegmentationFamily(ModelFamily):
     def predict(self, outputs: Any, topk: int = 1, config: FamilyConfig | None = None) -> list[SegmentationMap]:
         """Upsample the logits by the stride (`stride_of`) and take every pixel's most likely class (`topk`
         is not used: a map holds one class per pixel)."""
-        logits = torch.as_tensor(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)
+        logits = the_logits(outputs)
         stride = self.stride_of(config)
         size = (logits.shape[-2] * stride, logits.shape[-1] * stride)
         probs = logits_at(logits, size).float().softmax(1)

@@ -89,6 +89,12 @@ def broadcast_step(step: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
+def top_classes(task_kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """The most likely class of each unit of a batch of logits: per image ([N, C] -> [N]) for
+    classification, per pixel ([N, C, H, W] -> [N, H, W]) for segmentation."""
+    return logits.argmax(1 if task_kind == "segmentation" else -1)
+
+
 def same_detections(a: Any, b: Any, iou: float = SAME_BOX_IOU) -> bool:
     """Whether two images' `Detections` are the same: equal counts, and a one-to-one matching in
     which every pair has the same class and boxes overlapping at least `iou`."""
@@ -194,9 +200,7 @@ def compare_models(lr: Any, models: dict[str, Callable[[torch.Tensor], Any]], pa
                     same = [same_detections(x, y) for x, y in zip(decoded[pair.a], decoded[pair.b])]
                     pair.update_same(sum(same), len(same), len(images))
                 else:
-                    # classification: one class per image (last dim); segmentation: one per pixel (dim 1)
-                    dim = 1 if task_kind == "segmentation" else -1
-                    same_class = flat[pair.a][0].argmax(dim) == flat[pair.b][0].argmax(dim)
+                    same_class = top_classes(task_kind, flat[pair.a][0]) == top_classes(task_kind, flat[pair.b][0])
                     pair.update_same(int(same_class.sum()), same_class.numel(), len(images))
             progress.advance(task)
     known = [np.asarray(step).reshape(-1) for step in steps if step is not None]

@@ -27,7 +27,7 @@ from hatcli.engine.loaders import DeviceLoader, build_dataset
 from hatcli.inputs import batch_transform
 from hatcli.progress import make_progress
 from hatcli.recipe import LoadedRecipe
-from hatcli.workflows.compare import flat_outputs, same_detections
+from hatcli.workflows.compare import flat_outputs, same_detections, top_classes
 from hatcli.workflows.debug_capture import same_outputs
 from hatcli.workflows.debug_local import LayerAlone
 from hatcli.workflows.debug_metrics import Agreement, OutputsAgreement, RangeStats, grid_step, image_differences
@@ -104,8 +104,7 @@ def _predictions(lr: LoadedRecipe, captured: dict[str, Any]) -> dict[str, Any]:
     every pixel's class on the logits' grid."""
     if lr.family.task == "detection":
         return {stage: lr.family.predict(out, config=lr.model) for stage, (out, _) in captured.items()}
-    dim = 1 if lr.family.task == "segmentation" else -1
-    return {stage: flat_outputs(out)[0].argmax(dim) for stage, (out, _) in captured.items()}
+    return {stage: top_classes(lr.family.task, flat_outputs(out)[0]) for stage, (out, _) in captured.items()}
 
 
 def _same(a: Any, b: Any) -> list[bool] | list[float]:

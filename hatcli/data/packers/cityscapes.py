@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from hatcli.data.lmdb_format import IGNORE_INDEX
-from hatcli.data.masks import encode_mask, read_mask, unknown_values
+from hatcli.data.masks import encode_mask, png_size, read_mask, unknown_values
 from hatcli.data.packing import (
     Outcome,
     PackSummary,
@@ -56,7 +56,7 @@ from hatcli.data.packing import (
     rejection,
     run_pack,
 )
-from hatcli.data.source_files import SourceReader, display_name, header_size
+from hatcli.data.source_files import SourceReader, display_name
 from hatcli.errors import UsageError
 from hatcli.family import PackRequest, PackResult
 
@@ -120,8 +120,6 @@ TRAIN_ID_OF = np.full(256, UNKNOWN_ID, dtype=np.uint8)
 TRAIN_ID_OF[[row[0] for row in LABELS]] = [row[2] for row in LABELS]
 """Label id (a uint8 pixel value) -> train id, `UNKNOWN_ID` for values outside the table."""
 IS_LABEL_ID = TRAIN_ID_OF != UNKNOWN_ID
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 Item = tuple[str, str, int, str]  # image path, labelIds path, image_id, file_name
 
@@ -221,7 +219,7 @@ def size_problem(label_data: bytes, image_size: tuple[int, int]) -> str | None:
     Checked before the mask is decoded, so no mask larger than its image (which passed the pixel
     limit) is ever decoded.
     """
-    header = header_size(label_data, "PNG") if label_data.startswith(PNG_MAGIC) else None
+    header = png_size(label_data)
     if header is None:
         return "the labelIds file is not a readable PNG file"
     if (header[1], header[0]) != image_size:

@@ -56,7 +56,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from hatcli.data.lmdb_format import IGNORE_INDEX
-from hatcli.data.masks import read_mask
+from hatcli.data.masks import png_size, read_mask
 from hatcli.data.packers.coco import is_number
 from hatcli.data.packers.mask_folders import segmentation_record, valid_values
 from hatcli.data.packing import (
@@ -70,7 +70,7 @@ from hatcli.data.packing import (
     run_pack,
 )
 from hatcli.data.palette import voc_colormap
-from hatcli.data.source_files import IMAGE_MAGIC, SourceReader, header_size
+from hatcli.data.source_files import SourceReader
 from hatcli.errors import DataError, UsageError
 from hatcli.family import PackRequest, PackResult
 
@@ -94,7 +94,6 @@ LAYOUT = ("JPEGImages/, Annotations/ and ImageSets/Main/<split>.txt (detection),
 _YEAR_ID = re.compile(r"([0-9]{4})_([0-9]{6})")
 _DIGITS_ID = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
-_PNG_MAGIC = next(magic for magic, kind in IMAGE_MAGIC.items() if kind == "PNG")
 
 Item = tuple[str, int, str, str]  # (VOC id, image id, image path, annotation path: the XML or the mask)
 Box = tuple[list[float], int, int, int]  # (xywh, label, difficult, truncated)
@@ -351,7 +350,7 @@ def mask_size_problem(mask_data: bytes, image_size: tuple[int, int]) -> str | No
 
     Checked before the mask is decoded, so a mask can never decode to more pixels than its image.
     """
-    header = header_size(mask_data, "PNG") if mask_data.startswith(_PNG_MAGIC) else None
+    header = png_size(mask_data)
     if header is None:
         return "the mask is not a readable PNG file"
     return _size_problem("the mask", (header[1], header[0]), image_size, "its image")
